@@ -1,0 +1,28 @@
+"""Installation script for mailguard."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mailguard",
+    version="0.1.0",
+    description="A small-office mail host on Twisted that can never be an open relay",
+    long_description=open("README.rst", encoding="utf-8").read(),
+    long_description_content_type="text/x-rst",
+    python_requires=">=3.11",
+    packages=find_packages(include=["mailguard", "mailguard.*"]) + ["twisted.plugins"],
+    package_data={"twisted": ["plugins/mailguard_plugin.py"]},
+    install_requires=[
+        "twisted[tls]>=24.7",
+        "zope.interface",
+        "libpass>=1.9",
+        "argon2-cffi",
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            "pytest-twisted",
+            "hypothesis",
+        ],
+    },
+    entry_points={"console_scripts": ["mailguard = mailguard.cli:main"]},
+)
