@@ -1,0 +1,521 @@
+"""The configuration: TOML parsed into a frozen, validated :class:`Config`.
+
+Format
+======
+``etc/mailguard.toml`` (see the shipped file for every key with its default).
+Sections: ``[server] [tls] [listen] [domains."name"] [relay] [replies] [limits]
+[submission] [outbound] [directory]``.  Unknown keys are an error.  Relative paths
+are relative to the configuration file's folder (or, for the built-in defaults, to
+the current directory).
+
+Every error is a :class:`ConfigError` whose ``str`` is one line naming the file and
+the key as a dotted path: ``etc/mailguard.toml: relay.alow: unknown key``.
+
+This module imports nothing from Twisted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+from mailguard import replies
+from mailguard.address import AddressError, normalize_domain
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+ROUTES = ("inbound", "relay", "reroute")
+SMARTHOST_TLS = ("starttls", "tls", "opportunistic", "none")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``str()`` is the one-line message."""
+
+    def __init__(self, source: str, key: str, message: str) -> None:
+        super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
+        self.source = source
+        self.key = key
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str
+    data_dir: Path
+    postmaster: str
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    certificate: Path | None
+    key: Path | None
+    auth_requires_tls: bool
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    smtp: tuple[str, ...]
+    submission: tuple[str, ...]
+    submissions: tuple[str, ...]
+    pop3: tuple[str, ...]
+    pop3s: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DomainRoute:
+    """How mail for one domain is routed: ``inbound``, ``relay`` or ``reroute`` (to ``to``)."""
+
+    route: str
+    to: str = ""
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    authenticated: bool
+    allow: tuple[IPNetwork, ...]
+    internal_addresses: tuple[IPAddress, ...]
+    never: tuple[IPNetwork, ...]
+    pop_before_smtp: int
+
+
+@dataclass(frozen=True)
+class RepliesConfig:
+    relay_denied: replies.Reply
+    unknown_recipient: replies.Reply
+    never_host: replies.Reply
+    directory_failure: replies.Reply
+    soft_bounce: bool
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_message_size: int
+    max_recipients: int
+    max_connections: int
+    max_connections_per_ip: int
+    idle_timeout: int
+    session_timeout: int
+    login_failures: int
+    login_lockout: int
+
+
+@dataclass(frozen=True)
+class SubmissionConfig:
+    enforce_sender: bool
+
+
+@dataclass(frozen=True)
+class OutboundConfig:
+    smarthost: str
+    smarthost_tls: str
+    smarthost_user: str
+    smarthost_password: str
+    dns_servers: tuple[tuple[str, int], ...]
+    port: int
+    retry_schedule: tuple[int, ...]
+    max_queue_time: int
+    connect_timeout: int
+    command_timeout: int
+
+
+@dataclass(frozen=True)
+class DirectoryConfig:
+    backend: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration."""
+
+    source: str
+    server: ServerConfig
+    tls: TLSConfig
+    listen: ListenConfig
+    domains: Mapping[str, DomainRoute]
+    relay: RelayConfig
+    replies: RepliesConfig
+    limits: LimitsConfig
+    submission: SubmissionConfig
+    outbound: OutboundConfig
+    directory: DirectoryConfig
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def route_for(self, domain: str) -> DomainRoute | None:
+        """The configured route for a (normalised) domain, or None when it is remote."""
+        return self.domains.get(domain)
+
+    def inbound_domains(self) -> list[str]:
+        """The domains whose recipients are looked up in the directory."""
+        return sorted(d for d, r in self.domains.items() if r.route == "inbound")
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.server.data_dir / "queue"
+
+    @property
+    def mail_dir(self) -> Path:
+        return self.server.data_dir / "mail"
+
+
+# Every key with its default.  The shipped etc/mailguard.toml mirrors this table.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "server": {"hostname": "localhost", "data_dir": "var", "postmaster": ""},
+    "tls": {"certificate": "", "key": "", "auth_requires_tls": True},
+    "listen": {
+        "smtp": ["tcp:2525:interface=127.0.0.1"],
+        "submission": ["tcp:2587:interface=127.0.0.1"],
+        "submissions": ["ssl:2465:interface=127.0.0.1"],
+        "pop3": ["tcp:2110:interface=127.0.0.1"],
+        "pop3s": ["ssl:2995:interface=127.0.0.1"],
+    },
+    "relay": {
+        "authenticated": True,
+        "allow": [],
+        "internal_addresses": [],
+        "never": [],
+        "pop_before_smtp": 0,
+    },
+    "replies": {
+        "relay_denied": "550 5.7.1 Relaying prohibited",
+        "unknown_recipient": "550 5.1.1 User unknown",
+        "never_host": "550 5.7.1 Relaying prohibited for this host",
+        "directory_failure": "451 4.3.0 Directory temporarily unavailable",
+        "soft_bounce": False,
+    },
+    "limits": {
+        "max_message_size": 26214400,
+        "max_recipients": 100,
+        "max_connections": 500,
+        "max_connections_per_ip": 20,
+        "idle_timeout": 300,
+        "session_timeout": 1800,
+        "login_failures": 5,
+        "login_lockout": 300,
+    },
+    "submission": {"enforce_sender": True},
+    "outbound": {
+        "smarthost": "",
+        "smarthost_tls": "opportunistic",
+        "smarthost_user": "",
+        "smarthost_password": "",
+        "dns_servers": [],
+        "port": 25,
+        "retry_schedule": [300, 900, 1800, 3600, 7200, 14400],
+        "max_queue_time": 432000,
+        "connect_timeout": 30,
+        "command_timeout": 300,
+    },
+    "directory": {"backend": "sqlite", "path": ""},
+}
+DEFAULT_DOMAINS: dict[str, dict[str, Any]] = {"localhost": {"route": "inbound"}}
+
+
+class _Reader:
+    """Typed access to one TOML table, raising ConfigError with the dotted key."""
+
+    def __init__(self, source: str, section: str, table: Any) -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(source, section, "must be a table")
+        self.source = source
+        self.section = section
+        self.table = table
+        known = DEFAULTS[section]
+        for key in table:
+            if key not in known:
+                raise ConfigError(source, f"{section}.{key}", "unknown key")
+
+    def fail(self, key: str, message: str) -> ConfigError:
+        return ConfigError(self.source, f"{self.section}.{key}", message)
+
+    def get(self, key: str, kind: type | tuple[type, ...]) -> Any:
+        value = self.table.get(key, DEFAULTS[self.section][key])
+        if kind is int and isinstance(value, bool):
+            raise self.fail(key, f"must be an integer, not {value!r}")
+        if not isinstance(value, kind):
+            name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            raise self.fail(key, f"must be {_KIND_NAMES.get(name, name)}, not {value!r}")
+        return value
+
+    def boolean(self, key: str) -> bool:
+        return bool(self.get(key, bool))
+
+    def integer(self, key: str, minimum: int = 0, maximum: int | None = None) -> int:
+        value = int(self.get(key, int))
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+            raise self.fail(key, f"must be {bound}, not {value}")
+        return value
+
+    def string(self, key: str) -> str:
+        return str(self.get(key, str))
+
+    def strings(self, key: str) -> list[str]:
+        value = self.get(key, list)
+        for item in value:
+            if not isinstance(item, str):
+                raise self.fail(key, f"must be a list of strings, not {item!r} in it")
+        return list(value)
+
+    def each(self, key: str, convert: Callable[[str], Any]) -> tuple[Any, ...]:
+        out = []
+        for item in self.strings(key):
+            try:
+                out.append(convert(item))
+            except ValueError as e:
+                raise self.fail(key, f"{item!r}: {e}") from None
+        return tuple(out)
+
+
+_KIND_NAMES = {"bool": "true or false", "int": "an integer", "str": "a string", "list": "a list"}
+
+
+def _network(text: str) -> IPNetwork:
+    return ipaddress.ip_network(text.strip(), strict=False)
+
+
+def _host_port(text: str, default_port: int) -> tuple[str, int]:
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, ""
+    if not host:
+        raise ValueError("no host")
+    if port and (not port.isdigit() or not 0 < int(port) < 65536):
+        raise ValueError(f"bad port {port!r}")
+    return host, int(port) if port else default_port
+
+
+def _path(base: Path, text: str) -> Path:
+    p = Path(os.path.expanduser(text))
+    return p if p.is_absolute() else base / p
+
+
+def parse(data: Mapping[str, Any], source: str, base: Path) -> Config:
+    """Validate a parsed TOML document into a :class:`Config`.
+
+    :param source: the file name used in error messages.
+    :param base: the folder relative paths are relative to.
+    :raises ConfigError: on the first problem found.
+    """
+    for section in data:
+        if section not in DEFAULTS and section != "domains":
+            raise ConfigError(source, section, "unknown section")
+    r = {s: _Reader(source, s, data.get(s, {})) for s in DEFAULTS}
+
+    srv = r["server"]
+    hostname = srv.string("hostname").strip()
+    if not hostname or any(c.isspace() for c in hostname):
+        raise srv.fail("hostname", f"must be a host name, not {hostname!r}")
+    server = ServerConfig(hostname, _path(base, srv.string("data_dir")), srv.string("postmaster").lower())
+
+    t = r["tls"]
+    cert, key = t.string("certificate"), t.string("key")
+    if bool(cert) != bool(key):
+        raise t.fail("key" if cert else "certificate", "certificate and key go together")
+    tls = TLSConfig(_path(base, cert) if cert else None, _path(base, key) if key else None,
+                    t.boolean("auth_requires_tls"))
+    for name, p in (("certificate", tls.certificate), ("key", tls.key)):
+        if p is not None and not p.is_file():
+            raise t.fail(name, f"no such file: {p}")
+
+    ls = r["listen"]
+    listen = ListenConfig(*(tuple(ls.strings(k)) for k in DEFAULTS["listen"]))
+    for k in DEFAULTS["listen"]:
+        for desc in ls.strings(k):
+            if ":" not in desc and not desc.isdigit():
+                raise ls.fail(k, f"{desc!r} is not an endpoint description like 'tcp:25'")
+
+    domains = _domains(source, data.get("domains", DEFAULT_DOMAINS if "domains" not in data else {}))
+
+    rl = r["relay"]
+    internal = rl.each("internal_addresses", lambda s: ipaddress.ip_address(s.strip()))
+    relay = RelayConfig(rl.boolean("authenticated"), rl.each("allow", _network), internal,
+                        rl.each("never", _network), rl.integer("pop_before_smtp"))
+
+    rp = r["replies"]
+    parsed = {}
+    for k in ("relay_denied", "unknown_recipient", "never_host", "directory_failure"):
+        try:
+            parsed[k] = replies.parse(rp.string(k))
+        except replies.ReplyError as e:
+            raise rp.fail(k, str(e)) from None
+        if parsed[k].code < 400:
+            raise rp.fail(k, f"a refusal must be 4xx or 5xx, not {parsed[k].code}")
+    if not parsed["directory_failure"].transient:
+        raise rp.fail("directory_failure", f"must stay 4xx (temporary), not {parsed['directory_failure'].code}")
+    reply_cfg = RepliesConfig(soft_bounce=rp.boolean("soft_bounce"), **parsed)
+
+    lm = r["limits"]
+    limits = LimitsConfig(
+        max_message_size=lm.integer("max_message_size", 1024),
+        max_recipients=lm.integer("max_recipients", 1),
+        max_connections=lm.integer("max_connections", 1),
+        max_connections_per_ip=lm.integer("max_connections_per_ip", 1),
+        idle_timeout=lm.integer("idle_timeout", 1),
+        session_timeout=lm.integer("session_timeout", 1),
+        login_failures=lm.integer("login_failures", 1),
+        login_lockout=lm.integer("login_lockout", 0),
+    )
+
+    sub = SubmissionConfig(r["submission"].boolean("enforce_sender"))
+
+    ob = r["outbound"]
+    smarthost = ob.string("smarthost").strip()
+    if smarthost:
+        try:
+            _host_port(smarthost, 25)
+        except ValueError as e:
+            raise ob.fail("smarthost", f"{smarthost!r}: {e}") from None
+    smarthost_tls = ob.string("smarthost_tls")
+    if smarthost_tls not in SMARTHOST_TLS:
+        raise ob.fail("smarthost_tls", f"must be one of {', '.join(SMARTHOST_TLS)}, not {smarthost_tls!r}")
+    schedule = ob.get("retry_schedule", list)
+    if not schedule or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in schedule):
+        raise ob.fail("retry_schedule", "must be a non-empty list of positive integers (seconds)")
+    outbound = OutboundConfig(
+        smarthost=smarthost,
+        smarthost_tls=smarthost_tls,
+        smarthost_user=ob.string("smarthost_user"),
+        smarthost_password=ob.string("smarthost_password"),
+        dns_servers=ob.each("dns_servers", lambda s: _host_port(s, 53)),
+        port=ob.integer("port", 1, 65535),
+        retry_schedule=tuple(schedule),
+        max_queue_time=ob.integer("max_queue_time", 1),
+        connect_timeout=ob.integer("connect_timeout", 1),
+        command_timeout=ob.integer("command_timeout", 1),
+    )
+
+    dr = r["directory"]
+    backend = dr.string("backend")
+    if backend != "sqlite":
+        raise dr.fail("backend", f"{backend!r} is not available; this build supports 'sqlite'")
+    dpath = dr.string("path")
+    directory = DirectoryConfig(backend, _path(base, dpath) if dpath else server.data_dir / "directory.sqlite")
+
+    if server.postmaster and "@" not in server.postmaster:
+        raise srv.fail("postmaster", f"must be a mailbox address (local@domain), not {server.postmaster!r}")
+
+    return Config(source, server, tls, listen, MappingProxyType(domains), relay, reply_cfg,
+                  limits, sub, outbound, directory, raw=data)
+
+
+def _domains(source: str, table: Any) -> dict[str, DomainRoute]:
+    if not isinstance(table, dict):
+        raise ConfigError(source, "domains", "must be a table of domain tables")
+    out: dict[str, DomainRoute] = {}
+    for name, spec in table.items():
+        key = f'domains."{name}"'
+        try:
+            domain = normalize_domain(name)
+        except AddressError as e:
+            raise ConfigError(source, key, f"not a domain name: {e}") from None
+        if not isinstance(spec, dict):
+            raise ConfigError(source, key, "must be a table with route = ...")
+        for k in spec:
+            if k not in ("route", "to"):
+                raise ConfigError(source, f"{key}.{k}", "unknown key")
+        route = spec.get("route")
+        if route not in ROUTES:
+            raise ConfigError(source, f"{key}.route", f"must be one of {', '.join(ROUTES)}, not {route!r}")
+        to = spec.get("to", "")
+        if not isinstance(to, str):
+            raise ConfigError(source, f"{key}.to", f"must be a string, not {to!r}")
+        if route == "reroute":
+            if not to:
+                raise ConfigError(source, f"{key}.to", "a reroute needs the domain to rewrite to")
+            try:
+                to = normalize_domain(to)
+            except AddressError as e:
+                raise ConfigError(source, f"{key}.to", f"not a domain name: {e}") from None
+            if to == domain:
+                raise ConfigError(source, f"{key}.to", "a domain cannot reroute to itself")
+        elif to:
+            raise ConfigError(source, f"{key}.to", f"only a reroute takes 'to' (route is {route!r})")
+        if domain in out:
+            raise ConfigError(source, key, "domain listed twice")
+        out[domain] = DomainRoute(route, to)
+    # Reroute chains must end: follow each one.
+    for domain in out:
+        seen = {domain}
+        d = out[domain]
+        while d.route == "reroute":
+            if d.to in seen:
+                raise ConfigError(source, f'domains."{domain}".to', "reroute loop")
+            seen.add(d.to)
+            nxt = out.get(d.to)
+            if nxt is None:
+                break
+            d = nxt
+    return out
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a configuration file.
+
+    :raises ConfigError: unreadable file, bad TOML, or a bad key.
+    """
+    p = Path(path)
+    source = str(path)
+    try:
+        with open(p, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(source, "", f"cannot read: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(source, "", f"not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(source, "", "not valid TOML: not UTF-8") from None
+    return parse(data, source, p.resolve().parent)
+
+
+def defaults(base: Path | None = None) -> Config:
+    """The built-in configuration: data under ./var, domain localhost, unprivileged ports."""
+    return parse({}, "(built-in defaults)", base or Path.cwd())
+
+
+def find(explicit: str | None) -> Config:
+    """The configuration twistd and the CLI use: ``--config``, else ./etc/mailguard.toml, else defaults."""
+    if explicit:
+        return load(explicit)
+    default = Path("etc/mailguard.toml")
+    if default.is_file():
+        return load(default)
+    return defaults()
+
+
+def routing_table(cfg: Config) -> list[str]:
+    """Human-readable lines describing the effective routing (``check-config``)."""
+    lines = [f"hostname {cfg.server.hostname}; data in {cfg.server.data_dir}"]
+    for domain in sorted(cfg.domains):
+        d = cfg.domains[domain]
+        if d.route == "reroute":
+            lines.append(f"  {domain}: reroute to {d.to}")
+        elif d.route == "relay":
+            lines.append(f"  {domain}: relay for any client")
+        else:
+            pm = cfg.server.postmaster or f"postmaster@{domain}"
+            lines.append(f"  {domain}: inbound (directory lookup; postmaster -> {pm})")
+    lines.append("  any other domain: remote; relay only when a rule allows:")
+    rl = cfg.relay
+    lines.append(f"    never: {', '.join(map(str, rl.never)) or '(none)'} -> {cfg.replies.never_host}")
+    lines.append(f"    authenticated: {'yes' if rl.authenticated else 'no'}")
+    lines.append(f"    allow: {', '.join(map(str, rl.allow)) or '(none)'}")
+    lines.append(f"    internal_addresses: {', '.join(map(str, rl.internal_addresses)) or '(none)'}")
+    lines.append(f"    pop_before_smtp: {str(rl.pop_before_smtp) + ' s' if rl.pop_before_smtp else 'off'}")
+    lines.append(f"    otherwise -> {cfg.replies.relay_denied}")
+    if cfg.replies.soft_bounce:
+        lines.append("  soft_bounce on: 5xx policy replies are sent as 4xx")
+    out = cfg.outbound
+    lines.append(f"  outbound: {'smarthost ' + out.smarthost if out.smarthost else 'MX lookup'}, port {out.port}")
+    return lines
