@@ -1,0 +1,126 @@
+"""End to end: a catalogue of open-relay tricks, none of which may get a 2xx at RCPT.
+
+The first sixteen cases are the MAIL FROM / RCPT TO pairs of nmap's ``smtp-open-relay``
+script, with its placeholders filled in: the remote test domain ``nmap.scanme.org``,
+the server's host name (from its banner) and the server's IP address.  The rest are
+the tricks of issue 2 item 3 (``%`` and ``!`` routing, quoted local parts holding
+``@``, several ``@``, Exchange-encapsulated addresses, source routes, address literals
+of remote hosts, trailing dots, upper case, unqualified recipients), aimed at the
+server's own inbound, reroute and relay domains, where a careless parser would take
+them for local mail.
+
+Every case runs from 127.0.0.5, a client no rule lets relay, on its own connection.
+The directory holds a real ``relaytest`` mailbox so that a parser which drops the
+routing part of an address would find someone to deliver to.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import DOMAIN, HOSTNAME, OFFICE_CONFIG, OUTSIDER, ServerFactory, populate_office
+from .harness import MailguardServer
+
+IP = "127.0.0.1"
+REMOTE = "nmap.scanme.org"
+REMOTE_ENC = "nmap+2Escanme+2Eorg"  # Exchange IMCEA encoding of the dots
+SENDER_LITERAL = f"<antispam@[{IP}]>"
+SENDER = "<someone@outside.example>"
+
+# (test id, MAIL FROM argument, RCPT TO argument)
+CASES: list[tuple[str, str, str]] = [
+    # nmap smtp-open-relay
+    ("nmap-null-sender", "<>", f"<relaytest@{REMOTE}>"),
+    ("nmap-sender-remote", f"<antispam@{REMOTE}>", f"<relaytest@{REMOTE}>"),
+    ("nmap-sender-hostname", f"<antispam@{HOSTNAME}>", f"<relaytest@{REMOTE}>"),
+    ("nmap-sender-ip-literal", SENDER_LITERAL, f"<relaytest@{REMOTE}>"),
+    ("nmap-percent-at-ip-literal", SENDER_LITERAL, f"<relaytest%{REMOTE}@[{IP}]>"),
+    ("nmap-percent-at-hostname", SENDER_LITERAL, f"<relaytest%{REMOTE}@{HOSTNAME}>"),
+    ("nmap-quoted-at", SENDER_LITERAL, f'<"relaytest@{REMOTE}">'),
+    ("nmap-quoted-percent", SENDER_LITERAL, f'<"relaytest%{REMOTE}">'),
+    ("nmap-two-at-ip-literal", SENDER_LITERAL, f"<relaytest@{REMOTE}@[{IP}]>"),
+    ("nmap-quoted-at-at-ip-literal", SENDER_LITERAL, f'<"relaytest@{REMOTE}"@[{IP}]>'),
+    ("nmap-two-at-hostname", SENDER_LITERAL, f"<relaytest@{REMOTE}@{HOSTNAME}>"),
+    ("nmap-source-route-ip-literal", SENDER_LITERAL, f"<@[{IP}]:relaytest@{REMOTE}>"),
+    ("nmap-source-route-hostname", SENDER_LITERAL, f"<@{HOSTNAME}:relaytest@{REMOTE}>"),
+    ("nmap-bang", SENDER_LITERAL, f"<{REMOTE}!relaytest>"),
+    ("nmap-bang-at-ip-literal", SENDER_LITERAL, f"<{REMOTE}!relaytest@[{IP}]>"),
+    ("nmap-bang-at-hostname", SENDER_LITERAL, f"<{REMOTE}!relaytest@{HOSTNAME}>"),
+    # % and ! routing through the inbound domain
+    ("percent-at-local-domain", SENDER, f"<relaytest%{REMOTE}@{DOMAIN}>"),
+    ("percent-at-local-domain-no-brackets", SENDER, f"relaytest%{REMOTE}@{DOMAIN}"),
+    ("percent-twice", SENDER, f"<relaytest%{REMOTE}%{DOMAIN}@{DOMAIN}>"),
+    ("percent-upper-case", SENDER, f"<RELAYTEST%{REMOTE.upper()}@{DOMAIN.upper()}>"),
+    ("percent-local-domain-trailing-dot", SENDER, f"<relaytest%{REMOTE}@{DOMAIN}.>"),
+    ("percent-unqualified", SENDER, f"<relaytest%{REMOTE}>"),
+    ("percent-postmaster", SENDER, f"<postmaster%{REMOTE}@{DOMAIN}>"),
+    ("bang-at-local-domain", SENDER, f"<{REMOTE}!relaytest@{DOMAIN}>"),
+    ("bang-path-two-hops", SENDER, f"<{DOMAIN}!{REMOTE}!relaytest>"),
+    # quoted local parts and several @
+    ("quoted-at-at-local-domain", SENDER, f'<"relaytest@{REMOTE}"@{DOMAIN}>'),
+    ("quoted-pair-at-at-local-domain", SENDER, f'<"relaytest\\@{REMOTE}"@{DOMAIN}>'),
+    ("two-at-local-domain", SENDER, f"<relaytest@{REMOTE}@{DOMAIN}>"),
+    ("quoted-local-part-remote", SENDER, f'<"relaytest"@{REMOTE}>'),
+    # Exchange encapsulation
+    ("imceasmtp", SENDER, f"<IMCEASMTP-relaytest+40{REMOTE_ENC}@{DOMAIN}>"),
+    ("imcea-quoted", SENDER, f'<"IMCEASMTP-relaytest@{REMOTE}"@{DOMAIN}>'),
+    ("imceaex", SENDER, f"<IMCEAEX-_O=OFFICE_OU=SITE_CN=RECIPIENTS_CN=relaytest+40{REMOTE_ENC}@{DOMAIN}>"),
+    # source routes: the final address is what counts
+    ("source-route-via-local-domain", SENDER, f"<@{DOMAIN}:relaytest@{REMOTE}>"),
+    ("source-route-two-hops", SENDER, f"<@{DOMAIN},@[{IP}]:relaytest@{REMOTE}>"),
+    # address literals of remote hosts
+    ("remote-ipv4-literal", SENDER, "<relaytest@[192.0.2.1]>"),
+    ("remote-ipv6-literal", SENDER, "<relaytest@[IPv6:2001:db8::1]>"),
+    # spellings of a remote domain
+    ("remote-trailing-dot", SENDER, f"<relaytest@{REMOTE}.>"),
+    ("remote-upper-case", SENDER, f"<relaytest@{REMOTE.upper()}>"),
+    ("remote-no-brackets", SENDER, f"relaytest@{REMOTE}"),
+    ("remote-postmaster", SENDER, f"<postmaster@{REMOTE}>"),
+    ("subdomain-of-local-domain", SENDER, f"<relaytest@sub.{DOMAIN}>"),
+    ("local-domain-as-prefix", SENDER, f"<relaytest@{DOMAIN}.{REMOTE}>"),
+    # tricks through the reroute and relay domains
+    ("percent-at-reroute-domain", SENDER, f"<relaytest%{REMOTE}@dec.example>"),
+    ("percent-at-relay-domain", SENDER, f"<relaytest%{REMOTE}@partner.example>"),
+    ("bang-at-relay-domain", SENDER, f"<{REMOTE}!relaytest@partner.example>"),
+    ("two-at-relay-domain", SENDER, f"<relaytest@{REMOTE}@partner.example>"),
+]
+
+
+@pytest.fixture(scope="module")
+def catalogue_server(server_factory: ServerFactory) -> MailguardServer:
+    """The office server, with ``relaytest`` mailboxes in both inbound domains."""
+    server = server_factory("catalogue", OFFICE_CONFIG)
+    populate_office(server)
+    server.add_user(f"relaytest@{DOMAIN}")
+    server.add_user("relaytest@compaq.example")
+    return server
+
+
+def test_catalogue_is_large_enough() -> None:
+    """The issue asks for at least 25 cases, each with its own id."""
+    assert len(CASES) >= 25
+    assert len({case[0] for case in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("mail_from, rcpt", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_relay_trick_refused(catalogue_server: MailguardServer, mail_from: str, rcpt: str) -> None:
+    """The sender is accepted, the tricky recipient is not, and DATA then has nobody to go to."""
+    with catalogue_server.dialog(source=OUTSIDER) as d:
+        assert d.banner.code == 220, d.banner
+        r = d.cmd(f"EHLO {REMOTE}")
+        assert r.code == 250, r
+        r = d.cmd(f"MAIL FROM:{mail_from}")
+        assert r.code == 250, f"MAIL FROM:{mail_from} -> {r}"
+        r = d.cmd(f"RCPT TO:{rcpt}")
+        assert r.code >= 400, f"RCPT TO:{rcpt} -> {r}"
+        r = d.cmd("DATA")
+        assert r.code == 503, f"DATA after RCPT TO:{rcpt} -> {r}"
+        d.cmd("QUIT")
+
+
+def test_nothing_was_queued_or_delivered(catalogue_server: MailguardServer) -> None:
+    """After the whole catalogue the outbound queue is empty and no mailbox got mail."""
+    assert catalogue_server.queue_lines() == []
+    mail = catalogue_server.data_dir / "mail"
+    stored = [p for p in mail.rglob("*") if p.is_file() and p.parent.name in ("new", "cur")] if mail.exists() else []
+    assert stored == []
