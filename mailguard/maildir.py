@@ -1,0 +1,440 @@
+"""Maildir mailboxes: durable delivery and the POP3 view of a mailbox.
+
+Written fresh because ``twisted.mail.maildir`` is unusable on Python 3 (see
+TWISTED-NOTES.md).  This module imports nothing from Twisted: every function
+here blocks, and callers on the reactor run it with ``deferToThread``.
+
+Format
+------
+A mailbox ``local@domain`` is the maildir ``<mail_dir>/<domain>/<local>/`` with the
+standard ``tmp/``, ``new/`` and ``cur/`` folders, so Dovecot or mutt can read it.
+
+Messages are stored with LF line endings (the maildir convention).  A file name is::
+
+    <sec>.M<usec>P<pid>Q<counter>.<host>,S=<file octets>,W=<CRLF octets>[:2,<flags>]
+
+``S=`` is the size of the file on disk and ``W=`` the size of the message with every
+line ending as CRLF (RFC 1939 section 11: the octets POP3 reports and sends before
+byte-stuffing).  These are Dovecot's meanings of the two fields, so Dovecot trusts
+them and POP3 ``STAT``/``LIST`` need no file reads.  In ``<host>``, ``/``, ``:`` and
+``,`` are written ``\\057``, ``\\072`` and ``\\054`` (maildir and Dovecot convention).
+
+Delivery (``maildir(5)``, D. J. Bernstein's "Using maildir format"): write to
+``tmp/``, ``fsync`` the file, ``rename`` into ``new/``, ``fsync`` ``new/``.  Nothing
+half-written ever appears in ``new/``.
+
+Reading (:class:`Mailbox`): the POP3 session scans ``new/`` and ``cur/`` once when it
+opens.  The unique id (UIDL, RFC 1939 section 7) is the part of the name before the
+first ``,`` or ``:``, which neither a new->cur move nor a flag change alters.  The
+session touches the disk only at commit (``QUIT``, RFC 1939 section 6, UPDATE
+state): deleted messages are unlinked, and messages retrieved with ``RETR`` get the
+``S`` (seen) flag, moving from ``new/`` to ``cur/`` with ``:2,S``.  Messages that were
+only listed stay where they are, so a mail reader still shows them as new; a session
+that ends without ``QUIT`` changes nothing at all.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+_SUBDIRS = ("tmp", "new", "cur")
+
+_counter = itertools.count(1)
+
+
+def _safe_host() -> str:
+    host = socket.gethostname() or "localhost"
+    return host.replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
+
+
+_HOST = _safe_host()
+
+
+def maildir_path(mail_dir: Path, address: str) -> Path:
+    """The maildir of the mailbox ``address`` (already normalised): ``mail_dir/<domain>/<local>``.
+
+    :raises ValueError: the address is not ``local@domain`` or a part could escape
+        ``mail_dir`` (a path separator, NUL, ``..``, a leading ``.``, empty).
+    """
+    local, sep, domain = address.rpartition("@")
+    if not sep:
+        raise ValueError(f"not a mailbox address: {address!r}")
+    for part in (local, domain):
+        if (not part or part.startswith(".") or "/" in part or "\\" in part
+                or "\0" in part or ".." in part):
+            raise ValueError(f"unsafe mailbox address: {address!r}")
+    return Path(mail_dir) / domain / local
+
+
+def _unique() -> str:
+    now = time.time_ns() // 1000
+    sec, usec = divmod(now, 1_000_000)
+    return f"{sec}.M{usec:06d}P{os.getpid()}Q{next(_counter)}.{_HOST}"
+
+
+def _lf_form(message: bytes) -> tuple[bytes, int]:
+    """The stored (LF) form of a CRLF message and the octet count of its CRLF form."""
+    lf = message.replace(b"\r\n", b"\n")
+    if lf and not lf.endswith(b"\n"):
+        lf += b"\n"
+    return lf, wire_size(lf)
+
+
+def wire_size(stored: bytes) -> int:
+    """Octets of ``stored`` once every bare LF is sent as CRLF (what RETR sends before stuffing)."""
+    return len(stored) + stored.count(b"\n") - stored.count(b"\r\n")
+
+
+def _fsync_dir(path: Path | str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _create(maildir: Path) -> None:
+    """Create the maildir and its three folders, making every new directory entry durable."""
+    made: list[Path] = []
+    missing = []
+    p = maildir
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, _DIR_MODE)
+        except FileExistsError:
+            continue
+        made.append(d)
+    for sub in _SUBDIRS:
+        try:
+            os.mkdir(maildir / sub, _DIR_MODE)
+        except FileExistsError:
+            continue
+        made.append(maildir / sub)
+    for parent in {d.parent for d in made}:
+        _fsync_dir(parent)
+
+
+def _write_tmp(maildir: Path, name: str, data: bytes) -> Path:
+    """Write ``data`` to ``tmp/name`` and fsync it; on failure nothing is left behind."""
+    tmp = maildir / "tmp" / name
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+    except FileNotFoundError:
+        _create(maildir)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(tmp)
+        raise
+    os.close(fd)
+    return tmp
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def deliver(maildir: Path, message: bytes) -> str:
+    """Store one message durably in ``maildir/new``; return its file name.
+
+    ``message`` is the CRLF form as received, trace headers already prepended.
+    Blocking (file and directory fsync): call it from a thread.
+
+    :raises OSError: nothing was delivered (the caller answers 451).
+    """
+    return deliver_many([maildir], message)[0]
+
+
+def deliver_many(maildirs: list[Path], message: bytes) -> list[str]:
+    """Store one copy of ``message`` in each maildir; return the file names in order.
+
+    The LF form is computed once and each ``new/`` folder is fsynced once after all
+    renames.  All or nothing: when any copy fails, copies already renamed into
+    ``new/`` by this call are removed again and :class:`OSError` is raised, so a
+    retried transaction does not duplicate mail.
+    """
+    lf, crlf_size = _lf_form(message)
+    suffix = f",S={len(lf)},W={crlf_size}"
+    names: list[str] = []
+    placed: list[Path] = []
+    try:
+        for maildir in maildirs:
+            name = _unique() + suffix
+            tmp = _write_tmp(maildir, name, lf)
+            final = maildir / "new" / name
+            try:
+                os.rename(tmp, final)
+            except BaseException:
+                _unlink_quietly(tmp)
+                raise
+            placed.append(final)
+            names.append(name)
+        for folder in dict.fromkeys(p.parent for p in placed):
+            _fsync_dir(folder)
+    except BaseException:
+        for p in placed:
+            _unlink_quietly(p)
+        raise
+    return names
+
+
+# -- reading -----------------------------------------------------------------------------
+
+
+@dataclass
+class Message:
+    """One message as a POP3 session sees it."""
+
+    folder: str          #: "new" or "cur"
+    name: str            #: file name inside the folder
+    uid: str             #: the UIDL, stable for ever
+    size: int            #: octets of the CRLF form (RFC 1939 section 11)
+    deleted: bool = False
+    retrieved: bool = False
+
+
+def _uid(base: str) -> str:
+    """RFC 1939 section 7: 1 to 70 characters in 0x21..0x7E; longer or odd names are hashed."""
+    if 0 < len(base) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in base):
+        return base
+    import hashlib
+    return hashlib.sha1(base.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _order(base: str) -> tuple[int, int, str]:
+    sec, _, rest = base.partition(".")
+    usec = 0
+    if rest.startswith("M"):
+        digits = rest[1:].split("P", 1)[0]
+        usec = int(digits) if digits.isdigit() else 0
+    return (int(sec) if sec.isdigit() else 0, usec, base)
+
+
+def _parse(folder: str, directory: Path, name: str) -> tuple[tuple[int, int, str], Message] | None:
+    stem = name.split(":", 1)[0]
+    base, *fields = stem.split(",")
+    if not base:
+        return None
+    size = -1
+    for f in fields:
+        if f.startswith("W=") and f[2:].isdigit():
+            size = int(f[2:])
+    if size < 0:
+        try:
+            with open(directory / name, "rb") as fh:
+                size = 0
+                last = b""
+                while chunk := fh.read(1 << 16):
+                    size += wire_size(chunk)
+                    if last == b"\r" and chunk.startswith(b"\n"):
+                        size -= 1  # a CRLF split across two reads
+                    last = chunk[-1:]
+        except OSError:
+            return None
+    return _order(base), Message(folder, name, _uid(base), size)
+
+
+class MailboxLocked(Exception):
+    """Another session holds this mailbox (POP3 ``-ERR [IN-USE]``, RFC 2449 section 8.1.2)."""
+
+
+class LockTable:
+    """In-process exclusive locks on maildirs: one POP3 session per mailbox."""
+
+    def __init__(self) -> None:
+        self._held: set[str] = set()
+        self._mutex = threading.Lock()
+
+    def acquire(self, maildir: Path) -> None:
+        """Take the lock or raise :class:`MailboxLocked`."""
+        key = os.path.abspath(maildir)
+        with self._mutex:
+            if key in self._held:
+                raise MailboxLocked(key)
+            self._held.add(key)
+
+    def release(self, maildir: Path) -> None:
+        """Give the lock back; releasing a lock not held is harmless."""
+        with self._mutex:
+            self._held.discard(os.path.abspath(maildir))
+
+    def held(self, maildir: Path) -> bool:
+        return os.path.abspath(maildir) in self._held
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """What :meth:`Mailbox.commit` did."""
+
+    deleted: int
+    failed: int
+
+
+class Mailbox:
+    """A snapshot of a maildir for one POP3 session (RFC 1939).
+
+    Message numbers are 1-based and fixed for the session.  Deletion marks and the
+    seen state live in memory until :meth:`commit`.
+    """
+
+    def __init__(self, path: Path, messages: list[Message]) -> None:
+        self.path = Path(path)
+        self.messages = messages
+
+    @classmethod
+    def open(cls, path: Path) -> Mailbox:
+        """Scan ``new/`` and ``cur/`` (names only, for files mailguard wrote).  Blocking.
+
+        A maildir that does not exist yet is an empty mailbox.
+        """
+        found: list[tuple[tuple[int, int, str], Message]] = []
+        for folder in ("new", "cur"):
+            directory = Path(path) / folder
+            try:
+                entries = os.listdir(directory)
+            except FileNotFoundError:
+                continue
+            for name in entries:
+                if name.startswith("."):
+                    continue
+                parsed = _parse(folder, directory, name)
+                if parsed is not None:
+                    found.append(parsed)
+        found.sort(key=lambda item: item[0])
+        return cls(path, [m for _, m in found])
+
+    def _get(self, number: int) -> Message:
+        if not 1 <= number <= len(self.messages):
+            raise KeyError(number)
+        return self.messages[number - 1]
+
+    def message(self, number: int) -> Message:
+        """Message ``number`` unless deleted in this session.
+
+        :raises KeyError: no such message, or it is marked deleted.
+        """
+        msg = self._get(number)
+        if msg.deleted:
+            raise KeyError(number)
+        return msg
+
+    def live(self) -> list[tuple[int, Message]]:
+        """(number, message) for every message not marked deleted."""
+        return [(i, m) for i, m in enumerate(self.messages, 1) if not m.deleted]
+
+    def stat(self) -> tuple[int, int]:
+        """(count, octets) of the messages not marked deleted (``STAT``)."""
+        live = [m.size for m in self.messages if not m.deleted]
+        return len(live), sum(live)
+
+    def file(self, number: int) -> Path:
+        """Where message ``number`` is stored."""
+        msg = self.message(number)
+        return self.path / msg.folder / msg.name
+
+    def open_message(self, number: int) -> BinaryIO:
+        """The stored (LF) message, opened for reading.
+
+        :raises KeyError: no such message.  :raises OSError: the file is gone.
+        """
+        return open(self.file(number), "rb")
+
+    def top(self, number: int, lines: int) -> bytes:
+        """Headers, the blank line, and the first ``lines`` body lines (``TOP``).  Blocking."""
+        out: list[bytes] = []
+        body = -1
+        with self.open_message(number) as fh:
+            for line in fh:
+                if body < 0:
+                    out.append(line)
+                    if line in (b"\n", b"\r\n"):
+                        body = 0
+                    continue
+                if body >= lines:
+                    break
+                out.append(line)
+                body += 1
+        return b"".join(out)
+
+    def delete(self, number: int) -> None:
+        """Mark for deletion at commit. :raises KeyError: no such message or already marked."""
+        self.message(number).deleted = True
+
+    def mark_retrieved(self, number: int) -> None:
+        """Remember that the whole message was sent (it gets the seen flag at commit)."""
+        self.message(number).retrieved = True
+
+    def reset(self) -> None:
+        """Unmark every deletion (``RSET``)."""
+        for m in self.messages:
+            m.deleted = False
+
+    def commit(self) -> CommitResult:
+        """Apply the session (RFC 1939 UPDATE state).  Blocking.
+
+        Deleted messages are unlinked; retrieved ones get the seen flag (``new/`` ->
+        ``cur/<name>:2,S``).  A message already gone counts as deleted.  Each changed
+        folder is fsynced once.
+        """
+        deleted = failed = 0
+        touched: set[Path] = set()
+        for m in self.messages:
+            src = self.path / m.folder / m.name
+            if m.deleted:
+                try:
+                    os.unlink(src)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    failed += 1
+                    continue
+                deleted += 1
+                touched.add(src.parent)
+            elif m.retrieved:
+                target = _seen_name(m.name)
+                if m.folder == "cur" and target == m.name:
+                    continue
+                try:
+                    os.rename(src, self.path / "cur" / target)
+                except OSError:
+                    continue  # the flag is a courtesy; the message itself is intact
+                touched.update({src.parent, self.path / "cur"})
+        for folder in touched:
+            try:
+                _fsync_dir(folder)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    failed += 1
+        return CommitResult(deleted, failed)
+
+
+def _seen_name(name: str) -> str:
+    """The name with the maildir ``S`` flag added (``:2,`` info, flags kept sorted)."""
+    base, sep, info = name.partition(":")
+    if not sep or not info.startswith("2,"):
+        return f"{base}:2,S"
+    flags = set(info[2:])
+    flags.add("S")
+    return f"{base}:2,{''.join(sorted(flags))}"

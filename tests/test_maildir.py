@@ -1,0 +1,316 @@
+"""Tests for :mod:`mailguard.maildir`: durable delivery and the POP3 view of a maildir."""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import os
+import re
+import threading
+from pathlib import Path
+
+import pytest
+
+from mailguard import maildir
+from mailguard.maildir import LockTable, Mailbox, MailboxLocked, deliver, deliver_many, maildir_path
+
+MESSAGE = (b"Return-Path: <a@example.org>\r\nReceived: from x by y\r\nSubject: hi\r\n\r\n"
+           b"line one\r\n.dot line\r\nlast\r\n")
+
+NAME = re.compile(r"^(\d+)\.M(\d{6})P(\d+)Q(\d+)\.[^/,:]+,S=(\d+),W=(\d+)$")
+
+
+def files(path: Path) -> list[str]:
+    return sorted(os.listdir(path)) if path.exists() else []
+
+
+def test_maildir_path_is_domain_then_local(tmp_path: Path) -> None:
+    """A mailbox lives in mail_dir/<domain>/<local>."""
+    assert maildir_path(tmp_path, "alice@example.com") == tmp_path / "example.com" / "alice"
+
+
+@pytest.mark.parametrize("address", [
+    "alice", "@example.com", "alice@", "a/b@example.com", "alice@ex/ample.com", "..@example.com",
+    "alice@..", ".hidden@example.com", "alice@.example.com", "a\0b@example.com", "a..b@example.com",
+    "a\\b@example.com",
+])
+def test_maildir_path_refuses_escapes(tmp_path: Path, address: str) -> None:
+    """Addresses that could leave mail_dir or hide a folder are refused with ValueError."""
+    with pytest.raises(ValueError):
+        maildir_path(tmp_path, address)
+
+
+def test_deliver_creates_maildir_and_stores_lf(tmp_path: Path) -> None:
+    """The first delivery creates tmp/new/cur and stores the message with LF line endings."""
+    box = tmp_path / "example.com" / "alice"
+    name = deliver(box, MESSAGE)
+    assert files(box) == ["cur", "new", "tmp"]
+    assert files(box / "new") == [name]
+    assert files(box / "tmp") == []
+    assert (box / "new" / name).read_bytes() == MESSAGE.replace(b"\r\n", b"\n")
+    assert oct((box / "new" / name).stat().st_mode & 0o777) == "0o600"
+
+
+def test_name_carries_file_size_and_crlf_size(tmp_path: Path) -> None:
+    """S= is the file size and W= the CRLF octet count POP3 reports (Dovecot's meanings)."""
+    name = deliver(tmp_path / "box", MESSAGE)
+    m = NAME.match(name)
+    assert m is not None, name
+    assert int(m.group(5)) == (tmp_path / "box" / "new" / name).stat().st_size
+    assert int(m.group(6)) == len(MESSAGE)
+    assert int(m.group(3)) == os.getpid()
+
+
+def test_message_without_final_newline_gets_one(tmp_path: Path) -> None:
+    """A message not ending in CRLF is stored with a final LF, and W= counts its CRLF."""
+    name = deliver(tmp_path / "box", b"Subject: x\r\n\r\nno end")
+    assert (tmp_path / "box" / "new" / name).read_bytes() == b"Subject: x\n\nno end\n"
+    wire = b"Subject: x\r\n\r\nno end\r\n"
+    assert name.endswith(",W=%d" % len(wire))
+
+
+def test_names_are_unique_across_threads(tmp_path: Path) -> None:
+    """Concurrent deliveries into one maildir never collide."""
+    box = tmp_path / "box"
+    names: list[str] = []
+
+    def work() -> None:
+        for _ in range(50):
+            names.append(deliver(box, MESSAGE))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(names)) == 200
+    assert len(files(box / "new")) == 200
+
+
+def test_delivery_order_is_write_fsync_rename_fsync_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file is fsynced in tmp/, renamed into new/, then new/ itself is fsynced."""
+    box = tmp_path / "box"
+    deliver(box, MESSAGE)  # the maildir exists now; watch a plain delivery
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(src: os.PathLike[str], dst: os.PathLike[str]) -> None:
+        events.append(("rename", str(dst)))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    name = deliver(box, MESSAGE)
+    assert events == [
+        ("fsync", str(box / "tmp" / name)),
+        ("rename", str(box / "new" / name)),
+        ("fsync", str(box / "new")),
+    ]
+
+
+def test_creating_maildir_fsyncs_parents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """New directories are made durable: the folders holding them are fsynced."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    box = tmp_path / "mail" / "example.com" / "alice"
+    deliver(box, MESSAGE)
+    for parent in (tmp_path, tmp_path / "mail", tmp_path / "mail" / "example.com", box):
+        assert str(parent) in synced
+
+
+@pytest.mark.parametrize("failing", ["write", "fsync"])
+def test_disk_full_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
+    """ENOSPC while writing or syncing raises OSError and leaves new/ and tmp/ empty."""
+    box = tmp_path / "box"
+    maildir._create(box)
+
+    def boom(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, failing, boom)
+    with pytest.raises(OSError) as info:
+        deliver(box, MESSAGE)
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert files(box / "new") == []
+    assert files(box / "tmp") == []
+
+
+def test_failed_rename_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rename that fails removes the tmp file too."""
+    box = tmp_path / "box"
+    maildir._create(box)
+
+    def boom(*args: object) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "rename", boom)
+    with pytest.raises(OSError):
+        deliver(box, MESSAGE)
+    monkeypatch.undo()
+    assert files(box / "new") == [] and files(box / "tmp") == []
+
+
+def test_deliver_many_writes_each_copy_and_syncs_each_folder_once(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """One copy per maildir; each new/ is fsynced once, after the renames."""
+    boxes = [tmp_path / n for n in ("a", "b", "c")]
+    for b in boxes:
+        maildir._create(b)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    names = deliver_many(boxes, MESSAGE)
+    assert len(names) == 3 and len(set(names)) == 3
+    for b, n in zip(boxes, names):
+        assert (b / "new" / n).read_bytes() == MESSAGE.replace(b"\r\n", b"\n")
+    dir_syncs = [s for s in synced if s.endswith("/new")]
+    assert sorted(dir_syncs) == sorted(str(b / "new") for b in boxes)
+    assert synced[-3:] == dir_syncs  # directories after every file
+
+
+def test_deliver_many_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the second copy fails, the first is withdrawn again so a retry does not duplicate."""
+    ok, bad = tmp_path / "ok", tmp_path / "bad"
+    maildir._create(ok)
+    maildir._create(bad)
+    real_open = os.open
+
+    def open_(path: os.PathLike[str], *args: object) -> int:
+        if str(path).startswith(str(bad / "tmp")):
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+        return real_open(path, *args)
+
+    monkeypatch.setattr(os, "open", open_)
+    with pytest.raises(OSError):
+        deliver_many([ok, bad], MESSAGE)
+    monkeypatch.undo()
+    assert files(ok / "new") == [] and files(ok / "tmp") == []
+    assert files(bad / "new") == []
+
+
+def make_box(tmp_path: Path, bodies: list[bytes]) -> Path:
+    box = tmp_path / "box"
+    for b in bodies:
+        deliver(box, b)
+    return box
+
+
+def test_mailbox_lists_in_delivery_order_with_sizes(tmp_path: Path) -> None:
+    """Messages are numbered in delivery order; sizes are the CRLF octets."""
+    bodies = [b"Subject: %d\r\n\r\n" % i + b"x" * i + b"\r\n" for i in range(1, 30)]
+    box = make_box(tmp_path, bodies)
+    mb = Mailbox.open(box)
+    assert [m.size for _, m in mb.live()] == [len(b) for b in bodies]
+    assert mb.stat() == (29, sum(len(b) for b in bodies))
+
+
+def test_open_reads_names_not_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """STAT/LIST data comes from the file names: opening the mailbox opens no message file."""
+    box = tmp_path / "box"
+    maildir._create(box)
+    for i in range(2000):
+        (box / "new" / f"17000{i:05d}.M000001P1Q{i}.h,S=10,W=12").write_bytes(b"x" * 10)
+
+    def no_open(*args: object, **kw: object) -> None:
+        raise AssertionError("a message file was opened")
+
+    monkeypatch.setattr(builtins, "open", no_open)
+    mb = Mailbox.open(box)
+    monkeypatch.undo()
+    assert mb.stat() == (2000, 24000)
+
+
+def test_foreign_files_are_measured(tmp_path: Path) -> None:
+    """A file with no W= (another MDA wrote it) is read once and its CRLF size counted."""
+    box = tmp_path / "box"
+    maildir._create(box)
+    (box / "cur" / "123.foreign:2,S").write_bytes(b"Subject: a\n\nb\r\nc\n")
+    (box / "new" / ".hidden").write_bytes(b"ignored")
+    mb = Mailbox.open(box)
+    assert [(m.uid, m.size) for _, m in mb.live()] == [("123.foreign", len(b"Subject: a\r\n\r\nb\r\nc\r\n"))]
+
+
+def test_missing_maildir_is_empty(tmp_path: Path) -> None:
+    """A mailbox that never got mail opens empty and is not created by reading."""
+    mb = Mailbox.open(tmp_path / "nobody")
+    assert mb.stat() == (0, 0)
+    assert not (tmp_path / "nobody").exists()
+
+
+def test_uid_is_stable_across_new_to_cur_and_flags(tmp_path: Path) -> None:
+    """The UIDL is the unique part of the name; moving to cur/ with flags keeps it."""
+    box = make_box(tmp_path, [MESSAGE, MESSAGE])
+    before = [m.uid for _, m in Mailbox.open(box).live()]
+    mb = Mailbox.open(box)
+    mb.mark_retrieved(1)
+    mb.commit()
+    assert len(files(box / "cur")) == 1 and files(box / "cur")[0].endswith(":2,S")
+    assert [m.uid for _, m in Mailbox.open(box).live()] == before
+    assert all(":" not in u and "," not in u for u in before)
+
+
+def test_seen_flag_keeps_existing_flags(tmp_path: Path) -> None:
+    """A message in cur/ with flags gets S added in sorted order."""
+    box = make_box(tmp_path, [MESSAGE])
+    (name,) = files(box / "new")
+    os.rename(box / "new" / name, box / "cur" / (name + ":2,RF"))
+    mb = Mailbox.open(box)
+    mb.mark_retrieved(1)
+    mb.commit()
+    assert files(box / "cur") == [name + ":2,FRS"]
+
+
+def test_deletions_wait_for_commit(tmp_path: Path) -> None:
+    """delete() only marks; commit() unlinks; a mailbox dropped without commit keeps all."""
+    box = make_box(tmp_path, [MESSAGE, MESSAGE, MESSAGE])
+    mb = Mailbox.open(box)
+    mb.delete(2)
+    assert mb.stat() == (2, 2 * len(MESSAGE))
+    with pytest.raises(KeyError):
+        mb.message(2)
+    assert len(files(box / "new")) == 3
+    del mb
+    mb = Mailbox.open(box)
+    mb.delete(1)
+    mb.delete(3)
+    mb.reset()
+    mb.delete(3)
+    result = mb.commit()
+    assert (result.deleted, result.failed) == (1, 0)
+    assert Mailbox.open(box).stat() == (2, 2 * len(MESSAGE))
+
+
+def test_top_returns_headers_and_n_lines(tmp_path: Path) -> None:
+    """TOP data: every header, the blank line, then the first n body lines (LF form)."""
+    box = make_box(tmp_path, [b"A: 1\r\nB: 2\r\n\r\none\r\ntwo\r\nthree\r\n"])
+    mb = Mailbox.open(box)
+    assert mb.top(1, 0) == b"A: 1\nB: 2\n\n"
+    assert mb.top(1, 2) == b"A: 1\nB: 2\n\none\ntwo\n"
+    assert mb.top(1, 99) == b"A: 1\nB: 2\n\none\ntwo\nthree\n"
+
+
+def test_lock_table_is_exclusive(tmp_path: Path) -> None:
+    """A second acquire of the same maildir fails until the first is released."""
+    locks = LockTable()
+    locks.acquire(tmp_path / "a")
+    with pytest.raises(MailboxLocked):
+        locks.acquire(tmp_path / "x" / ".." / "a")
+    locks.acquire(tmp_path / "b")
+    locks.release(tmp_path / "a")
+    locks.acquire(tmp_path / "a")
