@@ -1,0 +1,336 @@
+"""The durable outbound queue: one message file and one JSON envelope per entry.
+
+Every method here blocks (file I/O and fsync): the server and the queue runner call
+them through ``deferToThread``; the admin CLI calls them directly.
+
+Format
+======
+Everything lives in one folder (``cfg.queue_dir``, normally ``data_dir/queue``):
+
+``<id>.msg``
+    The message exactly as accepted: CRLF line endings, ``Received:`` prepended.
+``<id>.env``
+    The envelope, UTF-8 JSON; its presence is what makes an entry live::
+
+        {"version": 1, "id": "<id>", "sender": "joe@example.com" | "",
+         "queued_at": 1764420000.25,
+         "recipients": [
+           {"address": "ann@remote.example", "state": "deferred",
+            "attempts": 1, "next_attempt": 1764420300.25,
+            "last_reply": "451 4.3.0 try later", "relay": "mx1.remote.example",
+            "notified": false}]}
+
+    ``sender`` is ``""`` for the null sender ``<>``.  ``state`` is ``pending``
+    (never tried), ``deferred`` (a temporary failure; ``next_attempt`` is when to try
+    again, seconds since the epoch), ``delivered`` or ``failed``.  ``notified`` is
+    true once the delivery status notification for a failed recipient was handed on.
+``.tmp-*``
+    A file being written.  Leftovers from a crash are removed by :meth:`Queue.cleanup`.
+``flush``
+    The flush trigger: an empty file.  :meth:`Queue.request_flush` (``mailguard queue
+    flush``, from any process) creates it; the running queue runner checks for it every
+    couple of seconds, removes it and tries every waiting recipient at once.
+
+The id is 13 hex digits of microseconds since the epoch followed by 8 random hex
+digits, so ids sort by age.  Both files are written to a temporary name, fsynced,
+renamed into place, and the folder fsynced; the message is written first and the
+envelope last, so a crash never leaves a live entry without its message.  Envelopes
+are rewritten the same way after every delivery attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+PENDING = "pending"
+DEFERRED = "deferred"
+DELIVERED = "delivered"
+FAILED = "failed"
+STATES = (PENDING, DEFERRED, DELIVERED, FAILED)
+
+_ID = re.compile(r"^[0-9a-f]{21}$")
+_ORPHAN_AGE = 3600.0
+
+
+class QueueError(Exception):
+    """An entry that does not exist or cannot be read."""
+
+
+@dataclass
+class RecipientState:
+    """Delivery state of one recipient of a queued message."""
+
+    address: str
+    state: str = PENDING
+    attempts: int = 0
+    next_attempt: float | None = None
+    last_reply: str = ""
+    relay: str = ""
+    notified: bool = False
+
+    @property
+    def waiting(self) -> bool:
+        """True while the recipient still has to be tried."""
+        return self.state in (PENDING, DEFERRED)
+
+    def due(self, now: float) -> bool:
+        """True when the recipient should be tried at ``now``."""
+        return self.state == PENDING or (
+            self.state == DEFERRED and (self.next_attempt is None or self.next_attempt <= now))
+
+
+@dataclass
+class QueueEntry:
+    """One queued message's envelope (the message itself stays on disk)."""
+
+    id: str
+    sender: str
+    queued_at: float
+    recipients: list[RecipientState] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        """True when nothing is left to try and every failure has been reported."""
+        return all(r.state == DELIVERED or (r.state == FAILED and r.notified) for r in self.recipients)
+
+    def to_json(self) -> bytes:
+        data = {"version": 1, "id": self.id, "sender": self.sender, "queued_at": self.queued_at,
+                "recipients": [asdict(r) for r in self.recipients]}
+        return json.dumps(data, indent=1).encode("utf-8") + b"\n"
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> QueueEntry:
+        data = json.loads(raw.decode("utf-8"))
+        if not isinstance(data, dict) or data.get("version") != 1:
+            raise QueueError("unknown envelope version")
+        rcpts = [RecipientState(**r) for r in data["recipients"]]
+        for r in rcpts:
+            if r.state not in STATES:
+                raise QueueError(f"unknown recipient state {r.state!r}")
+        return cls(str(data["id"]), str(data["sender"]), float(data["queued_at"]), rcpts)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Queue:
+    """The queue folder.  Safe to share between threads of one process.
+
+    :param root: the queue folder; created when missing.
+    :param clock: seconds since the epoch (``reactor.seconds`` or ``time.time``).
+    """
+
+    def __init__(self, root: Path, clock: Callable[[], float] = time.time) -> None:
+        self.root = Path(root)
+        self.clock = clock
+        self._lock = threading.Lock()
+
+    # -- paths ---------------------------------------------------------------
+
+    def _check(self, entry_id: str) -> str:
+        if not _ID.match(entry_id):
+            raise QueueError(f"not a queue id: {entry_id!r}")
+        return entry_id
+
+    def message_path(self, entry_id: str) -> Path:
+        return self.root / f"{self._check(entry_id)}.msg"
+
+    def envelope_path(self, entry_id: str) -> Path:
+        return self.root / f"{self._check(entry_id)}.env"
+
+    @property
+    def flush_path(self) -> Path:
+        return self.root / "flush"
+
+    def _write(self, path: Path, data: bytes) -> None:
+        """Write ``data`` to ``path`` atomically and durably (temp, fsync, rename, fsync dir)."""
+        tmp = self.root / f".tmp-{path.name}-{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(self.root)
+
+    # -- the contract --------------------------------------------------------
+
+    def enqueue(self, sender: str, recipients: list[str], message: bytes) -> str:
+        """Store a message durably for delivery to ``recipients``; returns its queue id.
+
+        Blocking; on return the entry survives a crash.  ``sender`` is "" for ``<>``.
+        """
+        if not recipients:
+            raise ValueError("a queued message needs at least one recipient")
+        self.root.mkdir(parents=True, exist_ok=True)
+        now = self.clock()
+        entry_id = f"{int(now * 1_000_000) & (16**13 - 1):013x}{secrets.token_hex(4)}"
+        self._write(self.message_path(entry_id), message)
+        unique = list(dict.fromkeys(recipients))
+        entry = QueueEntry(entry_id, sender, now, [RecipientState(r) for r in unique])
+        self._write(self.envelope_path(entry_id), entry.to_json())
+        return entry_id
+
+    def load(self, entry_id: str) -> QueueEntry:
+        """The envelope of one entry.  :raises QueueError: no such entry, or unreadable."""
+        try:
+            raw = self.envelope_path(entry_id).read_bytes()
+        except FileNotFoundError:
+            raise QueueError(f"no queue entry {entry_id}") from None
+        try:
+            return QueueEntry.from_json(raw)
+        except (ValueError, KeyError, TypeError) as e:
+            raise QueueError(f"queue entry {entry_id}: unreadable envelope: {e}") from None
+
+    def read_message(self, entry_id: str) -> bytes:
+        """The message bytes of one entry.  :raises QueueError: missing."""
+        try:
+            return self.message_path(entry_id).read_bytes()
+        except FileNotFoundError:
+            raise QueueError(f"no message file for queue entry {entry_id}") from None
+
+    def ids(self) -> list[str]:
+        """Ids of the live entries, oldest first."""
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        return sorted(n[:-4] for n in names if n.endswith(".env") and _ID.match(n[:-4]))
+
+    def list(self) -> list[QueueEntry]:
+        """Every live entry, oldest first (unreadable envelopes are left out)."""
+        out = []
+        for entry_id in self.ids():
+            try:
+                out.append(self.load(entry_id))
+            except QueueError:
+                continue
+        return out
+
+    def save(self, entry: QueueEntry) -> bool:
+        """Rewrite an entry's envelope atomically; False (nothing written) when it was deleted."""
+        with self._lock:
+            return self._save(entry)
+
+    def _save(self, entry: QueueEntry) -> bool:
+        if not self.message_path(entry.id).exists():
+            return False
+        self._write(self.envelope_path(entry.id), entry.to_json())
+        return True
+
+    def update(self, entry_id: str, change: Callable[[QueueEntry], Any]) -> QueueEntry | None:
+        """Load, apply ``change`` and save, as one step among this process's threads.
+
+        An entry whose every recipient is delivered or failed-and-reported is deleted.
+        Returns the new envelope, or None when the entry is gone.
+        """
+        with self._lock:
+            try:
+                entry = self.load(entry_id)
+            except QueueError:
+                return None
+            change(entry)
+            if entry.finished:
+                self._delete(entry_id)
+                return entry
+            return entry if self._save(entry) else None
+
+    def delete(self, entry_id: str) -> bool:
+        """Remove an entry (envelope first, so it stops being live at once); False when absent."""
+        with self._lock:
+            return self._delete(entry_id)
+
+    def _delete(self, entry_id: str) -> bool:
+        try:
+            self.envelope_path(entry_id).unlink()
+        except FileNotFoundError:
+            found = False
+        else:
+            found = True
+        self.message_path(entry_id).unlink(missing_ok=True)
+        if found:
+            _fsync_dir(self.root)
+        return found
+
+    def request_flush(self) -> None:
+        """Ask the running queue runner (in any process) to try every waiting recipient now."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.flush_path, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+
+    def take_flush_request(self) -> bool:
+        """True (and the trigger removed) when a flush was requested."""
+        try:
+            self.flush_path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def cleanup(self) -> list[str]:
+        """Remove crash leftovers: temporary files, and message files without an envelope
+        that are older than an hour (younger ones may be an enqueue in progress)."""
+        removed: list[str] = []
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return removed
+        now = time.time()
+        live = set(self.ids())
+        for name in names:
+            path = self.root / name
+            stale = name.startswith(".tmp-") or (name.endswith(".msg") and name[:-4] not in live)
+            try:
+                if stale and now - path.stat().st_mtime > (_ORPHAN_AGE if name.endswith(".msg") else 60):
+                    path.unlink()
+                    removed.append(name)
+            except FileNotFoundError:
+                continue
+        return removed
+
+
+def format_entry(entry: QueueEntry, now: float | None = None) -> str:
+    """One line for ``mailguard queue list``: id, age, sender, then each recipient.
+
+    ``0123abcd... 2h05m <joe@example.com> ann@x.example=deferred(451 4.3.0 later) bob@y.example=delivered``
+    """
+    age = max(0, int((time.time() if now is None else now) - entry.queued_at))
+    days, rest = divmod(age, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if days:
+        age_text = f"{days}d{hours:02d}h"
+    elif hours:
+        age_text = f"{hours}h{minutes:02d}m"
+    else:
+        age_text = f"{minutes}m{seconds:02d}s"
+    parts = [entry.id, age_text, f"<{entry.sender}>"]
+    for r in entry.recipients:
+        text = f"{r.address}={r.state}"
+        if r.last_reply and r.state != DELIVERED:
+            text += f"({r.last_reply})"
+        parts.append(text)
+    return " ".join(parts)
+
+
+def format_entries(entries: Iterable[QueueEntry], now: float | None = None) -> list[str]:
+    """``format_entry`` for each entry, oldest first."""
+    return [format_entry(e, now) for e in entries]

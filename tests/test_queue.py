@@ -1,0 +1,148 @@
+"""Tests for mailguard.queue: the durable on-disk outbound queue."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from mailguard import queue as queue_mod
+from mailguard.queue import DELIVERED, FAILED, PENDING, Queue, QueueError, format_entry
+
+MESSAGE = b"Received: from a\r\nSubject: x\r\n\r\nbody\r\n"
+
+
+def test_enqueue_stores_message_and_envelope(tmp_path: Path) -> None:
+    """enqueue returns an id whose message bytes and pending recipients load back."""
+    q = Queue(tmp_path / "queue")
+    entry_id = q.enqueue("joe@here.example", ["a@r.example", "b@s.example", "a@r.example"], MESSAGE)
+    assert q.read_message(entry_id) == MESSAGE
+    entry = q.load(entry_id)
+    assert entry.sender == "joe@here.example"
+    assert [(r.address, r.state) for r in entry.recipients] == [("a@r.example", PENDING), ("b@s.example", PENDING)]
+    assert [e.id for e in q.list()] == [entry_id]
+    env = json.loads((tmp_path / "queue" / f"{entry_id}.env").read_text())
+    assert env["version"] == 1 and env["recipients"][0]["state"] == "pending"
+
+
+def test_null_sender_kept_empty(tmp_path: Path) -> None:
+    """The null sender is stored as the empty string."""
+    q = Queue(tmp_path)
+    assert q.load(q.enqueue("", ["a@r.example"], MESSAGE)).sender == ""
+
+
+def test_enqueue_is_durable_and_envelope_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both files are fsynced before their rename, the folder after; the envelope is renamed last."""
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync-dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "fsync-file")
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        events.append("rename " + Path(dst).suffix)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(queue_mod.os, "fsync", fsync)
+    monkeypatch.setattr(queue_mod.os, "replace", replace)
+    Queue(tmp_path).enqueue("joe@here.example", ["a@r.example"], MESSAGE)
+    assert events == ["fsync-file", "rename .msg", "fsync-dir", "fsync-file", "rename .env", "fsync-dir"]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+
+
+def test_message_without_envelope_is_not_live(tmp_path: Path) -> None:
+    """A crash between the two writes leaves an orphan message that list() ignores and cleanup removes."""
+    q = Queue(tmp_path)
+    entry_id = q.enqueue("joe@here.example", ["a@r.example"], MESSAGE)
+    (tmp_path / f"{entry_id}.env").unlink()
+    young = q.enqueue("joe@here.example", ["a@r.example"], MESSAGE)
+    (tmp_path / f"{young}.env").unlink()
+    (tmp_path / ".tmp-x.env-1234").write_bytes(b"{")
+    old = time.time() - 7200
+    os.utime(tmp_path / f"{entry_id}.msg", (old, old))
+    os.utime(tmp_path / ".tmp-x.env-1234", (old, old))
+    assert q.list() == []
+    assert sorted(q.cleanup()) == sorted([f"{entry_id}.msg", ".tmp-x.env-1234"])
+    assert (tmp_path / f"{young}.msg").exists()
+
+
+def test_update_rewrites_and_deletes_finished(tmp_path: Path) -> None:
+    """update() persists state changes and deletes the entry once everything is done."""
+    q = Queue(tmp_path)
+    entry_id = q.enqueue("joe@here.example", ["a@r.example", "b@r.example"], MESSAGE)
+
+    def first(e: queue_mod.QueueEntry) -> None:
+        e.recipients[0].state = DELIVERED
+        e.recipients[0].last_reply = "250 ok"
+
+    q.update(entry_id, first)
+    assert [r.state for r in q.load(entry_id).recipients] == [DELIVERED, PENDING]
+
+    def second(e: queue_mod.QueueEntry) -> None:
+        e.recipients[1].state = FAILED
+        e.recipients[1].notified = True
+
+    q.update(entry_id, second)
+    assert q.ids() == []
+    assert not (tmp_path / f"{entry_id}.msg").exists()
+
+
+def test_delete_and_no_resurrection(tmp_path: Path) -> None:
+    """delete() removes an entry; a later save (an attempt finishing) does not bring it back."""
+    q = Queue(tmp_path)
+    entry_id = q.enqueue("joe@here.example", ["a@r.example"], MESSAGE)
+    entry = q.load(entry_id)
+    assert q.delete(entry_id) is True
+    assert q.delete(entry_id) is False
+    assert q.save(entry) is False
+    assert q.update(entry_id, lambda e: None) is None
+    assert q.list() == []
+
+
+def test_ids_are_checked(tmp_path: Path) -> None:
+    """A queue id that is not one of ours (a path, say) is refused, not opened."""
+    q = Queue(tmp_path)
+    with pytest.raises(QueueError):
+        q.delete("../../etc/passwd")
+    with pytest.raises(QueueError):
+        q.load("0" * 21)
+
+
+def test_flush_trigger(tmp_path: Path) -> None:
+    """request_flush creates the trigger file; take_flush_request consumes it once."""
+    q = Queue(tmp_path / "q")
+    assert q.take_flush_request() is False
+    q.request_flush()
+    assert (tmp_path / "q" / "flush").exists()
+    assert q.take_flush_request() is True
+    assert q.take_flush_request() is False
+
+
+def test_format_entry(tmp_path: Path) -> None:
+    """queue list shows id first, then age, sender, each recipient with its state and last reply."""
+    q = Queue(tmp_path, clock=lambda: 1000.0)
+    entry_id = q.enqueue("", ["a@r.example", "b@r.example"], MESSAGE)
+
+    def change(e: queue_mod.QueueEntry) -> None:
+        e.recipients[0].state = "deferred"
+        e.recipients[0].last_reply = "451 4.3.0 later"
+        e.recipients[1].state = DELIVERED
+        e.recipients[1].last_reply = "250 ok"
+
+    q.update(entry_id, change)
+    line = format_entry(q.load(entry_id), now=1000.0 + 3 * 3600 + 5 * 60)
+    assert line == f"{entry_id} 3h05m <> a@r.example=deferred(451 4.3.0 later) b@r.example=delivered"
+
+
+def test_ids_sort_by_age(tmp_path: Path) -> None:
+    """Entries list oldest first."""
+    now = [5000.0]
+    q = Queue(tmp_path, clock=lambda: now[0])
+    first = q.enqueue("a@b.example", ["c@d.example"], MESSAGE)
+    now[0] = 4000.0 + 2000
+    second = q.enqueue("a@b.example", ["c@d.example"], MESSAGE)
+    assert q.ids() == [first, second]
