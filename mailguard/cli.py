@@ -1,0 +1,242 @@
+"""The admin command line: ``mailguard [--config FILE] COMMAND ...`` (also ``python -m mailguard``).
+
+Commands change the directory file or the queue directly; a running server sees
+the change at once (the directory is read per lookup, the queue runner notices
+flush requests).  Exit status: 0 on success, 1 on an error (one line on stderr),
+2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from typing import Sequence
+
+from mailguard import config, policy
+from mailguard.address import AddressError, parse_path
+from mailguard.directory import Directory, DirectoryError, EntryError
+
+
+class CommandError(Exception):
+    """A command that failed; its text is printed on one line."""
+
+
+def _address(text: str) -> str:
+    try:
+        addr = parse_path(text)
+    except AddressError as e:
+        raise CommandError(f"{text!r} is not a mail address: {e}") from None
+    assert addr is not None
+    return addr.key
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin or not sys.stdin.isatty():
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise CommandError("the passwords differ")
+    if not password:
+        raise CommandError("empty password")
+    return password
+
+
+def _directory(cfg: config.Config) -> Directory:
+    return Directory(cfg.directory.path)
+
+
+def cmd_user(cfg: config.Config, args: argparse.Namespace) -> int:
+    d = _directory(cfg)
+    if args.action == "list":
+        for address in d.mailboxes():
+            print(address)
+        return 0
+    if not args.address:
+        raise CommandError(f"user {args.action} needs an ADDRESS")
+    address = _address(args.address)
+    if args.action == "add":
+        _check_local_domain(cfg, address)
+        d.add_mailbox(address, _read_password(args))
+        print(f"mailbox {address} created")
+    elif args.action == "passwd":
+        d.set_password(address, _read_password(args))
+        print(f"password of {address} changed")
+    elif args.action == "del":
+        d.delete_mailbox(address)
+        print(f"mailbox {address} deleted (its maildir is kept)")
+    return 0
+
+
+def _check_local_domain(cfg: config.Config, address: str) -> None:
+    domain = address.rpartition("@")[2]
+    if domain not in cfg.inbound_domains():
+        raise CommandError(f"{domain} is not an inbound domain in {cfg.source} "
+                           f"(add [domains.\"{domain}\"] route = \"inbound\")")
+
+
+def cmd_alias(cfg: config.Config, args: argparse.Namespace) -> int:
+    d = _directory(cfg)
+    alias = _address(args.alias)
+    if args.action == "add":
+        if not args.target:
+            raise CommandError("alias add needs ALIAS TARGET")
+        _check_local_domain(cfg, alias)
+        d.add_alias(alias, _address(args.target))
+        print(f"alias {alias} -> {_address(args.target)}")
+    else:
+        d.delete_alias(alias)
+        print(f"alias {alias} deleted")
+    return 0
+
+
+def cmd_list(cfg: config.Config, args: argparse.Namespace) -> int:
+    d = _directory(cfg)
+    name = _address(args.name)
+    members = [_address(m) for m in args.members]
+    if args.action == "add":
+        if not members:
+            raise CommandError("list add needs LIST MEMBER...")
+        _check_local_domain(cfg, name)
+        d.add_list_members(name, members)
+        print(f"list {name}: {len(members)} member(s) added")
+    else:
+        d.delete_list(name, members)
+        print(f"list {name}: " + (f"{len(members)} member(s) removed" if members else "deleted"))
+    return 0
+
+
+def cmd_contact(cfg: config.Config, args: argparse.Namespace) -> int:
+    d = _directory(cfg)
+    address = _address(args.address)
+    if args.action == "add":
+        if not args.remote:
+            raise CommandError("contact add needs ADDRESS REMOTE")
+        _check_local_domain(cfg, address)
+        d.add_contact(address, _address(args.remote))
+        print(f"contact {address} -> {_address(args.remote)}")
+    else:
+        d.delete_contact(address)
+        print(f"contact {address} deleted")
+    return 0
+
+
+def cmd_check_config(cfg: config.Config, args: argparse.Namespace) -> int:
+    print(f"{cfg.source}: ok")
+    for line in config.routing_table(cfg):
+        print(line)
+    return 0
+
+
+def cmd_explain(cfg: config.Config, args: argparse.Namespace) -> int:
+    d = _directory(cfg)
+    try:
+        who = policy.client(args.client, args.local, _address(args.auth) if args.auth else None,
+                            pop_before_smtp=args.pop_before_smtp)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    if args.sender is not None:
+        try:
+            parse_path(args.sender, null_ok=True)
+        except AddressError as e:
+            raise CommandError(f"--from {args.sender!r}: {e}") from None
+    for rcpt in args.rcpt:
+        decision = policy.decide(cfg, d.expand, who, rcpt)
+        print(policy.explain_line(decision, rcpt))
+    return 0
+
+
+def cmd_queue(cfg: config.Config, args: argparse.Namespace) -> int:
+    from mailguard import queue as queue_mod
+
+    q = queue_mod.Queue(cfg.queue_dir)
+    if args.action == "list":
+        for entry in q.list():
+            print(queue_mod.format_entry(entry))
+    elif args.action == "flush":
+        q.request_flush()
+        print("flush requested")
+    else:
+        if not args.id:
+            raise CommandError("queue delete needs an ID")
+        if not q.delete(args.id):
+            raise CommandError(f"no queued message {args.id}")
+        print(f"deleted {args.id}")
+    return 0
+
+
+def cmd_relay_test(cfg: config.Config | None, args: argparse.Namespace) -> int:
+    from mailguard import relaytest
+
+    return relaytest.main(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mailguard", description="mailguard administration")
+    p.add_argument("--config", "-c", help="configuration file (default ./etc/mailguard.toml)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    u = sub.add_parser("user", help="mailboxes")
+    u.add_argument("action", choices=["add", "passwd", "del", "list"])
+    u.add_argument("address", nargs="?")
+    u.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    u.set_defaults(func=cmd_user)
+
+    a = sub.add_parser("alias", help="aliases")
+    a.add_argument("action", choices=["add", "del"])
+    a.add_argument("alias")
+    a.add_argument("target", nargs="?")
+    a.set_defaults(func=cmd_alias)
+
+    ls = sub.add_parser("list", help="distribution lists")
+    ls.add_argument("action", choices=["add", "del"])
+    ls.add_argument("name")
+    ls.add_argument("members", nargs="*")
+    ls.set_defaults(func=cmd_list)
+
+    c = sub.add_parser("contact", help="contacts (forward to a remote address)")
+    c.add_argument("action", choices=["add", "del"])
+    c.add_argument("address")
+    c.add_argument("remote", nargs="?")
+    c.set_defaults(func=cmd_contact)
+
+    cc = sub.add_parser("check-config", help="validate and print the routing table")
+    cc.set_defaults(func=cmd_check_config)
+
+    e = sub.add_parser("explain", help="dry-run the recipient policy")
+    e.add_argument("--client", required=True, help="client IP address")
+    e.add_argument("--local", help="local (server) IP address the client connected to")
+    e.add_argument("--auth", help="the mailbox the client authenticated as")
+    e.add_argument("--from", dest="sender", help="envelope sender")
+    e.add_argument("--pop-before-smtp", action="store_true", help="the client logged in over POP3 recently")
+    e.add_argument("rcpt", nargs="+")
+    e.set_defaults(func=cmd_explain)
+
+    q = sub.add_parser("queue", help="the outbound queue")
+    q.add_argument("action", choices=["list", "flush", "delete"])
+    q.add_argument("id", nargs="?")
+    q.set_defaults(func=cmd_queue)
+
+    r = sub.add_parser("relay-test", help="run the open-relay catalogue against a server")
+    r.add_argument("target", help="HOST[:PORT]")
+    r.add_argument("--source", help="source IP address to connect from")
+    r.add_argument("--domain", help="a local domain of the server (for tricks that need one)")
+    r.add_argument("--timeout", type=float, default=10.0)
+    r.set_defaults(func=cmd_relay_test, no_config=True)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        cfg = None if getattr(args, "no_config", False) else config.find(args.config)
+        return int(args.func(cfg, args))
+    except config.ConfigError as e:
+        print(f"mailguard: {e}", file=sys.stderr)
+        return 1
+    except (CommandError, EntryError, DirectoryError) as e:
+        print(f"mailguard: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

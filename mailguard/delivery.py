@@ -1,0 +1,79 @@
+"""Where accepted mail goes: local copies into maildirs, remote recipients into the queue.
+
+:class:`Store` is the delivery transaction behind the SMTP server's final dot: every
+local mailbox gets one copy (``Return-Path:`` and ``Received:`` first), the remote
+recipients get one queue entry (``Received:`` first; ``Return-Path:`` is added only
+at final delivery, RFC 5321 section 4.4).  All disk work, fsyncs included, runs in a
+thread; the returned Deferred fires only when everything is durable, so the ``250``
+that follows it is a promise kept.  Any failure is transient (451 to the client).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from twisted.internet import defer, threads
+
+from mailguard import maildir, policy
+from mailguard.config import Config
+from mailguard.directory import Directory, Expansion
+from mailguard.queue import Queue
+
+RunInThread = Callable[..., defer.Deferred]
+
+
+class Store:
+    """Stores accepted messages durably; see the module docstring."""
+
+    def __init__(self, cfg: Config, directory: Directory, queue: Queue,
+                 wake: Callable[[], None] = lambda: None,
+                 run_in_thread: RunInThread = threads.deferToThread) -> None:
+        self.cfg = cfg
+        self.directory = directory
+        self.queue = queue
+        self.wake = wake
+        self.run_in_thread = run_in_thread
+
+    def store(self, msg_id: str, sender: str, decisions: Sequence[policy.Decision],
+              received: bytes, message: bytes) -> defer.Deferred:
+        """Store one message for the accepted recipients' decisions.
+
+        :param message: the message as received, CRLF line endings, dot-stuffing removed.
+        :returns: a Deferred firing with the queue id (or None) once all is on disk.
+        """
+        mailboxes = list(dict.fromkeys(m for d in decisions for m in d.mailboxes))
+        remote = list(dict.fromkeys(r for d in decisions for r in d.remote))
+        return self._write(sender, mailboxes, remote, received, message)
+
+    def inject(self, sender: str, recipients: Iterable[str], message: bytes) -> defer.Deferred:
+        """Deliver a message made here (a bounce) to addresses routed like local mail.
+
+        Inbound recipients are expanded through the directory (unknown ones dropped);
+        every other one is queued.  ``message`` is complete, CRLF line endings.
+        """
+        mailboxes, remote = policy.resolve_targets(self.cfg, self.directory.expand,
+                                                   Expansion(others=tuple(r.lower() for r in recipients)))
+        return self._write(sender, list(mailboxes), list(remote), b"", message)
+
+    def _write(self, sender: str, mailboxes: list[str], remote: list[str],
+               received: bytes, message: bytes) -> defer.Deferred:
+        d = self.run_in_thread(self._write_blocking, sender, mailboxes, remote, received, message)
+        if remote:
+            d.addCallback(self._woke)
+        return d
+
+    def _woke(self, queue_id: str | None) -> str | None:
+        self.wake()
+        return queue_id
+
+    def _write_blocking(self, sender: str, mailboxes: list[str], remote: list[str],
+                        received: bytes, message: bytes) -> str | None:
+        queue_id = None
+        if remote:
+            queue_id = self.queue.enqueue(sender, remote, received + message)
+        if mailboxes:
+            paths: list[Path] = [maildir.maildir_path(self.cfg.mail_dir, m) for m in mailboxes]
+            return_path = f"Return-Path: <{sender}>\r\n".encode("utf-8", "replace")
+            maildir.deliver_many(paths, return_path + received + message)
+        return queue_id

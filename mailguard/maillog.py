@@ -1,0 +1,44 @@
+"""The mail log: one stable line per decision (RFC 2505 section 2, items 3-4).
+
+Lines go to the twistd log (standard output under ``twistd -n``).  Their text is
+stable, ``key=value`` separated by spaces, so that grep and fail2ban can read them::
+
+    mailguard smtp decision: client=192.0.2.7 local=127.0.0.1 helo=me from=<a@b> rcpt=<c@d> rule=relay_denied reply="550 5.7.1 Relaying prohibited"
+    mailguard auth failure: service=smtp client=192.0.2.7 user=alice@example.com
+
+Passwords and AUTH payloads are never logged.
+"""
+
+from __future__ import annotations
+
+from twisted.logger import Logger
+
+log = Logger(namespace="mailguard")
+
+
+def _clean(value: object) -> str:
+    """Make a client-supplied value safe for one log line."""
+    text = str(value)
+    text = "".join(c if c.isprintable() and c not in "{}" else "?" for c in text)
+    return text[:200]
+
+
+def decision(client: str, local: str, helo: str, sender: str, rcpt: str, rule: str, reply: object) -> None:
+    """Log one RCPT decision."""
+    log.info("mailguard smtp decision: client={client} local={local} helo={helo} from=<{sender}> "
+             "rcpt=<{rcpt}> rule={rule} reply=\"{reply}\"",
+             client=client, local=local, helo=_clean(helo), sender=_clean(sender), rcpt=_clean(rcpt),
+             rule=rule, reply=_clean(reply))
+
+
+def event(service: str, what: str, client: str, **fields: object) -> None:
+    """Log one event line: ``mailguard <service> <what>: client=<ip> k=v ...``."""
+    extra = "".join(f" {k}={_clean(v)}" for k, v in fields.items())
+    log.info("mailguard {service} {what}: client={client}{extra}",
+             service=service, what=what, client=client, extra=extra)
+
+
+def auth_failure(service: str, client: str, user: str) -> None:
+    """Log a failed login in the line the fail2ban filter matches."""
+    log.warn("mailguard auth failure: service={service} client={client} user={user}",
+             service=service, client=client, user=_clean(user))

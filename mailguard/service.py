@@ -1,0 +1,122 @@
+"""The running mail host: every shared part built from one :class:`~mailguard.config.Config`.
+
+:class:`Mailhost` holds what the protocols share (directory, store, authenticator,
+POP-before-SMTP record, TLS, connection limits, queue runner) and is a twisted
+``MultiService`` whose children are the listeners and the queue runner.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import endpoints, interfaces
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from mailguard import auth, delivery
+from mailguard.config import Config
+from mailguard.directory import Directory
+from mailguard.queue import Queue
+from mailguard.smtp import ConnectionLimiter, SMTPFactory
+from mailguard.tls import TLSContext
+
+log = Logger(namespace="mailguard")
+
+
+class ListenerService(service.Service):
+    """Listens on one endpoint description; ``ssl:`` ones get mailguard's certificate."""
+
+    def __init__(self, reactor: Any, description: str, factory: Any, tls: TLSContext | None) -> None:
+        self.reactor = reactor
+        self.description = description
+        self.factory = factory
+        self.tls = tls
+        self.port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        desc, factory = self.description, self.factory
+        if desc.startswith("ssl:"):
+            if self.tls is None:
+                raise RuntimeError("ssl: listener without TLS")
+            desc = "tcp:" + desc[4:]
+            factory = TLSMemoryBIOFactory(self.tls, False, factory)
+        d: Deferred = endpoints.serverFromString(self.reactor, desc).listen(factory)
+        d.addCallbacks(self._listening, self._failed)
+
+    def _listening(self, port: Any) -> None:
+        self.port = port
+        log.info("mailguard listening: {desc}", desc=self.description)
+
+    def _failed(self, failure: Any) -> None:
+        sys.stderr.write(f"mailguard: cannot listen on {self.description}: {failure.getErrorMessage()}\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(1)
+
+    def stopService(self) -> Deferred | None:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+class Mailhost(service.MultiService):
+    """Everything the listeners share; start it and mail flows."""
+
+    def __init__(self, cfg: Config, reactor: Any) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.reactor = reactor
+        self.clock: interfaces.IReactorTime = reactor
+        cfg.server.data_dir.mkdir(parents=True, exist_ok=True)
+        self.directory = Directory(cfg.directory.path)
+        self.queue = Queue(cfg.queue_dir)
+        self.tls = TLSContext(cfg)
+        self.limiter = ConnectionLimiter(cfg.limits.max_connections, cfg.limits.max_connections_per_ip)
+        self.pop_limiter = ConnectionLimiter(cfg.limits.max_connections, cfg.limits.max_connections_per_ip)
+        self.authenticator = auth.Authenticator(self.directory.verify_password, reactor, cfg.limits)
+        self.pop_before_smtp = auth.PopBeforeSmtp(reactor, cfg.relay.pop_before_smtp)
+        self.runner = self._queue_runner()
+        self.store = delivery.Store(cfg, self.directory, self.queue, wake=self._wake)
+        if self.runner is not None:
+            self.runner.setServiceParent(self)
+        self._listen()
+
+    def _queue_runner(self) -> Any:
+        from mailguard.outbound import QueueRunner
+        return QueueRunner(self.cfg, self.queue, self.reactor, self._inject)
+
+    def _inject(self, sender: str, recipients: list[str], message: bytes) -> Deferred:
+        return self.store.inject(sender, recipients, message)
+
+    def _wake(self) -> None:
+        if self.runner is not None:
+            self.runner.wake()
+
+    def _listen(self) -> None:
+        listen = self.cfg.listen
+        for kind in ("smtp", "submission", "submissions"):
+            for desc in getattr(listen, kind):
+                ListenerService(self.reactor, desc, SMTPFactory(self, kind), self.tls).setServiceParent(self)
+        pop3_factory = self._pop3_factory()
+        for desc in listen.pop3 + listen.pop3s:
+            ListenerService(self.reactor, desc, pop3_factory, self.tls).setServiceParent(self)
+
+    def _pop3_factory(self) -> Any:
+        from mailguard.pop3 import POP3Factory
+        return POP3Factory(self.cfg, self.authenticator, self.pop_before_smtp, self.tls, clock=self.reactor)
+
+    def startService(self) -> None:
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.tls.reload))
+        self.reactor.suggestThreadPoolSize(20)
+        log.info("mailguard starting: hostname={host} data_dir={data}",
+                 host=self.cfg.server.hostname, data=str(self.cfg.server.data_dir))
+        super().startService()

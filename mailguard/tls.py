@@ -1,0 +1,98 @@
+"""TLS for every listener: the certificate from ``[tls]``, or a self-signed pair made once.
+
+With no ``[tls] certificate``, a self-signed certificate and key are generated on
+first start under ``data_dir/tls/`` (so STARTTLS and AUTH work out of the box) and
+reused afterwards.  Only TLS 1.2 and newer are offered (RFC 8996, RFC 8314).
+
+:class:`TLSContext` is handed to ``transport.startTLS`` and to implicit-TLS
+listeners; :meth:`TLSContext.reload` (on SIGHUP) reads the files again, and new
+connections use the new certificate without a restart.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+from OpenSSL import SSL
+from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from zope.interface import implementer
+from twisted.logger import Logger
+
+from mailguard.config import Config
+
+log = Logger()
+
+
+def generate_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
+    """Write a self-signed EC P-256 certificate for ``hostname`` (valid ten years)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    key_bytes = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption())
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key_bytes)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class TLSContext:
+    """The server-side TLS settings, reloadable; a connection creator for Twisted's TLS."""
+
+    def __init__(self, cfg: Config) -> None:
+        if cfg.tls.certificate is not None and cfg.tls.key is not None:
+            self.cert_path, self.key_path = cfg.tls.certificate, cfg.tls.key
+        else:
+            tls_dir = cfg.server.data_dir / "tls"
+            self.cert_path, self.key_path = tls_dir / "cert.pem", tls_dir / "key.pem"
+            if not (self.cert_path.is_file() and self.key_path.is_file()):
+                generate_self_signed(self.cert_path, self.key_path, cfg.server.hostname)
+        self._options = self._load()
+
+    def _load(self) -> ssl.CertificateOptions:
+        cert = ssl.PrivateCertificate.loadPEM(self.cert_path.read_text() + self.key_path.read_text())
+        return ssl.CertificateOptions(privateKey=cert.privateKey.original, certificate=cert.original,
+                                      raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+
+    def reload(self) -> None:
+        """Read the certificate and key again; on error keep the old ones and log it."""
+        try:
+            self._options = self._load()
+        except (OSError, ValueError, SSL.Error) as e:
+            log.error("mailguard tls: reload of {cert} failed, keeping the old certificate: {err}",
+                      cert=str(self.cert_path), err=str(e))
+        else:
+            log.info("mailguard tls: certificate reloaded from {cert}", cert=str(self.cert_path))
+
+    def getContext(self) -> SSL.Context:
+        """The current OpenSSL context."""
+        return self._options.getContext()
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        """A server-side OpenSSL connection with the current certificate."""
+        return self._options.serverConnectionForTLS(tlsProtocol)
+
+    def options(self) -> "TLSContext":
+        """What ``transport.startTLS`` and implicit-TLS listeners take."""
+        return self
