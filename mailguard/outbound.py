@@ -1,0 +1,384 @@
+"""The queue runner: takes queued mail to the next hop, retries, and bounces.
+
+:class:`QueueRunner` is a ``twisted.application`` service.  On start, and whenever
+:meth:`QueueRunner.wake` is called (after every enqueue), it scans the queue:
+
+- recipients that are ``pending``, or ``deferred`` with their time come, are grouped
+  by destination domain; each group of one entry goes over one SMTP connection
+  (:class:`SMTPCourier`: MX lookup or the smarthost, then :func:`smtpclient.transact`);
+- after every attempt the entry's envelope is rewritten (in a thread) with each
+  recipient's new state: a crash repeats at most that one attempt, never loses a
+  recipient;
+- a 5xx fails the recipient at once; a 4xx, a refused connection or a timeout defers
+  it by :func:`next_attempt` of ``[outbound] retry_schedule``; once ``max_queue_time``
+  has passed since the message was queued, a waiting recipient fails;
+- failed recipients get one RFC 3464 bounce per entry (:mod:`mailguard.bounce`),
+  handed to ``inject("", [sender], dsn)``; a message from ``<>`` is never bounced;
+- an entry with nothing left to do is deleted.
+
+A flush request from another process (``mailguard queue flush``:
+:meth:`mailguard.queue.Queue.request_flush`) is noticed within :attr:`FLUSH_POLL`
+seconds.  Every decision is logged as one line::
+
+    mailguard outbound: id=<queue id> to=<rcpt> state=<delivered|deferred|failed|bounced|dropped> relay=<host> reply=<reply>
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Awaitable, Callable, Sequence
+
+from twisted.application.service import Service
+from twisted.internet import defer, endpoints, task, threads
+from twisted.logger import Logger
+
+from mailguard import mx
+from mailguard.bounce import FailedRecipient, build_dsn
+from mailguard.queue import DEFERRED, FAILED, Queue, QueueEntry, QueueError
+from mailguard.smtpclient import ClientConnection, Outcome, SessionError, SessionOptions, tls_options, transact
+
+log = Logger(namespace="mailguard.outbound")
+
+MAX_HOSTS = 5  # MX hosts (addresses) tried in one attempt, like Postfix's smtp_mx_address_limit
+
+
+def next_attempt(schedule: Sequence[int], attempt_number: int) -> int:
+    """Seconds to wait after failed attempt number ``attempt_number`` (1 = the first).
+
+    The schedule's last entry repeats: ``next_attempt([300, 900], 5) == 900``.
+    """
+    if not schedule:
+        raise ValueError("empty retry schedule")
+    return int(schedule[min(max(attempt_number, 1), len(schedule)) - 1])
+
+
+def domain_of(address: str) -> str:
+    """The (lower-cased) domain part of ``local@domain``."""
+    return address.rpartition("@")[2].lower()
+
+
+Courier = Callable[[str, str, list[str], bytes], Awaitable[dict[str, Outcome]]]
+
+
+class SMTPCourier:
+    """Delivers one message to the recipients of one domain; never raises.
+
+    ``cfg.outbound`` decides the route (smarthost or MX on ``port``), TLS, AUTH and
+    the connect / command timeouts; ``cfg.server.hostname`` is the EHLO name.
+    """
+
+    def __init__(self, config: Any, reactor: Any, resolver: Any) -> None:
+        self.out = config.outbound
+        self.reactor = reactor
+        self.resolver = resolver
+        smarthost = bool(self.out.smarthost)
+        self.options = SessionOptions(
+            hostname=config.server.hostname,
+            tls=self.out.smarthost_tls if smarthost else "opportunistic",
+            user=self.out.smarthost_user if smarthost else "",
+            password=self.out.smarthost_password if smarthost else "",
+            command_timeout=float(self.out.command_timeout),
+        )
+
+    def _connect(self, relay: mx.Relay) -> defer.Deferred[ClientConnection]:
+        kind = endpoints.TCP6ClientEndpoint if ":" in relay.address else endpoints.TCP4ClientEndpoint
+        endpoint: Any = kind(self.reactor, relay.address, relay.port, timeout=self.out.connect_timeout)
+        if self.options.tls == "tls":
+            endpoint = endpoints.wrapClientTLS(tls_options(), endpoint)
+        conn = ClientConnection(self.reactor, self.options.command_timeout)
+        return endpoints.connectProtocol(endpoint, conn)  # type: ignore[no-any-return]
+
+    async def __call__(self, sender: str, domain: str, recipients: list[str],
+                       message: bytes) -> dict[str, Outcome]:
+        try:
+            relays = await mx.route(self.resolver, domain, self.out.port, self.out.smarthost)
+        except mx.RouteError as e:
+            return {r: Outcome(FAILED if e.permanent else DEFERRED, e.reply()) for r in recipients}
+        last = SessionError("451 4.4.0 no host tried")
+        relay_name = ""
+        for relay in relays[:MAX_HOSTS]:
+            relay_name = str(relay)
+            try:
+                conn = await self._connect(relay)
+            except Exception as e:
+                last = SessionError(f"451 4.4.1 connect to {relay} failed: {type(e).__name__}")
+                log.info("mailguard outbound: connect to {relay} failed: {error}", relay=relay_name, error=repr(e))
+                continue
+            try:
+                return await transact(conn, self.options, sender, recipients, message, relay_name)
+            except SessionError as e:
+                last = e
+                log.info("mailguard outbound: {relay}: {reply}", relay=relay_name, reply=e.reply)
+                if not e.next_host:
+                    break
+        state = FAILED if last.permanent else DEFERRED
+        return {r: Outcome(state, last.reply, relay_name) for r in recipients}
+
+
+class QueueRunner(Service):
+    """Delivers the queue in ``queue``; see the module docstring.
+
+    :param config: uses ``config.server.hostname`` and ``config.outbound``.
+    :param reactor: ``IReactorTime`` (+ ``IReactorTCP`` for the default courier).
+    :param inject: ``inject(sender, recipients, message) -> Deferred``; takes bounces.
+    :param resolver: a ``twisted.names`` resolver; default from ``[outbound] dns_servers``.
+    :param courier: replaces SMTP delivery (tests): ``await courier(sender, domain,
+        recipients, message) -> {recipient: Outcome}``.
+    :param blocking: runs blocking queue I/O; default ``deferToThread``.
+    """
+
+    FLUSH_POLL = 2.0
+    MAX_PARALLEL = 10
+
+    def __init__(self, config: Any, queue: Queue, reactor: Any,
+                 inject: Callable[[str, list[str], bytes], defer.Deferred[Any]],
+                 resolver: Any = None, *, courier: Courier | None = None,
+                 blocking: Callable[..., defer.Deferred[Any]] = threads.deferToThread) -> None:
+        self.config = config
+        self.queue = queue
+        self.reactor = reactor
+        self.inject = inject
+        self.blocking = blocking
+        if courier is None:
+            if resolver is None:
+                resolver = mx.make_resolver(config.outbound.dns_servers, reactor)
+            courier = SMTPCourier(config, reactor, resolver)
+        self.courier = courier
+        self._busy: set[tuple[str, str]] = set()
+        self._bouncing: set[str] = set()
+        self._bounce_after: dict[str, float] = {}
+        self._tasks: set[defer.Deferred[Any]] = set()
+        self._scanning = False
+        self._rescan = False
+        self._flush = False
+        self._timer: Any = None
+        self._poll: task.LoopingCall | None = None
+        self._limit = defer.DeferredSemaphore(self.MAX_PARALLEL)
+
+    # -- service ------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._poll = task.LoopingCall(self._check_flush)
+        self._poll.clock = self.reactor
+        self._poll.start(self.FLUSH_POLL, now=False).addErrback(
+            lambda f: log.failure("mailguard outbound: flush poll failed", f))
+        self._spawn(self.blocking(self.queue.cleanup))
+        self.wake()
+
+    def stopService(self) -> Any:
+        """Stop starting deliveries; those in flight finish or are retried after restart."""
+        if self._poll is not None and self._poll.running:
+            self._poll.stop()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        return super().stopService()
+
+    def wake(self) -> None:
+        """Look at the queue again soon (after an enqueue, a flush, a finished attempt)."""
+        if not self.running:
+            return
+        if self._scanning:
+            self._rescan = True
+            return
+        self._schedule(self.reactor.seconds())
+
+    def flush(self) -> None:
+        """Try every waiting recipient now, whatever its retry time."""
+        self._flush = True
+        self.wake()
+
+    def idle(self) -> bool:
+        """True when no scan, delivery or bounce is under way (tests wait for this)."""
+        return not (self._scanning or self._tasks or self._busy or self._bouncing)
+
+    # -- scheduling ---------------------------------------------------------
+
+    def _spawn(self, d: defer.Deferred[Any]) -> None:
+        self._tasks.add(d)
+
+        def done(result: Any) -> None:
+            self._tasks.discard(d)
+            if isinstance(result, defer.Failure):
+                log.failure("mailguard outbound: unexpected error", result)
+
+        d.addBoth(done)
+
+    def _schedule(self, when: float) -> None:
+        delay = max(0.0, when - self.reactor.seconds())
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= self.reactor.seconds() + delay:
+                return
+            self._timer.cancel()
+        self._timer = self.reactor.callLater(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._spawn(defer.ensureDeferred(self._scan()))
+
+    def _check_flush(self) -> defer.Deferred[None]:
+        def taken(requested: bool) -> None:
+            if requested:
+                log.info("mailguard outbound: flush requested")
+                self.flush()
+        return self.blocking(self.queue.take_flush_request).addCallback(taken)
+
+    async def _scan(self) -> None:
+        self._scanning = True
+        try:
+            entries: list[QueueEntry] = await self.blocking(self.queue.list)
+            flush, self._flush = self._flush, False
+            now = self.reactor.seconds()
+            soonest: float | None = None
+            for entry in entries:
+                when = await self._consider(entry, now, flush)
+                if when is not None and (soonest is None or when < soonest):
+                    soonest = when
+        finally:
+            self._scanning = False
+        if self._rescan:
+            self._rescan = False
+            self.wake()
+        elif soonest is not None and self.running:
+            self._schedule(soonest)
+
+    async def _consider(self, entry: QueueEntry, now: float, flush: bool) -> float | None:
+        """Start what is due for one entry; the next time it needs a look, if any."""
+        deadline = entry.queued_at + self.config.outbound.max_queue_time
+        free = [r for r in entry.recipients if (entry.id, r.address) not in self._busy]
+        expired = [r.address for r in free if r.waiting and now >= deadline]
+        if expired:
+            entry = await self._record(entry.id, {
+                a: Outcome(FAILED, _expired_reply(entry, a), "") for a in expired}, now, expired=True)
+            if entry is None:
+                return None
+            free = [r for r in entry.recipients if (entry.id, r.address) not in self._busy]
+        soonest: float | None = None
+        if any(r.state == FAILED and not r.notified for r in entry.recipients):
+            retry_at = self._bounce_after.get(entry.id, now)
+            if retry_at <= now:
+                self._spawn(defer.ensureDeferred(self._bounce(entry.id)))
+            else:
+                soonest = retry_at
+        due: dict[str, list[str]] = defaultdict(list)
+        for r in free:
+            if r.due(now) or (flush and r.waiting):
+                due[domain_of(r.address)].append(r.address)
+            elif r.waiting and r.next_attempt is not None:
+                when = min(r.next_attempt, deadline)
+                soonest = when if soonest is None else min(soonest, when)
+        for domain, rcpts in due.items():
+            self._busy.update((entry.id, a) for a in rcpts)
+            self._spawn(defer.ensureDeferred(self._deliver(entry, domain, rcpts)))
+        return soonest
+
+    # -- one attempt --------------------------------------------------------
+
+    async def _deliver(self, entry: QueueEntry, domain: str, rcpts: list[str]) -> None:
+        try:
+            try:
+                message = await self.blocking(self.queue.read_message, entry.id)
+            except QueueError:
+                return  # deleted meanwhile (queue delete)
+            try:
+                outcomes = await self._limit.run(
+                    lambda: defer.ensureDeferred(self.courier(entry.sender, domain, rcpts, message)))
+            except Exception as e:
+                log.failure("mailguard outbound: id={queue_id} delivery to {domain} crashed",
+                            queue_id=entry.id, domain=domain)
+                outcomes = {a: Outcome(DEFERRED, f"451 4.3.0 local error: {type(e).__name__}") for a in rcpts}
+            updated = await self._record(entry.id, outcomes, self.reactor.seconds())
+        finally:
+            self._busy.difference_update((entry.id, a) for a in rcpts)
+        if updated is not None and any(r.state == FAILED and not r.notified for r in updated.recipients):
+            if self._bounce_after.get(entry.id, 0.0) <= self.reactor.seconds():
+                await self._bounce(entry.id)
+        self.wake()
+
+    async def _record(self, entry_id: str, outcomes: dict[str, Outcome], now: float,
+                      expired: bool = False) -> QueueEntry | None:
+        """Write the outcome of one attempt into the envelope (in a thread), and log it."""
+        schedule = self.config.outbound.retry_schedule
+        max_age = self.config.outbound.max_queue_time
+
+        lines: list[dict[str, str]] = []
+
+        def change(entry: QueueEntry) -> None:
+            for r in entry.recipients:
+                outcome = outcomes.get(r.address)
+                if outcome is None or not r.waiting:
+                    continue
+                if not expired:
+                    r.attempts += 1
+                r.last_reply = outcome.reply
+                r.relay = outcome.relay or r.relay
+                r.state = outcome.state
+                r.next_attempt = None
+                if r.state == DEFERRED:
+                    r.next_attempt = now + next_attempt(schedule, r.attempts)
+                    if now >= entry.queued_at + max_age:
+                        r.state = FAILED
+                state = "expired" if expired else r.state
+                if r.state == FAILED and entry.sender == "":
+                    r.notified = True  # never bounce a bounce (RFC 5321 section 4.5.5)
+                    state = "dropped"
+                lines.append({"recipient": r.address, "state": state, "relay": r.relay or "-",
+                              "reply": r.last_reply})
+
+        updated = await self.blocking(self.queue.update, entry_id, change)
+        for line in lines:
+            log.info("mailguard outbound: id={queue_id} to=<{recipient}> state={state} relay={relay} "
+                     "reply={reply}", queue_id=entry_id, **line)
+        return updated  # type: ignore[no-any-return]
+
+    async def _bounce(self, entry_id: str) -> None:
+        """Send one DSN for the entry's failed, not yet reported recipients."""
+        if entry_id in self._bouncing:
+            return
+        self._bouncing.add(entry_id)
+        try:
+            try:
+                entry = await self.blocking(self.queue.load, entry_id)
+                message = await self.blocking(self.queue.read_message, entry_id)
+            except QueueError:
+                self._bounce_after.pop(entry_id, None)
+                return
+            failed = [r for r in entry.recipients if r.state == FAILED and not r.notified]
+            if not failed:
+                return
+            now = self.reactor.seconds()
+            dsn = build_dsn(self.config.server.hostname, entry.sender, entry.id, entry.queued_at,
+                            [FailedRecipient(r.address, r.last_reply, r.relay) for r in failed],
+                            message, now)
+            try:
+                await self.inject("", [entry.sender], dsn)
+            except Exception as e:
+                log.warn("mailguard outbound: id={queue_id} bounce to <{sender}> failed, will retry: {error}",
+                         queue_id=entry_id, sender=entry.sender, error=repr(e))
+                retry_at = now + next_attempt(self.config.outbound.retry_schedule, 1)
+                self._bounce_after[entry_id] = retry_at
+                self._schedule(retry_at)
+                return
+            self._bounce_after.pop(entry_id, None)
+            addresses = {r.address for r in failed}
+
+            def notified(e: QueueEntry) -> None:
+                for r in e.recipients:
+                    if r.address in addresses:
+                        r.notified = True
+
+            await self.blocking(self.queue.update, entry_id, notified)
+            for r in failed:
+                log.info("mailguard outbound: id={queue_id} to=<{recipient}> state=bounced relay={relay} "
+                         "reply={reply}", queue_id=entry_id, recipient=r.address, relay=f"<{entry.sender}>",
+                         reply=r.last_reply)
+        finally:
+            self._bouncing.discard(entry_id)
+
+
+def _expired_reply(entry: QueueEntry, address: str) -> str:
+    for r in entry.recipients:
+        if r.address == address and r.last_reply:
+            return f"{r.last_reply} (gave up: message too long in the queue)"
+    return "451 4.4.7 Delivery time expired: message too long in the queue"
