@@ -579,3 +579,47 @@ async def test_loopback_refused_connection_defers(tmp_path: Path) -> None:
         assert r.state == DEFERRED and r.last_reply.startswith("451 4.4.1 connect to")
     finally:
         await lo.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_loopback_smarthost_implicit_tls(tmp_path: Path) -> None:
+    """smarthost_tls = tls: the connection is TLS from the first byte (port 465 style)."""
+    sink = Sink()
+    tls_port = reactor.listenSSL(0, sink, self_signed(), interface="127.0.0.1")
+    lo = Loopback(tmp_path, Sink())
+    lo.runner = QueueRunner(make_config(tmp_path, smarthost=f"127.0.0.1:{tls_port.getHost().port}",
+                                        smarthost_tls="tls", connect_timeout=3, command_timeout=3),
+                            lo.queue, reactor, lo.inject)
+    try:
+        lo.runner.startService()
+        await lo.enqueue("joe@here.test", ["ann@anywhere.example"])
+        await lo.until(lambda: bool(sink.messages) and not lo.queue.ids())
+        assert sink.messages == [("joe@here.test", ["ann@anywhere.example"], MESSAGE)]
+        assert b"STARTTLS" not in sink.commands
+    finally:
+        await lo.close()
+        await defer.maybeDeferred(tls_port.stopListening)
+
+
+def test_each_decision_logged(tmp_path: Path) -> None:
+    """Every outcome is one log line with the queue id, recipient, state, relay host and reply."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "mailguard.outbound":
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        u = Unit(tmp_path, {"a@x.test": [(FAILED, "550 5.1.1 no such user")]})
+        entry_id = u.queue.enqueue("joe@here.test", ["a@x.test", "b@x.test"], MESSAGE)
+        u.start()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert (f"mailguard outbound: id={entry_id} to=<a@x.test> state=failed relay=mx.x.test[127.0.0.1]:25 "
+            "reply=550 5.1.1 no such user") in lines
+    assert (f"mailguard outbound: id={entry_id} to=<b@x.test> state=delivered relay=mx.x.test[127.0.0.1]:25 "
+            "reply=250 2.0.0 ok") in lines
+    assert any(line.startswith(f"mailguard outbound: id={entry_id} to=<a@x.test> state=bounced") for line in lines)
