@@ -143,7 +143,7 @@ def cmd_explain(cfg: config.Config, args: argparse.Namespace) -> int:
             raise CommandError(f"--from {args.sender!r}: {e}") from None
     for rcpt in args.rcpt:
         decision = policy.decide(cfg, d.expand, who, rcpt)
-        print(policy.explain_line(decision, rcpt))
+        print(policy.explain_line(decision, rcpt, args.verbose))
     return 0
 
 
@@ -160,7 +160,11 @@ def cmd_queue(cfg: config.Config, args: argparse.Namespace) -> int:
     else:
         if not args.id:
             raise CommandError("queue delete needs an ID")
-        if not q.delete(args.id):
+        try:
+            found = q.delete(args.id)
+        except queue_mod.QueueError as e:
+            raise CommandError(str(e)) from None
+        if not found:
             raise CommandError(f"no queued message {args.id}")
         print(f"deleted {args.id}")
     return 0
@@ -210,6 +214,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--auth", help="the mailbox the client authenticated as")
     e.add_argument("--from", dest="sender", help="envelope sender")
     e.add_argument("--pop-before-smtp", action="store_true", help="the client logged in over POP3 recently")
+    e.add_argument("--verbose", "-v", action="store_true", help="show where accepted recipients go")
     e.add_argument("rcpt", nargs="+")
     e.set_defaults(func=cmd_explain)
 

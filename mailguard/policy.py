@@ -198,10 +198,14 @@ def resolve_targets(cfg: Config, expand: Expand, found: Expansion) -> tuple[tupl
     return tuple(mailboxes), tuple(remote)
 
 
-def explain_line(decision: Decision, text: str) -> str:
-    """The ``mailguard explain`` line: ``<rcpt>: <reply> (rule: <rule>)``."""
+def explain_line(decision: Decision, text: str, verbose: bool = False) -> str:
+    """The ``mailguard explain`` line: ``<rcpt>: <reply> (rule: <rule>)``.
+
+    With ``verbose``, an accepted recipient's destinations follow:
+    `` -> mailbox a@b, queue c@d``.
+    """
     where = ""
-    if decision.accepted:
+    if verbose and decision.accepted:
         parts = [f"mailbox {m}" for m in decision.mailboxes] + [f"queue {r}" for r in decision.remote]
         where = f" -> {', '.join(parts)}" if parts else ""
     return f"{text}: {decision.reply} (rule: {decision.rule}){where}"

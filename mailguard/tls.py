@@ -71,8 +71,13 @@ class TLSContext:
         self._options = self._load()
 
     def _load(self) -> ssl.CertificateOptions:
-        cert = ssl.PrivateCertificate.loadPEM(self.cert_path.read_text() + self.key_path.read_text())
-        return ssl.CertificateOptions(privateKey=cert.privateKey.original, certificate=cert.original,
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        pem = self.cert_path.read_bytes()
+        chain = x509.load_pem_x509_certificates(pem)
+        key = load_pem_private_key(self.key_path.read_bytes(), password=None)
+        return ssl.CertificateOptions(privateKey=key, certificate=chain[0], extraCertChain=chain[1:],
                                       raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
 
     def reload(self) -> None:
