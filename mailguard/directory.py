@@ -106,6 +106,10 @@ class Directory:
         return db
 
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        if not self.path.exists():
+            # An open connection would go on reading a deleted file: say so instead.
+            self._reset()
+            raise DirectoryError(f"{self.path} is missing")
         try:
             return self._db().execute(sql, args).fetchall()
         except sqlite3.Error as e:

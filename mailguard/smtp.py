@@ -33,12 +33,11 @@ import base64
 import binascii
 import itertools
 import os
-import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Callable
 
-from twisted.internet import defer, interfaces, protocol
+from twisted.internet import interfaces, protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
@@ -55,6 +54,8 @@ MAX_COMMAND = 2048           # octets in a command line (RFC 5321 says 512; Post
 MAX_AUTH_LINE = 12288        # RFC 4954 section 4
 MAX_DATA_LINE = 65536        # a DATA line longer than this closes the connection
 MAX_ERRORS = 50              # error replies in one session before 421
+MAX_JUNK = 100               # NOOP/RSET/VRFY/HELP/EHLO/HELO in one session before 421 (command floods)
+JUNK_COMMANDS = frozenset({"NOOP", "RSET", "VRFY", "HELP", "EHLO", "HELO", "EXPN"})
 MAX_PENDING_INPUT = 1 << 20  # pipelined input held while a reply is pending
 
 _ids = itertools.count()
@@ -130,6 +131,7 @@ class SMTPServer(twsmtp.ESMTP):
         self._too_big = False
         self._line_len = 0
         self._errors = 0
+        self._junk = 0
         self._admitted = False
         self._idle_call: interfaces.IDelayedCall | None = None
         self._session_call: interfaces.IDelayedCall | None = None
@@ -256,6 +258,12 @@ class SMTPServer(twsmtp.ESMTP):
                 return
             self.reply(replies.SYNTAX_ERROR)
             return
+        if verb in JUNK_COMMANDS:
+            self._junk += 1
+            if self._junk > MAX_JUNK:
+                maillog.event("smtp", "command-flood", self.client_ip, command=verb)
+                self._close(replies.Reply(421, "4.7.0", "Too many commands without mail, closing connection"))
+                return
         handler(arg.strip())
 
     def smtp_HELO(self, arg: str) -> None:
@@ -628,5 +636,3 @@ class SMTPFactory(protocol.ServerFactory):
         p.factory = self
         return p
 
-
-_ = time  # the module's clock comes from the Mailhost; time is imported for type users
