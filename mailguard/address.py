@@ -188,7 +188,7 @@ def parse_path(text: str, *, null_ok: bool = False, bare_ok: frozenset[str] = fr
         if null_ok:
             return None
         raise AddressError("empty path")
-    if len(t) > MAX_PATH:
+    if len(t) + 2 > MAX_PATH:         # the limit counts the angle brackets
         raise AddressError("path too long")
     if any(c in t for c in "<>\x00\r\n\t ") and not t.startswith('"'):
         raise AddressError("bad character in path")
