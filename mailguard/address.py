@@ -102,6 +102,8 @@ def normalize_literal(literal: str) -> str:
     inner = literal[1:-1]
     try:
         if inner[:5].lower() == "ipv6:":
+            if "%" in inner:            # a scope id (fe80::1%eth0) names no host on the internet
+                raise ValueError("scoped address")
             return f"[IPv6:{ipaddress.IPv6Address(inner[5:]).compressed}]"
         return f"[{ipaddress.IPv4Address(inner)}]"
     except ValueError:
