@@ -141,12 +141,16 @@ def _split_mailbox(mailbox: str) -> tuple[str, str]:
         if rest and not rest.startswith("@"):
             raise AddressError("garbage after quoted local part")
         domain = rest[1:] if rest else ""
+        if rest and not domain:
+            raise AddressError("empty domain after '@'")
         if "@" in domain:
             raise AddressError("more than one '@'", trick=True)
         return local, domain
     if mailbox.count("@") > 1:
         raise AddressError("more than one '@'", trick=True)
-    local, _, domain = mailbox.partition("@")
+    local, at, domain = mailbox.partition("@")
+    if at and not domain:
+        raise AddressError("empty domain after '@'")
     return local, domain
 
 
