@@ -221,15 +221,17 @@ def parse_mail_arg(arg: str, keyword: str) -> tuple[str, dict[str, str | None]]:
         raise AddressError(f"expected {keyword}:<address>")
     rest = rest.strip()
     if rest.startswith("<"):
-        end = rest.find(">")
+        # A quoted local part may hold '>': look for the closing bracket after it,
+        # and only after it (a quote in a parameter value is not part of the path).
+        start = 1
+        q1 = rest.find('"')
+        if 0 <= q1 < rest.find(">"):
+            start = q1 + 1
+            while start < len(rest) and rest[start] != '"':
+                start += 2 if rest[start] == "\\" else 1
+        end = rest.find(">", start)
         if end < 0:
             raise AddressError("unbalanced angle brackets")
-        # A quoted local part may hold '>'; find the closing bracket after any quotes.
-        if rest.count('"') >= 2:
-            q2 = rest.find('"', rest.find('"') + 1)
-            end = rest.find(">", q2)
-            if end < 0:
-                raise AddressError("unbalanced angle brackets")
         path, params_text = rest[: end + 1], rest[end + 1:]
     else:
         path, _, params_text = rest.partition(" ")
