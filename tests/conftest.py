@@ -1,0 +1,277 @@
+"""Unit-test fixtures: configurations, a fake directory, and a fake Mailhost for SMTP sessions.
+
+Nothing here starts a reactor or opens a socket: the SMTP server under test talks to a
+``StringTransport``, time is a ``task.Clock``, and the store and authenticator hand out
+Deferreds the test fires itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import pytest
+from hypothesis import HealthCheck, settings
+from twisted.internet import defer, interfaces, task
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+from twisted.logger import LogEvent, capturedLogs, formatEvent
+from zope.interface import directlyProvides
+
+from mailguard import config
+from mailguard.auth import PopBeforeSmtp
+from mailguard.directory import DirectoryError, Expansion
+
+settings.register_profile("mailguard", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("mailguard")
+
+
+def make_config(tmp: Path | None = None, **sections: Any) -> config.Config:
+    """A validated Config from section tables, as if read from ``tmp/mailguard.toml``."""
+    base = tmp or Path("/nonexistent-mailguard-test")
+    return config.parse(sections, str(base / "mailguard.toml"), base)
+
+
+OFFICE: dict[str, Any] = {
+    "server": {"hostname": "mx.office.example"},
+    "domains": {
+        "office.example": {"route": "inbound"},
+        "compaq.example": {"route": "inbound"},
+        "dec.example": {"route": "reroute", "to": "compaq.example"},
+        "oldname.example": {"route": "reroute", "to": "faraway.example"},
+        "partner.example": {"route": "relay"},
+    },
+    "relay": {
+        "allow": ["192.168.10.0/24", "10.1.2.3", "2001:db8::/32"],
+        "never": ["192.168.10.66"],
+        "internal_addresses": ["10.9.9.9"],
+        "pop_before_smtp": 600,
+    },
+}
+
+
+@pytest.fixture
+def office_cfg() -> config.Config:
+    """The small office of SPEC.md: two inbound domains, reroutes, a relay domain, IP rules."""
+    return make_config(**OFFICE)
+
+
+class FakeDirectory:
+    """An in-memory GAL with the lookup methods the policy and the SMTP server use.
+
+    ``entries`` maps an address to an Expansion; ``owned`` maps a mailbox to its own
+    addresses; ``broken`` makes every lookup raise DirectoryError.
+    """
+
+    def __init__(self, entries: dict[str, Expansion] | None = None,
+                 owned: dict[str, set[str]] | None = None) -> None:
+        self.entries = entries if entries is not None else {}
+        self.owned = owned if owned is not None else {}
+        self.broken = False
+        self.lookups: list[str] = []
+
+    def add_mailbox(self, address: str, *aliases: str) -> None:
+        self.entries[address] = Expansion(mailboxes=(address,))
+        for alias in aliases:
+            self.entries[alias] = Expansion(mailboxes=(address,))
+        self.owned[address] = {address, *aliases}
+
+    def expand(self, address: str) -> Expansion | None:
+        self.lookups.append(address)
+        if self.broken:
+            raise DirectoryError("directory locked")
+        return self.entries.get(address.lower())
+
+    def addresses_of(self, mailbox: str) -> set[str]:
+        if self.broken:
+            raise DirectoryError("directory locked")
+        return set(self.owned.get(mailbox, {mailbox}))
+
+
+@dataclass
+class StoreCall:
+    msg_id: str
+    sender: str
+    decisions: list[Any]
+    received: bytes
+    message: bytes
+    deferred: defer.Deferred = field(default_factory=defer.Deferred)
+
+
+class FakeStore:
+    """Records each store() call; ``auto`` fires it at once with success (or ``fail``)."""
+
+    def __init__(self) -> None:
+        self.calls: list[StoreCall] = []
+        self.auto = True
+        self.fail = False
+
+    def store(self, msg_id: str, sender: str, decisions: Any, received: bytes, message: bytes) -> defer.Deferred:
+        call = StoreCall(msg_id, sender, list(decisions), received, message)
+        self.calls.append(call)
+        if self.auto:
+            if self.fail:
+                call.deferred.errback(OSError(28, "No space left on device"))
+            else:
+                call.deferred.callback("queued")
+        return call.deferred
+
+
+class FakeAuthenticator:
+    """check() answers from ``users`` (login -> (password, mailbox)); ``outcome`` overrides.
+
+    ``outcome`` may be an Exception instance (errback) or ``"pending"`` (a Deferred the
+    test fires from ``pending``).
+    """
+
+    def __init__(self) -> None:
+        self.users: dict[str, tuple[str, str]] = {}
+        self.outcome: Any = None
+        self.calls: list[tuple[str, str, str, str]] = []
+        self.pending: list[defer.Deferred] = []
+
+    def check(self, login: str, password: str, client_ip: str, service: str) -> defer.Deferred:
+        self.calls.append((login, password, client_ip, service))
+        if isinstance(self.outcome, Exception):
+            return defer.fail(self.outcome)
+        if self.outcome == "pending":
+            d: defer.Deferred = defer.Deferred()
+            self.pending.append(d)
+            return d
+        found = self.users.get(login.lower())
+        return defer.succeed(found[1] if found and found[0] == password else None)
+
+
+class FakeTLS:
+    """Stands in for TLSContext: options() returns a marker the transport records."""
+
+    def options(self) -> str:
+        return "tls-options"
+
+
+class TLSCapableTransport(StringTransport):
+    """A StringTransport that can "start TLS": afterwards it provides ISSLTransport."""
+
+    def __init__(self, *args: Any, encrypted: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tls_started: list[Any] = []
+        if encrypted:
+            directlyProvides(self, interfaces.ISSLTransport)
+
+    def startTLS(self, options: Any) -> None:
+        self.tls_started.append(options)
+        directlyProvides(self, interfaces.ISSLTransport)
+
+
+@dataclass
+class FakeMailhost:
+    """What SMTPServer needs from the Mailhost service, with fakes behind it."""
+
+    cfg: config.Config
+    clock: task.Clock = field(default_factory=task.Clock)
+    directory: FakeDirectory = field(default_factory=FakeDirectory)
+    store: FakeStore = field(default_factory=FakeStore)
+    authenticator: FakeAuthenticator = field(default_factory=FakeAuthenticator)
+    tls: FakeTLS | None = None
+    limiter: Any = None
+    pop_before_smtp: Any = None
+
+    def __post_init__(self) -> None:
+        from mailguard.smtp import ConnectionLimiter
+        if self.limiter is None:
+            lm = self.cfg.limits
+            self.limiter = ConnectionLimiter(lm.max_connections, lm.max_connections_per_ip)
+        if self.pop_before_smtp is None:
+            self.pop_before_smtp = PopBeforeSmtp(self.clock, self.cfg.relay.pop_before_smtp)
+
+
+class Session:
+    """One SMTPServer on a StringTransport, with helpers to talk and read replies."""
+
+    def __init__(self, host: FakeMailhost, kind: str = "smtp", client_ip: str = "203.0.113.9",
+                 local_ip: str = "10.0.0.1", encrypted: bool = False) -> None:
+        from mailguard.smtp import SMTPServer
+        self.host = host
+        self.proto = SMTPServer(host, kind)
+        self.transport = TLSCapableTransport(
+            hostAddress=IPv4Address("TCP", local_ip, 25),
+            peerAddress=IPv4Address("TCP", client_ip, 40000),
+            encrypted=encrypted)
+        self.proto.makeConnection(self.transport)
+        self._seen = 0
+
+    def send(self, data: bytes | str) -> None:
+        """Write raw bytes (or text) to the server exactly as given."""
+        self.proto.dataReceived(data.encode() if isinstance(data, str) else data)
+
+    def output(self) -> str:
+        return self.transport.value().decode("utf-8", "replace")
+
+    def lines(self) -> list[str]:
+        """Every reply line written so far."""
+        return self.output().split("\r\n")[:-1]
+
+    def new_lines(self) -> list[str]:
+        """The reply lines written since the last call."""
+        all_lines = self.lines()
+        out, self._seen = all_lines[self._seen:], len(all_lines)
+        return out
+
+    def cmd(self, line: str) -> list[str]:
+        """Send one command line (CRLF added) and return the reply lines it produced."""
+        self.new_lines()
+        self.send(line + "\r\n")
+        return self.new_lines()
+
+    def codes(self) -> list[str]:
+        """The three-digit codes of the final line of each reply, in order (continuations skipped)."""
+        return [ln[:3] for ln in self.lines() if ln[3:4] == " "]
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.transport.disconnecting)
+
+    def lose(self) -> None:
+        """Deliver connectionLost, as the reactor does after loseConnection()."""
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+        self.proto.connectionLost(Failure(ConnectionDone()))
+
+
+@pytest.fixture
+def mailhost(office_cfg: config.Config) -> FakeMailhost:
+    """A FakeMailhost for the office configuration, with alice and a list in the directory."""
+    host = FakeMailhost(office_cfg)
+    host.directory.add_mailbox("alice@office.example", "a.smith@office.example")
+    host.directory.add_mailbox("joe@compaq.example")
+    host.authenticator.users["alice@office.example"] = ("secret", "alice@office.example")
+    return host
+
+
+@pytest.fixture
+def session_factory(mailhost: FakeMailhost) -> Callable[..., Session]:
+    """Open SMTP sessions on the shared fake Mailhost."""
+    def open_session(**kwargs: Any) -> Session:
+        return Session(mailhost, **kwargs)
+    return open_session
+
+
+class LogCapture:
+    """The log events emitted while a test runs, readable as formatted lines."""
+
+    def __init__(self, events: Sequence[LogEvent]) -> None:
+        self.events = events
+
+    def lines(self) -> list[str]:
+        return [formatEvent(e) or "" for e in self.events]
+
+    def matching(self, needle: str) -> list[str]:
+        return [t for t in self.lines() if needle in t]
+
+
+@pytest.fixture
+def logs() -> Iterator[LogCapture]:
+    """Capture every log event emitted while the test runs."""
+    with capturedLogs() as events:
+        yield LogCapture(events)
