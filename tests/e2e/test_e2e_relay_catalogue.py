@@ -18,7 +18,16 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import DOMAIN, HOSTNAME, OFFICE_CONFIG, OUTSIDER, ServerFactory, populate_office
+from .conftest import (
+    ALLOWED_HOST,
+    DOMAIN,
+    HOSTNAME,
+    INTERNAL_IFACE,
+    OFFICE_CONFIG,
+    OUTSIDER,
+    ServerFactory,
+    populate_office,
+)
 from .harness import MailguardServer
 
 IP = "127.0.0.1"
@@ -96,6 +105,15 @@ def catalogue_server(server_factory: ServerFactory) -> MailguardServer:
     return server
 
 
+@pytest.fixture(scope="module")
+def trusted_catalogue_server(server_factory: ServerFactory) -> MailguardServer:
+    """The office server with its internal listener, for clients that may relay."""
+    server = server_factory("trusted", OFFICE_CONFIG, smtp_interfaces=("127.0.0.1", INTERNAL_IFACE))
+    populate_office(server)
+    server.add_user(f"relaytest@{DOMAIN}")
+    return server
+
+
 def test_catalogue_is_large_enough() -> None:
     """The issue asks for at least 25 cases, each with its own id."""
     assert len(CASES) >= 25
@@ -124,3 +142,35 @@ def test_nothing_was_queued_or_delivered(catalogue_server: MailguardServer) -> N
     mail = catalogue_server.data_dir / "mail"
     stored = [p for p in mail.rglob("*") if p.is_file() and p.parent.name in ("new", "cur")] if mail.exists() else []
     assert stored == []
+
+
+# Tricks that hide a remote address inside a local-looking one are refused outright
+# ("refused, never routed"), even for clients that may relay.  Source routes are not
+# among them: RFC 5321 section 3.6.1 has the final address judged, which such a client may relay to.
+ROUTING_TRICKS = [
+    c for c in CASES
+    if not c[2].startswith("<@") and (any(m in c[2] for m in ("%", "!", "IMCEA")) or c[2].count("@") > 1)
+]
+
+
+@pytest.mark.parametrize(
+    "source, interface",
+    [(ALLOWED_HOST, "127.0.0.1"), (OUTSIDER, INTERNAL_IFACE)],
+    ids=["allowed-client", "internal-address"],
+)
+def test_routing_tricks_refused_for_relay_clients(
+    trusted_catalogue_server: MailguardServer, source: str, interface: str
+) -> None:
+    """From a client that may relay, no routing trick gets a 2xx either."""
+    assert len(ROUTING_TRICKS) >= 20
+    accepted = []
+    with trusted_catalogue_server.dialog(source=source, interface=interface) as d:
+        assert d.cmd(f"EHLO {REMOTE}").code == 250
+        r = d.cmd("MAIL FROM:<someone@outside.example>")
+        assert r.code == 250, r
+        for name, _, rcpt in ROUTING_TRICKS:
+            r = d.cmd(f"RCPT TO:{rcpt}")
+            if r.code < 400:
+                accepted.append(f"{name}: RCPT TO:{rcpt} -> {r.last}")
+        d.cmd("QUIT")
+    assert accepted == []
