@@ -476,6 +476,8 @@ def load(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(source, "", f"not valid TOML: {e}") from None
     except UnicodeDecodeError:
         raise ConfigError(source, "", "not valid TOML: not UTF-8") from None
+    except RecursionError:              # tomllib recurses once per nested array or table
+        raise ConfigError(source, "", "not valid TOML: nested too deeply") from None
     return parse(data, source, p.resolve().parent)
 
 
