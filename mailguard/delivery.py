@@ -6,6 +6,8 @@ recipients get one queue entry (``Received:`` first; ``Return-Path:`` is added o
 at final delivery, RFC 5321 section 4.4).  All disk work, fsyncs included, runs in a
 thread; the returned Deferred fires only when everything is durable, so the ``250``
 that follows it is a promise kept.  Any failure is transient (451 to the client).
+Local copies go through a :class:`~mailguard.groupcommit.GroupCommit` when one is
+given (the running server), which batches the syncs of concurrent deliveries.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from twisted.internet import defer, threads
 from mailguard import maildir, policy
 from mailguard.config import Config
 from mailguard.directory import Directory, Expansion
+from mailguard.groupcommit import GroupCommit
 from mailguard.queue import Queue
 
 RunInThread = Callable[..., defer.Deferred]
@@ -28,12 +31,14 @@ class Store:
 
     def __init__(self, cfg: Config, directory: Directory, queue: Queue,
                  wake: Callable[[], None] = lambda: None,
-                 run_in_thread: RunInThread = threads.deferToThread) -> None:
+                 run_in_thread: RunInThread = threads.deferToThread,
+                 commit: GroupCommit | None = None) -> None:
         self.cfg = cfg
         self.directory = directory
         self.queue = queue
         self.wake = wake
         self.run_in_thread = run_in_thread
+        self.commit = commit
 
     def store(self, msg_id: str, sender: str, decisions: Sequence[policy.Decision],
               received: bytes, message: bytes) -> defer.Deferred:
@@ -58,22 +63,22 @@ class Store:
 
     def _write(self, sender: str, mailboxes: list[str], remote: list[str],
                received: bytes, message: bytes) -> defer.Deferred:
-        d = self.run_in_thread(self._write_blocking, sender, mailboxes, remote, received, message)
+        d: defer.Deferred = defer.succeed(None)
         if remote:
+            d = self.run_in_thread(self.queue.enqueue, sender, remote, received + message)
             d.addCallback(self._woke)
-        return d
-
-    def _woke(self, queue_id: str | None) -> str | None:
-        self.wake()
-        return queue_id
-
-    def _write_blocking(self, sender: str, mailboxes: list[str], remote: list[str],
-                        received: bytes, message: bytes) -> str | None:
-        queue_id = None
-        if remote:
-            queue_id = self.queue.enqueue(sender, remote, received + message)
         if mailboxes:
             paths: list[Path] = [maildir.maildir_path(self.cfg.mail_dir, m) for m in mailboxes]
             return_path = f"Return-Path: <{sender}>\r\n".encode("utf-8", "replace")
-            maildir.deliver_many(paths, return_path + received + message)
+            local = return_path + received + message
+            d.addCallback(lambda queue_id: self._local(paths, local).addCallback(lambda _: queue_id))
+        return d
+
+    def _local(self, paths: list[Path], message: bytes) -> defer.Deferred:
+        if self.commit is not None:
+            return self.commit.deliver(paths, message)
+        return self.run_in_thread(maildir.deliver_many, paths, message)
+
+    def _woke(self, queue_id: str | None) -> str | None:
+        self.wake()
         return queue_id

@@ -127,7 +127,28 @@ def _create(maildir: Path) -> None:
         _fsync_dir(parent)
 
 
-def _write_tmp(maildir: Path, name: str, data: bytes) -> Path:
+def stored_form(message: bytes) -> tuple[bytes, str]:
+    """The stored (LF) form of a CRLF message and the file-name suffix carrying its sizes."""
+    lf, crlf_size = _lf_form(message)
+    return lf, f",S={len(lf)},W={crlf_size}"
+
+
+def unique_name(suffix: str) -> str:
+    """A new unique maildir file name ending in ``suffix``."""
+    return _unique() + suffix
+
+
+def write_tmp(maildir: Path, name: str, data: bytes, fsync: bool = True) -> Path:
+    """Write ``data`` to ``maildir/tmp/name`` (creating the maildir when missing).
+
+    With ``fsync=False`` the caller makes the file durable itself (a group commit,
+    see :mod:`mailguard.delivery`) before renaming it into ``new/``.  On failure
+    nothing is left behind and :class:`OSError` is raised.
+    """
+    return _write_tmp(maildir, name, data, fsync)
+
+
+def _write_tmp(maildir: Path, name: str, data: bytes, fsync: bool = True) -> Path:
     """Write ``data`` to ``tmp/name`` and fsync it; on failure nothing is left behind."""
     tmp = maildir / "tmp" / name
     try:
@@ -140,7 +161,8 @@ def _write_tmp(maildir: Path, name: str, data: bytes) -> Path:
         while view:
             n = os.write(fd, view)
             view = view[n:]
-        os.fsync(fd)
+        if fsync:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         _unlink_quietly(tmp)

@@ -21,6 +21,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from mailguard import auth, delivery
 from mailguard.config import Config
 from mailguard.directory import Directory
+from mailguard.groupcommit import GroupCommit
 from mailguard.queue import Queue
 from mailguard.smtp import ConnectionLimiter, SMTPFactory
 from mailguard.tls import TLSContext
@@ -84,7 +85,9 @@ class Mailhost(service.MultiService):
         self.authenticator = auth.Authenticator(self.directory.verify_password, reactor, cfg.limits)
         self.pop_before_smtp = auth.PopBeforeSmtp(reactor, cfg.relay.pop_before_smtp)
         self.runner = self._queue_runner()
-        self.store = delivery.Store(cfg, self.directory, self.queue, wake=self._wake)
+        cfg.mail_dir.mkdir(parents=True, exist_ok=True)
+        self.commit = GroupCommit(reactor, cfg.mail_dir)
+        self.store = delivery.Store(cfg, self.directory, self.queue, wake=self._wake, commit=self.commit)
         if self.runner is not None:
             self.runner.setServiceParent(self)
         self._listen()
@@ -120,3 +123,8 @@ class Mailhost(service.MultiService):
         log.info("mailguard starting: hostname={host} data_dir={data}",
                  host=self.cfg.server.hostname, data=str(self.cfg.server.data_dir))
         super().startService()
+
+    def stopService(self) -> Deferred | None:
+        d = super().stopService()
+        self.commit.stop()
+        return d
