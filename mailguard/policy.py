@@ -157,6 +157,10 @@ def _inbound(cfg: Config, expand: Expand, addr: Address) -> Decision:
         mailbox = cfg.server.postmaster or key
         found = expand(mailbox) or Expansion(mailboxes=(mailbox,))
     mailboxes, remote = resolve_targets(cfg, expand, found)
+    if not mailboxes and not remote:
+        # An alias loop, a dangling alias, a list of stale members: a 250 here would
+        # accept mail that is then stored nowhere.
+        return _refuse(cfg, cfg.replies.unknown_recipient, "unknown_recipient", key)
     return Decision(replies.RECIPIENT_OK, "inbound", key, mailboxes, remote)
 
 
