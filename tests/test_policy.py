@@ -1,0 +1,372 @@
+"""Tests for mailguard.policy: the ordered first-match recipient rules and their replies."""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+from typing import Any
+
+import pytest
+from hypothesis import given, reject
+from hypothesis import strategies as st
+
+from mailguard import config, policy
+from mailguard.directory import Expansion
+
+from conftest import OFFICE, FakeDirectory, make_config
+
+OUTSIDER = "203.0.113.9"
+ALLOWED = "192.168.10.5"
+ALLOWED_HOST = "10.1.2.3"
+NEVER = "192.168.10.66"
+INTERNAL_IFACE = "10.9.9.9"
+
+
+def office(**changes: Any) -> config.Config:
+    """The office configuration with some sections' keys changed."""
+    data = copy.deepcopy(OFFICE)
+    for section, values in changes.items():
+        data.setdefault(section, {}).update(values)
+    return make_config(**data)
+
+
+@pytest.fixture
+def gal() -> FakeDirectory:
+    """alice (with an alias), joe at compaq, a list with local, remote, stale and rerouted members, a contact."""
+    d = FakeDirectory()
+    d.add_mailbox("alice@office.example", "a.smith@office.example")
+    d.add_mailbox("bob@office.example")
+    d.add_mailbox("joe@compaq.example")
+    d.entries["staff@office.example"] = Expansion(
+        mailboxes=("alice@office.example", "bob@office.example"),
+        others=("partner@remote.example", "gone@office.example", "joe@dec.example", "bob@office.example"))
+    d.entries["vendor@office.example"] = Expansion(others=("sales@vendor.example",))
+    d.entries["boss@office.example"] = Expansion(mailboxes=("admin@office.example",))
+    return d
+
+
+def decide(cfg: config.Config, gal: FakeDirectory, rcpt: str, ip: str = OUTSIDER, **kw: Any) -> policy.Decision:
+    return policy.decide(cfg, gal.expand, policy.client(ip, **kw), rcpt)
+
+
+# -- the rule table ---------------------------------------------------------------------------
+
+TABLE = [
+    # (recipient, client ip, client extras, reply, rule)
+    ("<alice@office.example>", OUTSIDER, {}, "250 2.1.5", "inbound"),
+    ("<Alice@OFFICE.Example.>", OUTSIDER, {}, "250 2.1.5", "inbound"),
+    ("<a.smith@office.example>", OUTSIDER, {}, "250 2.1.5", "inbound"),
+    ("<alice@office.example>", NEVER, {}, "250 2.1.5", "inbound"),
+    ("<nobody@office.example>", OUTSIDER, {}, "550 5.1.1 User unknown", "unknown_recipient"),
+    ("<nobody@office.example>", ALLOWED, {"authenticated": "alice@office.example"}, "550 5.1.1", "unknown_recipient"),
+    ("<postmaster@office.example>", OUTSIDER, {}, "250 2.1.5", "inbound"),
+    ("<postmaster@compaq.example>", NEVER, {}, "250 2.1.5", "inbound"),
+    ("<postmaster>", OUTSIDER, {}, "250 2.1.5", "inbound"),
+    ("<joe@dec.example>", OUTSIDER, {}, "250 2.1.5", "reroute"),
+    ("<nobody@dec.example>", OUTSIDER, {}, "550 5.1.1 User unknown", "unknown_recipient"),
+    ("<anyone@oldname.example>", OUTSIDER, {}, "250 2.1.5", "reroute"),
+    ("<anyone@partner.example>", OUTSIDER, {}, "250 2.1.5", "relay_domain"),
+    ("<anyone@partner.example>", NEVER, {}, "550 5.7.1 Relaying prohibited for this host", "never"),
+    ("<someone@remote.example>", OUTSIDER, {}, "550 5.7.1 Relaying prohibited", "relay_denied"),
+    ("<someone@remote.example>", ALLOWED, {}, "250 2.1.5", "allow"),
+    ("<someone@remote.example>", ALLOWED_HOST, {}, "250 2.1.5", "allow"),
+    ("<someone@remote.example>", "2001:db8::25", {}, "250 2.1.5", "allow"),
+    ("<someone@remote.example>", "::ffff:192.168.10.5", {}, "250 2.1.5", "allow"),
+    ("<someone@remote.example>", "10.1.2.4", {}, "550 5.7.1 Relaying prohibited", "relay_denied"),
+    ("<someone@remote.example>", OUTSIDER, {"authenticated": "alice@office.example"}, "250 2.1.5", "authenticated"),
+    ("<someone@remote.example>", OUTSIDER, {"local_ip": INTERNAL_IFACE}, "250 2.1.5", "internal_address"),
+    ("<someone@remote.example>", OUTSIDER, {"local_ip": "10.9.9.8"}, "550 5.7.1", "relay_denied"),
+    ("<someone@remote.example>", OUTSIDER, {"pop_before_smtp": True}, "250 2.1.5", "pop_before_smtp"),
+    # The never list beats every permission.
+    ("<someone@remote.example>", NEVER, {}, "550 5.7.1 Relaying prohibited for this host", "never"),
+    ("<someone@remote.example>", NEVER, {"authenticated": "alice@office.example"}, "550 5.7.1", "never"),
+    ("<someone@remote.example>", NEVER, {"local_ip": INTERNAL_IFACE}, "550 5.7.1", "never"),
+    ("<someone@remote.example>", NEVER, {"pop_before_smtp": True}, "550 5.7.1", "never"),
+    ("<someone@remote.example>", "::ffff:192.168.10.66", {}, "550 5.7.1", "never"),
+    # Literals and source routes are remote, judged by the final address.
+    ("<someone@[192.0.2.1]>", OUTSIDER, {}, "550 5.7.1 Relaying prohibited", "relay_denied"),
+    ("<someone@[IPv6:2001:db8::1]>", ALLOWED, {}, "250 2.1.5", "allow"),
+    ("<@office.example:victim@remote.example>", OUTSIDER, {}, "550 5.7.1 Relaying prohibited", "relay_denied"),
+    ("<@remote.example:alice@office.example>", OUTSIDER, {}, "250 2.1.5", "inbound"),
+    # Tricks are refused whoever asks; syntax errors are 501.
+    ("<victim%remote.example@office.example>", ALLOWED, {}, "550 5.7.1", "relay_trick"),
+    ('<"victim@remote.example"@office.example>', OUTSIDER, {}, "550 5.7.1", "relay_trick"),
+    ("<remote.example!victim@office.example>", OUTSIDER, {"authenticated": "alice@office.example"},
+     "550 5.7.1", "relay_trick"),
+    ("<IMCEASMTP-victim+40remote+2Eexample@office.example>", OUTSIDER, {}, "550 5.7.1", "relay_trick"),
+    ("<victim@remote.example@office.example>", OUTSIDER, {}, "550 5.7.1", "relay_trick"),
+    ("<nobody>", OUTSIDER, {}, "501 5.1.3", "syntax"),
+    ("<a b@office.example>", OUTSIDER, {}, "501 5.1.3", "syntax"),
+]
+
+
+@pytest.mark.parametrize("rcpt, ip, extra, reply, rule", TABLE,
+                         ids=[f"{i}-{r[4]}" for i, r in enumerate(TABLE)])
+def test_rule_table(office_cfg: config.Config, gal: FakeDirectory, rcpt: str, ip: str, extra: dict[str, Any],
+                    reply: str, rule: str) -> None:
+    """Each recipient/client pair gets the reply and names the rule of SPEC.md's first-match order."""
+    d = decide(office_cfg, gal, rcpt, ip, **extra)
+    assert str(d.reply).startswith(reply), (str(d.reply), d.rule)
+    assert d.rule == rule
+    assert d.accepted == reply.startswith("2")
+    if not d.accepted:
+        assert d.mailboxes == () and d.remote == ()
+
+
+def test_authenticated_rule_can_be_turned_off(gal: FakeDirectory) -> None:
+    """With relay.authenticated = false, SMTP AUTH alone gives no relay permission."""
+    cfg = office(relay={"authenticated": False})
+    d = decide(cfg, gal, "<someone@remote.example>", authenticated="alice@office.example")
+    assert (d.rule, d.reply.code) == ("relay_denied", 550)
+
+
+def test_pop_before_smtp_off_gives_nothing(gal: FakeDirectory) -> None:
+    """With pop_before_smtp = 0 a recent POP3 login does not allow relaying."""
+    cfg = office(relay={"pop_before_smtp": 0})
+    assert decide(cfg, gal, "<someone@remote.example>", pop_before_smtp=True).rule == "relay_denied"
+
+
+def test_rule_order_for_a_client_with_several_permissions(office_cfg: config.Config, gal: FakeDirectory) -> None:
+    """First match wins: authenticated before allow before internal_address before pop_before_smtp."""
+    full = dict(local_ip=INTERNAL_IFACE, pop_before_smtp=True)
+    assert decide(office_cfg, gal, "<x@remote.example>", ALLOWED, authenticated="a@b.example", **full).rule \
+        == "authenticated"
+    assert decide(office_cfg, gal, "<x@remote.example>", ALLOWED, **full).rule == "allow"
+    assert decide(office_cfg, gal, "<x@remote.example>", OUTSIDER, **full).rule == "internal_address"
+
+
+# -- where accepted mail goes -------------------------------------------------------------------
+
+
+def test_inbound_destinations(office_cfg: config.Config, gal: FakeDirectory) -> None:
+    """An alias lands in its mailbox; the decision carries the mailbox, not the alias."""
+    d = decide(office_cfg, gal, "<A.Smith@office.example>")
+    assert d.mailboxes == ("alice@office.example",) and d.remote == ()
+    assert d.recipient == "a.smith@office.example"
+
+
+def test_list_expansion_routes_members(office_cfg: config.Config, gal: FakeDirectory) -> None:
+    """A list's members: mailboxes once each, remote ones queued, rerouted ones followed, stale ones dropped."""
+    d = decide(office_cfg, gal, "<staff@office.example>")
+    assert d.accepted and d.rule == "inbound"
+    assert sorted(d.mailboxes) == ["alice@office.example", "bob@office.example", "joe@compaq.example"]
+    assert d.remote == ("partner@remote.example",)
+
+
+def test_contact_is_queued_for_anyone(office_cfg: config.Config, gal: FakeDirectory) -> None:
+    """A contact forwards to its remote address whoever the client is: the administrator made it."""
+    d = decide(office_cfg, gal, "<vendor@office.example>", OUTSIDER)
+    assert d.accepted and d.remote == ("sales@vendor.example",) and d.mailboxes == ()
+
+
+def test_reroute_to_inbound_lands_in_the_rewritten_mailbox(office_cfg: config.Config, gal: FakeDirectory) -> None:
+    """dec.example -> compaq.example: joe@dec.example is stored for joe@compaq.example."""
+    d = decide(office_cfg, gal, "<Joe@DEC.example>")
+    assert (d.rule, d.recipient, d.mailboxes) == ("reroute", "joe@compaq.example", ("joe@compaq.example",))
+
+
+def test_reroute_to_remote_is_queued_rewritten(office_cfg: config.Config, gal: FakeDirectory) -> None:
+    """oldname.example -> faraway.example (not local): queued for the new address, from any client."""
+    d = decide(office_cfg, gal, "<anyone@oldname.example>", OUTSIDER)
+    assert (d.rule, d.remote, d.mailboxes) == ("reroute", ("anyone@faraway.example",), ())
+
+
+def test_reroute_chain(gal: FakeDirectory) -> None:
+    """A chain of reroutes ends in the last domain's route."""
+    cfg = office(domains={"a.example": {"route": "reroute", "to": "dec.example"}})
+    d = decide(cfg, gal, "<joe@a.example>")
+    assert (d.rule, d.mailboxes) == ("reroute", ("joe@compaq.example",))
+
+
+def test_postmaster_resolves_to_the_configured_mailbox(gal: FakeDirectory) -> None:
+    """With server.postmaster set, postmaster@ of every inbound domain goes to that mailbox."""
+    cfg = office(server={"postmaster": "boss@office.example"})
+    for rcpt in ("<postmaster@compaq.example>", "<POSTMASTER@office.example>", "<postmaster>"):
+        d = decide(cfg, gal, rcpt, NEVER)
+        assert d.accepted and d.mailboxes == ("admin@office.example",), rcpt
+
+
+def test_postmaster_implied_mailbox(office_cfg: config.Config, gal: FakeDirectory) -> None:
+    """With no postmaster configured, postmaster@<domain> is an implied mailbox of that domain."""
+    d = decide(office_cfg, gal, "<postmaster@compaq.example>")
+    assert d.mailboxes == ("postmaster@compaq.example",)
+    assert decide(office_cfg, gal, "<postmaster>").mailboxes == ("postmaster@compaq.example",)
+
+
+def test_bare_postmaster_without_inbound_domain(gal: FakeDirectory) -> None:
+    """With no inbound domain at all, bare postmaster is unknown (nothing to deliver to)."""
+    cfg = make_config(domains={"partner.example": {"route": "relay"}})
+    d = decide(cfg, gal, "<postmaster>")
+    assert (d.reply.code, d.rule) == (550, "unknown_recipient")
+
+
+def test_recipient_that_delivers_nowhere_is_not_accepted(office_cfg: config.Config, gal: FakeDirectory) -> None:
+    """An entry whose expansion reaches no mailbox and no remote address (an alias loop, a dangling
+    alias, a list of stale members) is refused at RCPT: a 250 would silently lose the mail."""
+    gal.entries["loop@office.example"] = Expansion()
+    gal.entries["dangling@office.example"] = Expansion(others=("deleted@office.example",))
+    for rcpt in ("<loop@office.example>", "<dangling@office.example>"):
+        d = decide(office_cfg, gal, rcpt)
+        assert not d.accepted, rcpt
+        assert d.reply.code == 550 and d.rule == "unknown_recipient"
+
+
+# -- replies: configured, soft_bounce, directory failure ---------------------------------------------
+
+
+def test_configured_replies_are_used(gal: FakeDirectory) -> None:
+    """Each rule's reply comes from [replies] (RFC 2505: configurable per rule)."""
+    cfg = office(replies={"relay_denied": "554 5.7.1 No relaying here", "unknown_recipient": "550 5.1.1 Who?",
+                          "never_host": "554 5.7.1 Go away"})
+    assert str(decide(cfg, gal, "<x@remote.example>").reply) == "554 5.7.1 No relaying here"
+    assert str(decide(cfg, gal, "<who@office.example>").reply) == "550 5.1.1 Who?"
+    assert str(decide(cfg, gal, "<x@remote.example>", NEVER).reply) == "554 5.7.1 Go away"
+
+
+def test_a_4xx_relay_denied_is_sent_as_configured(gal: FakeDirectory) -> None:
+    """A 451 configured for relay_denied is what the client sees."""
+    cfg = office(replies={"relay_denied": "451 4.7.1 Not now"})
+    d = decide(cfg, gal, "<x@remote.example>")
+    assert (str(d.reply), d.rule, d.accepted) == ("451 4.7.1 Not now", "relay_denied", False)
+
+
+@pytest.mark.parametrize("rcpt, ip, expected, rule", [
+    ("<x@remote.example>", OUTSIDER, "450 4.7.1 Relaying prohibited", "relay_denied"),
+    ("<nobody@office.example>", OUTSIDER, "450 4.1.1 User unknown", "unknown_recipient"),
+    ("<x@remote.example>", NEVER, "450 4.7.1 Relaying prohibited for this host", "never"),
+    ("<x@partner.example>", NEVER, "450 4.7.1 Relaying prohibited for this host", "never"),
+    ("<x%remote.example@office.example>", OUTSIDER, "450 4.7.1", "relay_trick"),
+    ("<alice@office.example>", OUTSIDER, "250 2.1.5", "inbound"),
+    ("<x@remote.example>", ALLOWED, "250 2.1.5", "allow"),
+])
+def test_soft_bounce_turns_5xx_policy_replies_into_4xx(gal: FakeDirectory, rcpt: str, ip: str, expected: str,
+                                                       rule: str) -> None:
+    """soft_bounce: every 5xx policy reply goes out as its 4xx twin (4.x.x); acceptances unchanged."""
+    d = decide(office(replies={"soft_bounce": True}), gal, rcpt, ip)
+    assert str(d.reply).startswith(expected) and d.rule == rule
+
+
+def test_soft_bounce_leaves_syntax_errors_alone(gal: FakeDirectory) -> None:
+    """A syntax error is no policy decision: still 501 under soft_bounce."""
+    assert decide(office(replies={"soft_bounce": True}), gal, "<nobody>").reply.code == 501
+
+
+def test_directory_failure_gives_the_configured_4xx(office_cfg: config.Config, gal: FakeDirectory) -> None:
+    """A directory that cannot answer gives directory_failure (451 4.3.0 by default), never a 5xx."""
+    gal.broken = True
+    d = decide(office_cfg, gal, "<alice@office.example>")
+    assert (str(d.reply), d.rule) == ("451 4.3.0 Directory temporarily unavailable", "directory_failure")
+    cfg = office(replies={"directory_failure": "421 4.3.0 Directory busy", "soft_bounce": True})
+    assert str(decide(cfg, gal, "<joe@dec.example>").reply) == "421 4.3.0 Directory busy"
+
+
+def test_directory_failure_does_not_matter_for_remote(office_cfg: config.Config, gal: FakeDirectory) -> None:
+    """Remote recipients are judged without the directory."""
+    gal.broken = True
+    assert decide(office_cfg, gal, "<x@remote.example>", ALLOWED).rule == "allow"
+    assert decide(office_cfg, gal, "<x@remote.example>").rule == "relay_denied"
+
+
+def test_explain_line(office_cfg: config.Config, gal: FakeDirectory) -> None:
+    """explain prints "<rcpt>: <reply> (rule: <rule>)"; verbose adds where an accepted one goes."""
+    d = decide(office_cfg, gal, "<x@remote.example>")
+    assert policy.explain_line(d, "x@remote.example") == \
+        "x@remote.example: 550 5.7.1 Relaying prohibited (rule: relay_denied)"
+    d = decide(office_cfg, gal, "<staff@office.example>")
+    assert policy.explain_line(d, "staff@office.example") == \
+        "staff@office.example: 250 2.1.5 Recipient ok (rule: inbound)"
+    line = policy.explain_line(d, "staff@office.example", verbose=True)
+    assert line.startswith("staff@office.example: 250 2.1.5 Recipient ok (rule: inbound) -> ")
+    assert "mailbox alice@office.example" in line and "queue partner@remote.example" in line
+
+
+# -- the anti-relay invariant (hypothesis) ----------------------------------------------------------
+
+POOL = ["a.example", "b.example", "c.example", "d.example", "e.example"]
+REMOTE = ["remote.example", "x.test", "[192.0.2.7]", "[IPv6:2001:db8::7]"]
+
+
+def ipv4s() -> st.SearchStrategy[str]:
+    return st.builds(lambda b, c: f"10.0.{b}.{c}", st.integers(0, 3), st.integers(0, 255))
+
+
+networks = st.builds(lambda ip, prefix: str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False)),
+                     ipv4s(), st.integers(16, 32))
+
+
+@st.composite
+def random_configs(draw: st.DrawFn) -> config.Config:
+    domains: dict[str, dict[str, str]] = {}
+    for name in draw(st.lists(st.sampled_from(POOL), unique=True, max_size=5)):
+        route = draw(st.sampled_from(["inbound", "relay", "reroute"]))
+        domains[name] = {"route": route}
+        if route == "reroute":
+            domains[name]["to"] = draw(st.sampled_from([d for d in POOL + REMOTE[:2] if d != name]))
+    data = {
+        "domains": domains,
+        "relay": {
+            "authenticated": draw(st.booleans()),
+            "allow": draw(st.lists(networks, max_size=3)),
+            "never": draw(st.lists(networks, max_size=3)),
+            "internal_addresses": draw(st.lists(ipv4s(), max_size=2)),
+            "pop_before_smtp": draw(st.sampled_from([0, 60])),
+        },
+        "replies": {"soft_bounce": draw(st.booleans())},
+    }
+    try:
+        return make_config(**data)
+    except config.ConfigError:
+        reject()
+
+
+@st.composite
+def recipients(draw: st.DrawFn) -> str:
+    local = draw(st.sampled_from(["joe", "Joe", "postmaster", "a%b", "x!y", '"q@r"', "IMCEAx", "list"]))
+    domain = draw(st.sampled_from(POOL + REMOTE))
+    if not domain.startswith("[") and draw(st.booleans()):
+        domain = domain.upper() + "."
+    route = draw(st.sampled_from(["", "@relay.example:", "@a.example,@b.example:"]))
+    text = f"<{route}{local}@{domain}>"
+    return draw(st.sampled_from([text, text[1:-1] if not route else text, "<postmaster>"]))
+
+
+@given(cfg=random_configs(), ip=ipv4s(), local_ip=ipv4s(), rcpt=recipients(),
+       auth=st.sampled_from([None, "joe@a.example"]), pop=st.booleans(),
+       known=st.sets(st.sampled_from([f"{l}@{d}" for l in ("joe", "list", "postmaster") for d in POOL])))
+def test_unrouted_domain_accepted_only_with_relay_permission(cfg: config.Config, ip: str, local_ip: str,
+                                                             rcpt: str, auth: str | None, pop: bool,
+                                                             known: set[str]) -> None:
+    """Over random configs, clients and addresses: a recipient whose domain is not routed
+    inbound/relay/reroute is accepted only when a relay rule allows the client and the client
+    is not on the never list; and then it is accepted."""
+    gal = FakeDirectory({k: Expansion(others=("someone@remote.example",)) if k.startswith("list")
+                         else Expansion(mailboxes=(k,)) for k in known})
+    who = policy.client(ip, local_ip, auth, pop)
+    d = policy.decide(cfg, gal.expand, who, rcpt)
+    from mailguard.address import AddressError, parse_path
+    try:
+        addr = parse_path(rcpt, bare_ok=frozenset({"postmaster"}))
+    except AddressError as e:
+        assert not d.accepted and d.rule == ("relay_trick" if e.trick else "syntax")
+        return
+    assert addr is not None
+    client_ip = ipaddress.ip_address(ip)
+    on_never = any(client_ip in ipaddress.ip_network(n) for n in map(str, cfg.relay.never))
+    permitted = ((cfg.relay.authenticated and auth is not None)
+                 or any(client_ip in n for n in cfg.relay.allow)
+                 or ipaddress.ip_address(local_ip) in cfg.relay.internal_addresses
+                 or (cfg.relay.pop_before_smtp > 0 and pop))
+    routed = addr.domain == "" or (not addr.is_literal and addr.domain in cfg.domains)
+    if not routed:
+        assert d.accepted == (permitted and not on_never), (d, permitted, on_never)
+        if not d.accepted:
+            expected = cfg.replies.never_host if on_never else cfg.replies.relay_denied
+            if cfg.replies.soft_bounce:
+                expected = expected.soften()
+            assert d.reply == expected
+    if d.remote and not routed:
+        assert permitted and not on_never
+    if d.accepted:
+        assert d.mailboxes or d.remote
+    if on_never:
+        assert d.rule != "relay_domain" and not (d.accepted and not routed)
