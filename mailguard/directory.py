@@ -140,8 +140,11 @@ class Directory:
         where it closes.  Duplicates are removed: one copy per mailbox.
         """
         address = address.lower()
-        if self.kind(address) is None:
+        kind = self.kind(address)
+        if kind is None:
             return None
+        if kind == "mailbox":                  # the common case: one query
+            return Expansion(mailboxes=(address,))
         walk = _Walk()
         self._walk(address, walk, 0)
         return Expansion(tuple(walk.mailboxes), tuple(walk.others))

@@ -17,28 +17,27 @@ log = Logger(namespace="mailguard")
 
 
 def _clean(value: object) -> str:
-    """Make a client-supplied value safe for one log line."""
-    text = str(value)
-    text = "".join(c if c.isprintable() and c not in "{}" else "?" for c in text)
+    """Make a client-supplied value safe for one log line (no control characters, bounded)."""
+    text = value if isinstance(value, str) else str(value)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else "?" for c in text)
     return text[:200]
 
 
 def decision(client: str, local: str, helo: str, sender: str, rcpt: str, rule: str, reply: object) -> None:
     """Log one RCPT decision."""
-    log.info("mailguard smtp decision: client={client} local={local} helo={helo} from=<{sender}> "
-             "rcpt=<{rcpt}> rule={rule} reply=\"{reply}\"",
-             client=client, local=local, helo=_clean(helo), sender=_clean(sender), rcpt=_clean(rcpt),
-             rule=rule, reply=_clean(reply))
+    # Formatted here once: the observers then only copy one field.
+    log.info("{line}", line=(
+        f"mailguard smtp decision: client={client} local={local} helo={_clean(helo)} from=<{_clean(sender)}> "
+        f"rcpt=<{_clean(rcpt)}> rule={rule} reply=\"{_clean(reply)}\""))
 
 
 def event(service: str, what: str, client: str, **fields: object) -> None:
     """Log one event line: ``mailguard <service> <what>: client=<ip> k=v ...``."""
     extra = "".join(f" {k}={_clean(v)}" for k, v in fields.items())
-    log.info("mailguard {service} {what}: client={client}{extra}",
-             service=service, what=what, client=client, extra=extra)
+    log.info("{line}", line=f"mailguard {service} {what}: client={client}{extra}")
 
 
 def auth_failure(service: str, client: str, user: str) -> None:
     """Log a failed login in the line the fail2ban filter matches."""
-    log.warn("mailguard auth failure: service={service} client={client} user={user}",
-             service=service, client=client, user=_clean(user))
+    log.warn("{line}", line=f"mailguard auth failure: service={service} client={client} user={_clean(user)}")

@@ -71,10 +71,11 @@ class Decision:
 def client(ip: str, local_ip: str | None = None, authenticated: str | None = None,
            pop_before_smtp: bool = False) -> Client:
     """Build a :class:`Client` from address strings (IPv4-mapped IPv6 is unwrapped)."""
-    return Client(_ip(ip), _ip(local_ip) if local_ip else None, authenticated, pop_before_smtp)
+    return Client(parse_ip(ip), parse_ip(local_ip) if local_ip else None, authenticated, pop_before_smtp)
 
 
-def _ip(text: str) -> IPAddress:
+def parse_ip(text: str) -> IPAddress:
+    """An IP address from a socket's text form (IPv4-mapped IPv6 and zone ids unwrapped)."""
     addr = ipaddress.ip_address(text.split("%")[0])
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return addr.ipv4_mapped

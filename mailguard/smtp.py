@@ -137,6 +137,8 @@ class SMTPServer(twsmtp.ESMTP):
         self._session_call: interfaces.IDelayedCall | None = None
         self.client_ip = "0.0.0.0"
         self.local_ip = "0.0.0.0"
+        self._client_ip_obj: policy.IPAddress = policy.parse_ip("0.0.0.0")
+        self._local_ip_obj: policy.IPAddress | None = None
 
     # -- connection ------------------------------------------------------------
 
@@ -144,6 +146,8 @@ class SMTPServer(twsmtp.ESMTP):
         peer, local = self.transport.getPeer(), self.transport.getHost()
         self.client_ip = getattr(peer, "host", str(peer))
         self.local_ip = getattr(local, "host", str(local))
+        self._client_ip_obj = policy.parse_ip(self.client_ip)
+        self._local_ip_obj = policy.parse_ip(self.local_ip)
         refusal = self.mailhost.limiter.admit(self.client_ip)
         if refusal is not None:
             maillog.event("smtp", "refused", self.client_ip, reason=refusal.text)
@@ -508,9 +512,8 @@ class SMTPServer(twsmtp.ESMTP):
         if len(env.decisions) >= self.cfg.limits.max_recipients:
             self.reply(replies.TOO_MANY_RCPT)
             return
-        who = policy.Client(
-            policy._ip(self.client_ip), policy._ip(self.local_ip), self._authenticated,
-            self.mailhost.pop_before_smtp.allowed(self.client_ip))
+        who = policy.Client(self._client_ip_obj, self._local_ip_obj, self._authenticated,
+                            self.mailhost.pop_before_smtp.allowed(self.client_ip))
         decision = policy.decide(self.cfg, self.mailhost.directory.expand, who, path)
         maillog.decision(self.client_ip, self.local_ip, self._helo or "", env.sender, decision.recipient,
                          decision.rule, decision.reply)
