@@ -185,6 +185,7 @@ class MailguardServer:
 
     @property
     def smtp_port(self) -> int:
+        """The port of the first smtp listener."""
         return self.smtp_ports[self.host]
 
     def command(self) -> list[str]:
@@ -227,6 +228,7 @@ class MailguardServer:
         return self
 
     def running(self) -> bool:
+        """True while the twistd process is alive."""
         return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout: float = 15.0) -> int | None:
@@ -290,6 +292,7 @@ class MailguardServer:
         return self.data_dir / "mail" / domain / local
 
     def message_files(self, address: str) -> list[Path]:
+        """The files in a mailbox's new/ and cur/, sorted."""
         box = self.maildir(address)
         files: list[Path] = []
         for sub in ("new", "cur"):
@@ -303,6 +306,7 @@ class MailguardServer:
         return [p.read_bytes() for p in self.message_files(address)]
 
     def messages_containing(self, address: str, marker: bytes) -> list[bytes]:
+        """The stored messages of a mailbox that contain ``marker``."""
         return [m for m in self.messages(address) if marker in m]
 
     # -- admin CLI
@@ -335,6 +339,7 @@ class MailguardServer:
         return [ln for ln in listing.splitlines() if ln.strip() and "empty" not in ln.lower()]
 
     def add_user(self, address: str, password: str = "correct horse battery") -> None:
+        """``mailguard user add ADDRESS --password-stdin``."""
         self.cli_ok("user", "add", address, "--password-stdin", input=password + "\n")
 
     # -- clients
@@ -386,6 +391,7 @@ class Reply:
 
     @property
     def text(self) -> str:
+        """All lines of the reply."""
         return "\n".join(self.lines)
 
     @property
@@ -408,6 +414,7 @@ class Dialog:
 
     @classmethod
     def connect(cls, host: str, port: int, source: str = "127.0.0.1", timeout: float = 30.0) -> Dialog:
+        """Connect from ``source`` and read the banner."""
         sock = socket.create_connection((host, port), timeout=timeout, source_address=(source, 0))
         d = cls(sock)
         d.banner = d.read_reply()
@@ -420,6 +427,7 @@ class Dialog:
         self.close()
 
     def close(self) -> None:
+        """Close the socket (no QUIT)."""
         self.sock.close()
 
     def _read_line(self) -> str:
@@ -443,6 +451,7 @@ class Dialog:
         return Reply(code, lines)
 
     def send(self, data: bytes) -> None:
+        """Send raw bytes."""
         self.sock.sendall(data)
 
     def cmd(self, line: str) -> Reply:

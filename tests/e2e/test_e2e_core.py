@@ -11,7 +11,6 @@ import re
 import smtplib
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -577,7 +576,6 @@ def test_twistd_bad_config_refuses_to_start(tmp_path: Path) -> None:
     """``twistd -n mailguard`` with a misspelt key exits non-zero, says why in one line, listens nowhere."""
     port = free_port()
     path = write_bad_config(tmp_path, port)
-    started = time.monotonic()
     result = subprocess.run(
         twistd_command() + ["-n", "--pidfile=", "mailguard", "--config", str(path)],
         cwd=tmp_path, capture_output=True, text=True, timeout=30, env=child_env(),
@@ -589,4 +587,3 @@ def test_twistd_bad_config_refuses_to_start(tmp_path: Path) -> None:
     assert any("bad.toml" in ln for ln in lines), output
     assert "Traceback" not in output, output
     assert not port_accepts("127.0.0.1", port)
-    assert time.monotonic() - started < 30
