@@ -109,9 +109,12 @@ def decide(cfg: Config, expand: Expand, who: Client, text: str) -> Decision:
     try:
         addr = parse_path(text, bare_ok=frozenset({"postmaster"}))
     except AddressError as e:
+        shown = text.strip()
+        if shown.startswith("<") and shown.endswith(">"):
+            shown = shown[1:-1]
         if e.trick:
-            return _refuse(cfg, replies.RELAY_TRICK, "relay_trick", text.strip())
-        return Decision(replies.BAD_RCPT_SYNTAX, "syntax", text.strip())
+            return _refuse(cfg, replies.RELAY_TRICK, "relay_trick", shown)
+        return Decision(replies.BAD_RCPT_SYNTAX, "syntax", shown)
     assert addr is not None
     return decide_address(cfg, expand, who, addr)
 
