@@ -7,6 +7,7 @@ Deferreds the test fires itself.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -49,6 +50,14 @@ OFFICE: dict[str, Any] = {
         "pop_before_smtp": 600,
     },
 }
+
+
+def office_config(**changes: dict[str, Any]) -> config.Config:
+    """The office configuration with some keys of some sections changed."""
+    data = copy.deepcopy(OFFICE)
+    for section, values in changes.items():
+        data.setdefault(section, {}).update(values)
+    return make_config(**data)
 
 
 @pytest.fixture

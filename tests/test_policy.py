@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import ipaddress
 from typing import Any
 
@@ -13,21 +12,14 @@ from hypothesis import strategies as st
 from mailguard import config, policy
 from mailguard.directory import Expansion
 
-from conftest import OFFICE, FakeDirectory, make_config
+from conftest import FakeDirectory, make_config
+from conftest import office_config as office
 
 OUTSIDER = "203.0.113.9"
 ALLOWED = "192.168.10.5"
 ALLOWED_HOST = "10.1.2.3"
 NEVER = "192.168.10.66"
 INTERNAL_IFACE = "10.9.9.9"
-
-
-def office(**changes: Any) -> config.Config:
-    """The office configuration with some sections' keys changed."""
-    data = copy.deepcopy(OFFICE)
-    for section, values in changes.items():
-        data.setdefault(section, {}).update(values)
-    return make_config(**data)
 
 
 @pytest.fixture

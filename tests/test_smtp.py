@@ -1,0 +1,828 @@
+"""Tests for mailguard.smtp: the hardened ESMTP server over a StringTransport and a task.Clock."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Callable
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.logger import capturedLogs, formatEvent
+
+from mailguard import smtp
+from mailguard.auth import Throttled
+
+from conftest import FakeMailhost, FakeTLS, LogCapture, Session, office_config
+
+Open = Callable[..., Session]
+OUTSIDER = "203.0.113.9"
+ALLOWED = "192.168.10.5"
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def plain(user: str, password: str, authzid: str = "") -> str:
+    return b64(f"{authzid}\0{user}\0{password}")
+
+
+def ehlo(s: Session) -> list[str]:
+    lines = s.cmd("EHLO client.example")
+    assert lines[-1].startswith("250 "), lines
+    return lines
+
+
+def transaction(s: Session, rcpts: tuple[str, ...] = ("<alice@office.example>",),
+                sender: str = "<joe@sender.example>") -> None:
+    """EHLO (if needed), MAIL, RCPT... each answered 250, then DATA answered 354."""
+    assert s.cmd(f"MAIL FROM:{sender}")[0].startswith("250 "), s.lines()
+    for r in rcpts:
+        assert s.cmd(f"RCPT TO:{r}")[0].startswith("250 "), s.lines()
+    assert s.cmd("DATA")[0].startswith("354 ")
+
+
+def host(**changes: dict[str, Any]) -> FakeMailhost:
+    """A FakeMailhost for the office configuration with changes, alice in the directory."""
+    h = FakeMailhost(office_config(**changes))
+    h.directory.add_mailbox("alice@office.example", "a.smith@office.example")
+    h.authenticator.users["alice@office.example"] = ("secret", "alice@office.example")
+    return h
+
+
+# -- greeting and EHLO ----------------------------------------------------------------------------
+
+
+def test_banner(session_factory: Open) -> None:
+    """The session opens with 220, the configured hostname and ESMTP."""
+    s = session_factory()
+    assert s.lines() == ["220 mx.office.example ESMTP mailguard"]
+
+
+def test_helo_required_before_mail(session_factory: Open) -> None:
+    """MAIL without HELO/EHLO is 503 5.5.1; an empty HELO is 501."""
+    s = session_factory()
+    assert s.cmd("MAIL FROM:<joe@sender.example>") == ["503 5.5.1 Send HELO/EHLO first"]
+    assert s.cmd("HELO")[0].startswith("501 ")
+    assert s.cmd("HELO client.example") == ["250 mx.office.example"]
+    assert s.cmd("MAIL FROM:<joe@sender.example>")[0].startswith("250 2.1.0")
+
+
+def test_ehlo_keywords_cleartext_without_tls(session_factory: Open) -> None:
+    """EHLO lists PIPELINING, SIZE n, 8BITMIME, ENHANCEDSTATUSCODES; no STARTTLS without TLS, no AUTH in clear."""
+    s = session_factory()
+    assert ehlo(s) == ["250-mx.office.example", "250-PIPELINING", "250-SIZE 26214400", "250-8BITMIME",
+                       "250 ENHANCEDSTATUSCODES"]
+
+
+def test_ehlo_offers_starttls_not_auth_on_cleartext(mailhost: FakeMailhost) -> None:
+    """With TLS available on a cleartext channel: STARTTLS offered, AUTH not (auth_requires_tls)."""
+    mailhost.tls = FakeTLS()
+    lines = ehlo(Session(mailhost))
+    assert "250-STARTTLS" in lines or "250 STARTTLS" in lines
+    assert not any("AUTH" in ln for ln in lines)
+
+
+def test_ehlo_on_encrypted_channel_offers_auth_not_starttls(mailhost: FakeMailhost) -> None:
+    """On an encrypted channel STARTTLS is not offered again and AUTH PLAIN LOGIN is."""
+    mailhost.tls = FakeTLS()
+    lines = ehlo(Session(mailhost, encrypted=True))
+    assert not any("STARTTLS" in ln for ln in lines)
+    assert lines[-1] == "250 AUTH PLAIN LOGIN"
+
+
+def test_ehlo_offers_auth_in_clear_when_configured() -> None:
+    """auth_requires_tls = false: AUTH is offered on cleartext too."""
+    h = host(tls={"auth_requires_tls": False})
+    assert ehlo(Session(h))[-1] == "250 AUTH PLAIN LOGIN"
+
+
+def test_size_advertised_from_config() -> None:
+    """SIZE shows limits.max_message_size."""
+    assert "250-SIZE 4096" in ehlo(Session(host(limits={"max_message_size": 4096})))
+
+
+# -- the classic manual check and the mail transaction ---------------------------------------------
+
+
+def test_classic_manual_relay_check(session_factory: Open, logs: LogCapture) -> None:
+    """Reply for reply: HELO, unbracketed MAIL, relay refused, local accepted, QUIT — and a log line each."""
+    s = session_factory()
+    assert s.cmd("HELO me") == ["250 mx.office.example"]
+    assert s.cmd("MAIL FROM: someaddress@somedomain.com") == ["250 2.1.0 Sender ok"]
+    assert s.cmd("RCPT TO: nobody@afakedomain.com") == ["550 5.7.1 Relaying prohibited"]
+    assert s.cmd("RCPT TO: alice@office.example") == ["250 2.1.5 Recipient ok"]
+    assert s.cmd("QUIT")[0].startswith("221 ")
+    assert s.closed
+    lines = logs.matching("mailguard smtp decision:")
+    assert len(lines) == 2
+    assert lines[0] == (f'mailguard smtp decision: client={OUTSIDER} local=10.0.0.1 helo=me '
+                        f'from=<someaddress@somedomain.com> rcpt=<nobody@afakedomain.com> rule=relay_denied '
+                        f'reply="550 5.7.1 Relaying prohibited"')
+    assert "rule=inbound" in lines[1] and 'reply="250 2.1.5 Recipient ok"' in lines[1]
+
+
+def test_relay_allowed_by_network(session_factory: Open) -> None:
+    """A client in relay.allow may relay; one on relay.never may not even so."""
+    s = session_factory(client_ip=ALLOWED)
+    ehlo(s)
+    s.cmd("MAIL FROM:<joe@office.example>")
+    assert s.cmd("RCPT TO:<friend@remote.example>")[0].startswith("250 ")
+    s = session_factory(client_ip="192.168.10.66")
+    ehlo(s)
+    s.cmd("MAIL FROM:<joe@office.example>")
+    assert s.cmd("RCPT TO:<friend@remote.example>") == ["550 5.7.1 Relaying prohibited for this host"]
+
+
+def test_internal_address_from_local_ip(session_factory: Open) -> None:
+    """A connection to one of relay.internal_addresses may relay."""
+    s = session_factory(local_ip="10.9.9.9")
+    ehlo(s)
+    s.cmd("MAIL FROM:<joe@office.example>")
+    assert s.cmd("RCPT TO:<friend@remote.example>")[0].startswith("250 ")
+
+
+def test_pop_before_smtp_from_the_shared_record(mailhost: FakeMailhost) -> None:
+    """An IP that just logged in over POP3 may relay; the permission ends with the window."""
+    mailhost.pop_before_smtp.record(OUTSIDER)
+    s = Session(mailhost)
+    ehlo(s)
+    s.cmd("MAIL FROM:<joe@office.example>")
+    assert s.cmd("RCPT TO:<a@remote.example>")[0].startswith("250 ")
+    for _ in range(3):                       # keep the session alive past the 600 s window
+        mailhost.clock.advance(201)
+        s.cmd("NOOP")
+    assert s.cmd("RCPT TO:<b@remote.example>")[0].startswith("550 5.7.1")
+
+
+def test_relay_trick_refused_at_rcpt(session_factory: Open) -> None:
+    """A relay trick at RCPT is 550 5.7.1, from an allowed client too."""
+    s = session_factory(client_ip=ALLOWED)
+    ehlo(s)
+    s.cmd("MAIL FROM:<joe@office.example>")
+    assert s.cmd("RCPT TO:<victim%remote.example@office.example>")[0].startswith("550 5.7.1")
+    assert s.cmd('RCPT TO:<"victim@remote.example"@office.example>')[0].startswith("550 5.7.1")
+
+
+def test_unknown_local_user(session_factory: Open) -> None:
+    """Unknown recipient in an inbound domain: 550 5.1.1 at RCPT."""
+    s = session_factory()
+    ehlo(s)
+    s.cmd("MAIL FROM:<>")
+    assert s.cmd("RCPT TO:<nobody@office.example>") == ["550 5.1.1 User unknown"]
+
+
+def test_directory_failure_at_rcpt_is_451(mailhost: FakeMailhost) -> None:
+    """A directory that cannot answer gives the configured 4xx, never 5xx."""
+    mailhost.directory.broken = True
+    s = Session(mailhost)
+    ehlo(s)
+    s.cmd("MAIL FROM:<joe@sender.example>")
+    assert s.cmd("RCPT TO:<alice@office.example>") == ["451 4.3.0 Directory temporarily unavailable"]
+
+
+def test_mail_sequence_errors(session_factory: Open) -> None:
+    """RCPT before MAIL, a second MAIL, DATA without MAIL or without recipients: 503 each."""
+    s = session_factory()
+    ehlo(s)
+    assert s.cmd("RCPT TO:<alice@office.example>")[0].startswith("503 5.5.1")
+    assert s.cmd("DATA")[0].startswith("503 5.5.1")
+    s.cmd("MAIL FROM:<joe@sender.example>")
+    assert s.cmd("MAIL FROM:<joe@sender.example>")[0].startswith("503 5.5.1")
+    s.cmd("RCPT TO:<friend@remote.example>")
+    assert s.cmd("DATA") == ["503 5.5.1 No valid recipients"]
+    assert s.cmd("RSET")[0].startswith("250 ")
+    assert s.cmd("RCPT TO:<alice@office.example>")[0].startswith("503 ")
+
+
+def test_null_sender_to_local_user(session_factory: Open) -> None:
+    """MAIL FROM:<> to a local user is accepted and stored with an empty sender."""
+    s = session_factory()
+    ehlo(s)
+    transaction(s, sender="<>")
+    s.send("Subject: bounce\r\n\r\nbody\r\n.\r\n")
+    assert s.lines()[-1].startswith("250 2.0.0")
+    assert s.host.store.calls[0].sender == ""
+
+
+@pytest.mark.parametrize("arg, reply", [
+    ("FROM:<joe@sender.example> SIZE=26214400", "250 "),
+    ("FROM:<joe@sender.example> SIZE=26214401", "552 5.3.4"),
+    ("FROM:<joe@sender.example> BODY=8BITMIME", "250 "),
+    ("FROM:<joe@sender.example> BODY=BINARYMIME", "555 5.5.4"),
+    ("FROM:<joe@sender.example> XFOO=1", "555 5.5.4"),
+    ("FROM:<joe@sender.example> SIZE=abc", "555 5.5.4"),
+    ("FROM:joe@sender.example SIZE=100", "250 "),
+    ("FROM:<joe@sender.example", "501 5.1.7"),
+    ("FROM:<a%b@sender.example>", "501 5.1.7"),
+    ("TO:<joe@sender.example>", "501 5.1.7"),
+])
+def test_mail_parameters(session_factory: Open, arg: str, reply: str) -> None:
+    """SIZE= over the limit is 552; unknown parameters 555; bad paths 501."""
+    s = session_factory()
+    ehlo(s)
+    assert s.cmd(f"MAIL {arg}")[0].startswith(reply)
+
+
+def test_rcpt_parameters_refused(session_factory: Open) -> None:
+    """RCPT TO with an unsupported parameter (NOTIFY=) is 555."""
+    s = session_factory()
+    ehlo(s)
+    s.cmd("MAIL FROM:<joe@sender.example>")
+    assert s.cmd("RCPT TO:<alice@office.example> NOTIFY=NEVER")[0].startswith("555 5.5.4")
+
+
+def test_max_recipients() -> None:
+    """Past limits.max_recipients accepted recipients the answer is 452 4.5.3."""
+    h = host(limits={"max_recipients": 3})
+    s = Session(h, client_ip=ALLOWED)
+    ehlo(s)
+    s.cmd("MAIL FROM:<joe@office.example>")
+    for i in range(3):
+        assert s.cmd(f"RCPT TO:<r{i}@remote.example>")[0].startswith("250 ")
+    assert s.cmd("RCPT TO:<r3@remote.example>") == ["452 4.5.3 Too many recipients"]
+    assert s.cmd("DATA")[0].startswith("354 ")
+    s.send("x\r\n.\r\n")
+    assert len(h.store.calls[0].decisions) == 3
+
+
+def test_noop_vrfy_help(session_factory: Open) -> None:
+    """NOOP 250, VRFY 252 (or 501 without argument), HELP 214, EXPN 502, unknown 500."""
+    s = session_factory()
+    assert s.cmd("NOOP")[0].startswith("250 ")
+    assert s.cmd("VRFY alice")[0].startswith("252 ")
+    assert s.cmd("VRFY")[0].startswith("501 ")
+    assert s.cmd("HELP")[0].startswith("214 ")
+    assert s.cmd("EXPN staff")[0].startswith("502 ")
+    assert s.cmd("FROB")[0].startswith("500 5.5.2")
+
+
+# -- DATA: storing, dot-unstuffing, sizes, bare CR/LF, smuggling --------------------------------
+
+
+def test_message_stored_with_received_header(session_factory: Open) -> None:
+    """The message reaches the store as sent (CRLF), with a Received: header naming client and HELO."""
+    s = session_factory()
+    ehlo(s)
+    transaction(s)
+    s.send("Subject: hi\r\n\r\nHello\r\n.\r\n")
+    last = s.lines()[-1]
+    assert last.startswith("250 2.0.0 Ok: queued as ")
+    call = s.host.store.calls[0]
+    assert call.message == b"Subject: hi\r\n\r\nHello\r\n"
+    assert last.endswith(call.msg_id)
+    assert call.sender == "joe@sender.example"
+    assert [d.recipient for d in call.decisions] == ["alice@office.example"]
+    received = call.received.decode()
+    assert received.startswith("Received: from client.example ([203.0.113.9])")
+    assert "by mx.office.example" in received and f"id {call.msg_id}" in received and "with ESMTP " in received
+    assert received.endswith("\r\n")
+
+
+def test_dot_unstuffing(session_factory: Open) -> None:
+    """A leading dot is removed once (RFC 5321 4.5.2); a first line of '..' becomes '.'."""
+    s = session_factory()
+    ehlo(s)
+    transaction(s)
+    s.send("..\r\n..leading\r\n...\r\nmid.dle\r\n .\r\n.\r\n")
+    assert s.host.store.calls[0].message == b".\r\n.leading\r\n..\r\nmid.dle\r\n .\r\n"
+
+
+def test_thousand_line_message_with_dot_lines(session_factory: Open) -> None:
+    """A 1000-line message with dot lines, sent in odd-sized chunks, is stored exactly."""
+    lines = [f"line {i}" if i % 7 else "." * (i % 3 + 1) for i in range(1000)]
+    original = "".join(f"{ln}\r\n" for ln in lines).encode()
+    stuffed = b"".join((b"." + ln if ln.startswith(b".") else ln) + b"\r\n" for ln in original.split(b"\r\n")[:-1])
+    s = session_factory()
+    ehlo(s)
+    transaction(s)
+    wire = stuffed + b".\r\n"
+    for i in range(0, len(wire), 997):
+        s.send(wire[i:i + 997])
+    assert s.lines()[-1].startswith("250 ")
+    assert s.host.store.calls[0].message == original
+
+
+def test_message_over_size_is_552() -> None:
+    """A message larger than max_message_size is refused 552 5.3.4 and not stored; the session goes on."""
+    h = host(limits={"max_message_size": 2048})
+    s = Session(h)
+    ehlo(s)
+    transaction(s)
+    s.send(("x" * 100 + "\r\n") * 40 + ".\r\n")
+    assert s.lines()[-1] == "552 5.3.4 Message size exceeds fixed limit"
+    assert h.store.calls == []
+    assert s.cmd("NOOP")[0].startswith("250 ")
+
+
+@pytest.mark.parametrize("body", [
+    "Subject: x\r\n\r\nbare\nlinefeed\r\n",
+    "Subject: x\r\n\r\nbare\rcarriage return\r\n",
+    "Subject: x\nX-Injected: yes\r\n\r\nbody\r\n",
+    "Subject: x\r\n\r\nends with bare LF\n\r\n",
+    "\n\r\n",
+])
+def test_bare_cr_or_lf_refused(session_factory: Open, body: str) -> None:
+    """A bare CR or LF anywhere in DATA is 550 5.6.2 and nothing is stored."""
+    s = session_factory()
+    ehlo(s)
+    transaction(s)
+    s.send(body + ".\r\n")
+    assert s.lines()[-1].startswith("550 5.6.2")
+    assert s.host.store.calls == []
+
+
+SMUGGLED = ("MAIL FROM:<ceo@office.example>\r\nRCPT TO:<alice@office.example>\r\nDATA\r\n"
+            "Subject: smuggled\r\n\r\nwire money\r\n")
+
+
+@pytest.mark.parametrize("separator", ["\n.\n", "\n.\r\n", "\r\n.\n", "\r.\r\n", "\r\n.\r", "\r\n\x00.\r\n",
+                                       "\r\n.\x00\r\n"])
+def test_smuggling_never_stores_a_second_message(session_factory: Open, separator: str) -> None:
+    """A fake end-of-data followed by pipelined MAIL/RCPT/DATA never yields a second message."""
+    s = session_factory()
+    ehlo(s)
+    transaction(s)
+    s.send("Subject: first\r\n\r\nhello" + separator + SMUGGLED + ".\r\nQUIT\r\n")
+    stored = s.host.store.calls
+    assert len(stored) <= 1
+    assert not any(b"Subject: smuggled" in c.message.split(b"\r\n\r\n")[0] for c in stored)
+    after_data = s.lines()[s.lines().index("354 End data with <CR><LF>.<CR><LF>") + 1:]
+    assert len(after_data) == 2 and after_data[1].startswith("221 "), after_data
+    if "\x00" not in separator:
+        assert after_data[0].startswith("550 5.6.2") and stored == []
+
+
+def test_data_line_over_limit_closes_and_later_commands_never_run(session_factory: Open) -> None:
+    """A DATA line past the limit: 500 and the connection closed; what follows is never executed."""
+    s = session_factory()
+    ehlo(s)
+    transaction(s)
+    s.send("Subject: x\r\n\r\n" + "A" * (smtp.MAX_DATA_LINE + 10) + "\r\n.\r\nMAIL FROM:<x@y.example>\r\nNOOP\r\n")
+    assert s.closed
+    after = s.lines()[s.lines().index("354 End data with <CR><LF>.<CR><LF>") + 1:]
+    assert after == ["500 5.5.2 Line too long"]
+    assert s.host.store.calls == []
+
+
+def test_data_line_over_limit_across_chunks(session_factory: Open) -> None:
+    """The same when the long line arrives in many small writes."""
+    s = session_factory()
+    ehlo(s)
+    transaction(s)
+    s.send("ok line\r\n")
+    for _ in range(smtp.MAX_DATA_LINE // 4096 + 2):
+        if s.closed:
+            break
+        s.send("B" * 4096)
+    assert s.closed
+    s.send("\r\n.\r\nNOOP\r\n")
+    assert s.lines()[-1] == "500 5.5.2 Line too long" and s.host.store.calls == []
+
+
+def test_command_line_too_long_is_500_and_session_goes_on(session_factory: Open) -> None:
+    """A complete command line over the limit is answered 500; the next command works."""
+    s = session_factory()
+    assert s.cmd("NOOP " + "x" * (smtp.MAX_COMMAND + 10)) == ["500 5.5.2 Line too long"]
+    assert not s.closed
+    assert s.cmd("NOOP")[0].startswith("250 ")
+
+
+def test_unterminated_command_line_closes(session_factory: Open) -> None:
+    """A command line with no end past the limit: 500, then the connection is closed."""
+    s = session_factory()
+    s.new_lines()
+    s.send("MAIL FROM:<" + "a" * (smtp.MAX_COMMAND + 100))
+    assert s.new_lines() == ["500 5.5.2 Line too long"]
+    assert s.closed
+    s.send(">\r\nNOOP\r\n")
+    assert s.new_lines() == []
+
+
+# -- pipelining and the store --------------------------------------------------------------------
+
+
+def test_pipelined_replies_wait_for_a_slow_store(mailhost: FakeMailhost) -> None:
+    """'.' and QUIT in one write with a slow store: 250 comes before 221, and only after the store."""
+    mailhost.store.auto = False
+    s = Session(mailhost)
+    ehlo(s)
+    s.new_lines()
+    s.send("MAIL FROM:<joe@sender.example>\r\nRCPT TO:<alice@office.example>\r\nDATA\r\n"
+           "Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+    assert [ln[:3] for ln in s.new_lines()] == ["250", "250", "354"]
+    assert not s.closed and len(mailhost.store.calls) == 1
+    mailhost.clock.advance(5)
+    assert s.new_lines() == []
+    mailhost.store.calls[0].deferred.callback("ok")
+    replies = s.new_lines()
+    assert [ln[:3] for ln in replies] == ["250", "221"]
+    assert s.closed
+
+
+def test_two_pipelined_messages_each_answered_in_order(mailhost: FakeMailhost) -> None:
+    """Two whole transactions in one write: two stores, replies strictly in command order."""
+    mailhost.store.auto = False
+    s = Session(mailhost)
+    ehlo(s)
+    s.new_lines()
+    one = "MAIL FROM:<a@sender.example>\r\nRCPT TO:<alice@office.example>\r\nDATA\r\nfirst\r\n.\r\n"
+    s.send(one + one.replace("first", "second") + "QUIT\r\n")
+    assert [ln[:3] for ln in s.new_lines()] == ["250", "250", "354"]
+    mailhost.store.calls[0].deferred.callback("ok")
+    assert [ln[:3] for ln in s.new_lines()] == ["250", "250", "250", "354"]
+    assert len(mailhost.store.calls) == 2 and mailhost.store.calls[1].message == b"second\r\n"
+    mailhost.store.calls[1].deferred.callback("ok")
+    assert [ln[:3] for ln in s.new_lines()] == ["250", "221"]
+
+
+def test_failing_store_is_451(mailhost: FakeMailhost) -> None:
+    """A store failure (disk full) is 451 4.3.0, never 550; the session continues."""
+    mailhost.store.fail = True
+    s = Session(mailhost)
+    ehlo(s)
+    transaction(s)
+    s.send("x\r\n.\r\n")
+    assert s.lines()[-1] == "451 4.3.0 Temporary failure storing the message, try again later"
+    assert s.cmd("NOOP")[0].startswith("250 ")
+
+
+# -- timeouts and connection limits ----------------------------------------------------------------
+
+
+def test_idle_timeout(mailhost: FakeMailhost) -> None:
+    """No input for idle_timeout seconds: 421 4.4.2 then close; input resets the timer."""
+    s = Session(mailhost)
+    mailhost.clock.advance(299)
+    s.cmd("NOOP")
+    mailhost.clock.advance(299)
+    assert not s.closed
+    mailhost.clock.advance(1)
+    assert s.lines()[-1].startswith("421 4.4.2") and s.closed
+
+
+def test_session_deadline(mailhost: FakeMailhost) -> None:
+    """A busy but endless session is cut at session_timeout even though it is never idle."""
+    s = Session(mailhost)
+    for _ in range(8):
+        mailhost.clock.advance(200)
+        assert s.cmd("NOOP")[0].startswith("250 ")
+    mailhost.clock.advance(200)
+    assert s.lines()[-1].startswith("421 4.4.2") and s.closed
+
+
+def test_timers_cancelled_on_close(mailhost: FakeMailhost) -> None:
+    """After the connection is lost no timer is left on the clock."""
+    s = Session(mailhost)
+    s.cmd("QUIT")
+    s.lose()
+    assert mailhost.clock.getDelayedCalls() == []
+
+
+def test_connection_limit_per_ip() -> None:
+    """Past max_connections_per_ip the newcomer gets 421 and is closed; other IPs are still served."""
+    h = host(limits={"max_connections_per_ip": 2, "max_connections": 3})
+    first, second = Session(h), Session(h)
+    third = Session(h)
+    assert third.lines() == ["421 4.7.0 Too many connections from your address, try again later"]
+    assert third.closed and not first.closed
+    other = Session(h, client_ip="198.51.100.1")
+    assert other.lines()[0].startswith("220 ")
+    fourth = Session(h, client_ip="198.51.100.2")
+    assert fourth.lines() == ["421 4.7.0 Too many connections, try again later"]
+    third.lose()
+    fourth.lose()
+    first.lose()
+    assert Session(h).lines()[0].startswith("220 ")
+
+
+# -- STARTTLS --------------------------------------------------------------------------------------
+
+
+def test_starttls_discards_pipelined_cleartext_and_resets_state(mailhost: FakeMailhost) -> None:
+    """STARTTLS\\r\\nRSET in one write: RSET is not executed; HELO and the transaction are forgotten."""
+    mailhost.tls = FakeTLS()
+    s = Session(mailhost)
+    ehlo(s)
+    s.cmd("MAIL FROM:<joe@sender.example>")
+    s.new_lines()
+    s.send("STARTTLS\r\nRSET\r\n")
+    assert s.new_lines() == ["220 2.0.0 Ready to start TLS"]
+    assert s.transport.tls_started == ["tls-options"]
+    assert s.cmd("MAIL FROM:<joe@sender.example>")[0].startswith("503 5.5.1")
+    lines = ehlo(s)
+    assert not any("STARTTLS" in ln for ln in lines) and "AUTH PLAIN LOGIN" in lines[-1]
+    assert s.cmd("STARTTLS")[0].startswith("503 ")
+
+
+def test_starttls_without_tls_configured(session_factory: Open) -> None:
+    """STARTTLS when no TLS is available is 454, the session continues in clear."""
+    s = session_factory()
+    ehlo(s)
+    assert s.cmd("STARTTLS")[0].startswith("454 ")
+
+
+# -- AUTH ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_session(mailhost: FakeMailhost) -> Session:
+    """An encrypted session after EHLO."""
+    mailhost.tls = FakeTLS()
+    s = Session(mailhost, encrypted=True)
+    ehlo(s)
+    return s
+
+
+def test_auth_plain_initial_response_then_relay(tls_session: Session, logs: LogCapture) -> None:
+    """AUTH PLAIN with the right password: 235; then relaying is allowed by rule authenticated."""
+    s = tls_session
+    assert s.cmd(f"AUTH PLAIN {plain('alice@office.example', 'secret')}") == ["235 2.7.0 Authentication successful"]
+    s.cmd("MAIL FROM:<alice@office.example>")
+    assert s.cmd("RCPT TO:<friend@remote.example>")[0].startswith("250 ")
+    assert any("rule=authenticated" in ln for ln in logs.matching("smtp decision"))
+    assert not any("secret" in ln or plain("alice@office.example", "secret") in ln for ln in logs.lines())
+
+
+def test_auth_plain_continuation(tls_session: Session) -> None:
+    """AUTH PLAIN without an initial response: 334, then the credentials."""
+    s = tls_session
+    assert s.cmd("AUTH PLAIN") == ["334 "]
+    assert s.cmd(plain("alice@office.example", "secret"))[0].startswith("235 ")
+
+
+def test_auth_wrong_password(tls_session: Session) -> None:
+    """Wrong password: 535 5.7.8, and relaying stays refused."""
+    s = tls_session
+    assert s.cmd(f"AUTH PLAIN {plain('alice@office.example', 'guess')}") == \
+        ["535 5.7.8 Authentication credentials invalid"]
+    s.cmd("MAIL FROM:<alice@office.example>")
+    assert s.cmd("RCPT TO:<friend@remote.example>")[0].startswith("550 5.7.1")
+
+
+def test_auth_login_flow(tls_session: Session) -> None:
+    """AUTH LOGIN: Username: and Password: prompts, then 235."""
+    s = tls_session
+    assert s.cmd("AUTH LOGIN") == ["334 VXNlcm5hbWU6"]
+    assert s.cmd(b64("alice@office.example")) == ["334 UGFzc3dvcmQ6"]
+    assert s.cmd(b64("secret"))[0].startswith("235 ")
+    assert s.host.authenticator.calls == [("alice@office.example", "secret", OUTSIDER, "smtp")]
+
+
+def test_auth_login_with_initial_username(tls_session: Session) -> None:
+    """AUTH LOGIN <user> goes straight to the password prompt."""
+    s = tls_session
+    assert s.cmd(f"AUTH LOGIN {b64('alice@office.example')}") == ["334 UGFzc3dvcmQ6"]
+    assert s.cmd(b64("secret"))[0].startswith("235 ")
+
+
+@pytest.mark.parametrize("dialogue", [
+    ["AUTH PLAIN", "*"],
+    ["AUTH LOGIN", "*"],
+    ["AUTH LOGIN", b64("alice@office.example"), "*"],
+])
+def test_auth_cancel_is_501(tls_session: Session, dialogue: list[str]) -> None:
+    """'*' cancels the exchange: 501, and the session goes on."""
+    s = tls_session
+    for line in dialogue[:-1]:
+        assert s.cmd(line)[0].startswith("334")
+    assert s.cmd(dialogue[-1]) == ["501 5.0.0 Authentication cancelled"]
+    assert s.cmd("NOOP")[0].startswith("250 ") and not s.closed
+
+
+@pytest.mark.parametrize("dialogue", [
+    ["AUTH PLAIN !!!notbase64"],
+    ["AUTH PLAIN " + b64("no-nul-separators")],
+    ["AUTH PLAIN", "%%%"],
+    ["AUTH LOGIN", "???"],
+    ["AUTH LOGIN", b64("alice@office.example"), "@@@"],
+    ["AUTH PLAIN " + b64("\0\0secret")],
+])
+def test_auth_malformed_is_501(tls_session: Session, dialogue: list[str]) -> None:
+    """Malformed base64 or SASL data: 501, never a dropped connection, no credentials checked."""
+    s = tls_session
+    for line in dialogue[:-1]:
+        s.cmd(line)
+    assert s.cmd(dialogue[-1])[0].startswith("501 ")
+    assert not s.closed and s.host.authenticator.calls == []
+
+
+def test_bare_auth_is_501_not_a_drop(tls_session: Session) -> None:
+    """AUTH with no mechanism gets a 501 reply and the connection stays."""
+    assert tls_session.cmd("AUTH")[0].startswith("501 ")
+    assert not tls_session.closed
+
+
+def test_auth_unknown_mechanism(tls_session: Session) -> None:
+    """An unsupported mechanism is 504."""
+    assert tls_session.cmd("AUTH CRAM-MD5")[0].startswith("504 ")
+
+
+def test_auth_in_transaction_is_503(tls_session: Session) -> None:
+    """AUTH after MAIL is 503 (RFC 4954 section 4)."""
+    s = tls_session
+    s.cmd("MAIL FROM:<joe@sender.example>")
+    assert s.cmd(f"AUTH PLAIN {plain('alice@office.example', 'secret')}") == \
+        ["503 5.5.1 AUTH not permitted during a mail transaction"]
+
+
+def test_second_auth_is_503(tls_session: Session) -> None:
+    """AUTH after a successful AUTH is 503."""
+    s = tls_session
+    s.cmd(f"AUTH PLAIN {plain('alice@office.example', 'secret')}")
+    assert s.cmd(f"AUTH PLAIN {plain('alice@office.example', 'secret')}")[0].startswith("503 ")
+
+
+def test_auth_on_cleartext_is_538(session_factory: Open) -> None:
+    """With auth_requires_tls, AUTH on a cleartext channel is 538 5.7.11 and no check is made."""
+    s = session_factory()
+    ehlo(s)
+    assert s.cmd(f"AUTH PLAIN {plain('alice@office.example', 'secret')}")[0].startswith("538 5.7.11")
+    assert s.host.authenticator.calls == []
+
+
+def test_auth_throttled_is_454(tls_session: Session) -> None:
+    """An authenticator that says Throttled gives 454 4.7.0."""
+    tls_session.host.authenticator.outcome = Throttled("198.51.100.66")
+    assert tls_session.cmd(f"AUTH PLAIN {plain('alice@office.example', 'secret')}") == \
+        ["454 4.7.0 Too many failed logins, try again later"]
+
+
+def test_auth_waits_and_holds_pipelined_commands(tls_session: Session) -> None:
+    """While the password check runs, pipelined commands wait; replies stay in order."""
+    s = tls_session
+    s.host.authenticator.outcome = "pending"
+    s.new_lines()
+    s.send(f"AUTH PLAIN {plain('alice@office.example', 'secret')}\r\nNOOP\r\n")
+    assert s.new_lines() == []
+    s.host.authenticator.pending[0].callback("alice@office.example")
+    assert [ln[:3] for ln in s.new_lines()] == ["235", "250"]
+
+
+def test_auth_relay_permission_lasts_for_the_connection_only(mailhost: FakeMailhost) -> None:
+    """A new connection from the same client is not authenticated."""
+    mailhost.tls = FakeTLS()
+    s = Session(mailhost, encrypted=True)
+    ehlo(s)
+    s.cmd(f"AUTH PLAIN {plain('alice@office.example', 'secret')}")
+    s.cmd("QUIT")
+    s.lose()
+    again = Session(mailhost, encrypted=True)
+    ehlo(again)
+    again.cmd("MAIL FROM:<joe@sender.example>")
+    assert again.cmd("RCPT TO:<friend@remote.example>")[0].startswith("550 5.7.1")
+
+
+def test_received_header_says_authenticated(tls_session: Session) -> None:
+    """An authenticated, encrypted session's Received: says ESMTPSA and 'authenticated', never the password."""
+    s = tls_session
+    s.cmd(f"AUTH PLAIN {plain('alice@office.example', 'secret')}")
+    transaction(s, rcpts=("<friend@remote.example>",), sender="<alice@office.example>")
+    s.send("x\r\n.\r\n")
+    received = s.host.store.calls[0].received.decode()
+    assert "with ESMTPSA" in received and "authenticated" in received and "secret" not in received
+
+
+# -- submission (RFC 6409) ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def submission(mailhost: FakeMailhost) -> Session:
+    """An encrypted submission session after EHLO."""
+    mailhost.tls = FakeTLS()
+    mailhost.directory.owned["alice@office.example"] = {"alice@office.example", "a.smith@office.example"}
+    s = Session(mailhost, kind="submission", encrypted=True)
+    ehlo(s)
+    return s
+
+
+def test_submission_requires_auth_before_mail(submission: Session) -> None:
+    """MAIL before AUTH on submission: 530 5.7.0."""
+    assert submission.cmd("MAIL FROM:<alice@office.example>") == ["530 5.7.0 Authentication required"]
+
+
+def test_submission_enforces_sender(submission: Session) -> None:
+    """After AUTH, MAIL FROM must be one of the mailbox's addresses (aliases count), else 553 5.7.1."""
+    s = submission
+    s.cmd(f"AUTH PLAIN {plain('alice@office.example', 'secret')}")
+    assert s.cmd("MAIL FROM:<ceo@office.example>") == ["553 5.7.1 Sender address not owned by authenticated user"]
+    assert s.cmd("MAIL FROM:<A.Smith@office.example>")[0].startswith("250 ")
+    assert s.cmd("RCPT TO:<friend@remote.example>")[0].startswith("250 ")
+
+
+def test_submission_without_enforce_sender() -> None:
+    """enforce_sender = false: any sender after AUTH."""
+    h = host(submission={"enforce_sender": False})
+    h.tls = FakeTLS()
+    s = Session(h, kind="submission", encrypted=True)
+    ehlo(s)
+    s.cmd(f"AUTH PLAIN {plain('alice@office.example', 'secret')}")
+    assert s.cmd("MAIL FROM:<ceo@office.example>")[0].startswith("250 ")
+
+
+def test_enforce_sender_directory_failure_is_4xx(submission: Session) -> None:
+    """If the directory cannot say which addresses the user owns, MAIL gets the 4xx directory reply."""
+    s = submission
+    s.cmd(f"AUTH PLAIN {plain('alice@office.example', 'secret')}")
+    s.host.directory.broken = True
+    assert s.cmd("MAIL FROM:<alice@office.example>")[0].startswith("451 4.3.0")
+
+
+def test_smtp_port_enforces_sender_for_authenticated_clients_too(tls_session: Session) -> None:
+    """On the MX port an authenticated client is held to its own addresses as well."""
+    s = tls_session
+    s.cmd(f"AUTH PLAIN {plain('alice@office.example', 'secret')}")
+    assert s.cmd("MAIL FROM:<ceo@office.example>")[0].startswith("553 5.7.1")
+
+
+
+# -- floods, error limits, byte-at-a-time input ----------------------------------------------------
+
+
+def test_command_flood_without_mail_is_cut(session_factory: Open) -> None:
+    """Hundreds of NOOPs with no mail end with 421 and a closed connection."""
+    s = session_factory()
+    for _ in range(smtp.MAX_JUNK + 5):
+        if s.closed:
+            break
+        s.send("NOOP\r\n")
+    assert s.closed and s.lines()[-1].startswith("421 ")
+
+
+def test_error_flood_is_cut(session_factory: Open) -> None:
+    """More than MAX_ERRORS error replies end the session with 421."""
+    s = session_factory()
+    s.send("FROB\r\n" * (smtp.MAX_ERRORS + 5))
+    assert s.closed and s.lines()[-1].startswith("421 ")
+    assert s.codes().count("500") == smtp.MAX_ERRORS + 1
+
+
+def test_many_messages_with_rset_on_one_connection(mailhost: FakeMailhost) -> None:
+    """A client that sends RSET before every message (Postfix's connection cache does) is served
+    for as long as it delivers mail: RSET before a transaction is not a flood."""
+    s = Session(mailhost)
+    ehlo(s)
+    for i in range(smtp.MAX_JUNK + 20):
+        s.send(f"RSET\r\nMAIL FROM:<joe@sender.example>\r\nRCPT TO:<alice@office.example>\r\nDATA\r\n"
+               f"Subject: {i}\r\n\r\nbody\r\n.\r\n")
+    assert not s.closed, s.lines()[-3:]
+    assert len(mailhost.store.calls) == smtp.MAX_JUNK + 20
+
+
+def test_message_sent_one_byte_at_a_time(session_factory: Open) -> None:
+    """End-of-data split over single-byte writes is still found; the message is exact."""
+    s = session_factory()
+    ehlo(s)
+    transaction(s)
+    for byte in b"Subject: x\r\n\r\n.dot\r\nend\r\n.\r\nNOOP\r\n":
+        s.send(bytes([byte]))
+    assert s.host.store.calls[0].message == b"Subject: x\r\n\r\ndot\r\nend\r\n"
+    assert [ln[:3] for ln in s.lines()[-2:]] == ["250", "250"]
+
+
+# -- malformed input (hypothesis) ---------------------------------------------------------------------
+
+VERBS = ["HELO", "EHLO", "MAIL FROM:", "RCPT TO:", "RSET", "NOOP", "VRFY", "HELP", "AUTH", "STARTTLS", "EXPN",
+         "BDAT", "ETRN", "mail from:", "rcpt to:", "ehlo", "FROB", ""]
+ARGS = ["", "client.example", "<joe@sender.example>", "<>", "<alice@office.example>", "<friend@remote.example>",
+        "friend@remote.example", "<victim%remote.example@office.example>", "<@office.example:v@remote.example>",
+        "<v@[192.0.2.1]>", "PLAIN", "LOGIN", "PLAIN " + plain("alice@office.example", "secret"), "<postmaster>",
+        "<joe@sender.example> SIZE=99999999999", "<a@b.example> BODY=8BITMIME", "<\"x@y\"@office.example>"]
+noise = st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"").replace(b"\r", b""))
+command_lines = st.one_of(
+    st.builds(lambda v, a: f"{v} {a}".strip().encode(), st.sampled_from(VERBS), st.sampled_from(ARGS)),
+    st.builds(lambda v, b: v.encode() + b" " + b, st.sampled_from(VERBS), noise),
+    noise,
+    st.builds(lambda v, n: f"{v} ".encode() + b"x" * n, st.sampled_from(VERBS), st.integers(500, 3000)),
+    st.just("\u00e9\u00e8 8-bit \x00 nul".encode()),
+)
+
+
+@settings(max_examples=150)
+@given(st.lists(command_lines, max_size=25), st.integers(1, 64))
+def test_random_command_sequences(lines: list[bytes], chunk: int) -> None:
+    """Random commands, bytes, 8-bit, NUL and over-long lines from an outsider, in random chunking:
+    every line gets exactly one well-formed reply, in order, until the server closes — and it
+    closes only after a reply; no exception escapes; no remote recipient is ever accepted."""
+    h = host()
+    with capturedLogs() as events:
+        s = Session(h)
+        wire = b"".join(line + b"\r\n" for line in lines)
+        for i in range(0, len(wire), chunk):
+            s.send(wire[i:i + chunk])
+    out = s.lines()[1:]
+    for line in out:
+        assert line[:3].isdigit() and line[3:4] in (" ", "-"), line
+    finals = [ln for ln in out if ln[3:4] == " "]
+    if s.closed:
+        assert finals and finals[-1][:3] in ("221", "421", "500"), finals[-3:]
+        assert len(finals) <= len(lines)
+    else:
+        assert len(finals) == len(lines), (lines, finals)
+    for event in events:
+        text = formatEvent(event) or ""
+        remote = "remote.example" in text or "[192.0.2.1]" in text
+        if "smtp decision" in text and remote:
+            assert 'reply="250' not in text, text
+    assert h.store.calls == []
