@@ -614,6 +614,16 @@ def test_bare_auth_is_501_not_a_drop(tls_session: Session) -> None:
     assert not tls_session.closed
 
 
+def test_overlong_auth_line_ends_the_exchange(tls_session: Session) -> None:
+    """An AUTH response line past the limit is answered 500 and ends the exchange: the next
+    line is a command again, not taken as the username."""
+    s = tls_session
+    assert s.cmd("AUTH LOGIN") == ["334 VXNlcm5hbWU6"]
+    assert s.cmd("A" * (smtp.MAX_AUTH_LINE + 10)) == ["500 5.5.2 Line too long"]
+    assert s.cmd("NOOP")[0].startswith("250 ")
+    assert s.host.authenticator.calls == []
+
+
 def test_auth_unknown_mechanism(tls_session: Session) -> None:
     """An unsupported mechanism is 504."""
     assert tls_session.cmd("AUTH CRAM-MD5")[0].startswith("504 ")
