@@ -231,6 +231,8 @@ class SMTPServer(twsmtp.ESMTP):
             if line.endswith(b"\r"):
                 line = line[:-1]
             if len(line) > limit:
+                if self._mode == "auth":           # the exchange cannot go on in step
+                    self._mode, self._auth_state = "command", None
                 self.reply(replies.LINE_TOO_LONG)
             elif self._mode == "auth":
                 self._auth_continue(line)
@@ -592,6 +594,7 @@ class SMTPServer(twsmtp.ESMTP):
         def stored(_: object) -> None:
             maillog.event("smtp", "stored", self.client_ip, id=msg_id, sender=env.sender,
                           rcpts=len(env.decisions), size=len(message))
+            self._junk = 0                  # a client that sends mail is not flooding
             self.reply(replies.QUEUED, msg_id)
 
         def failed(f: Failure) -> None:
