@@ -43,6 +43,11 @@ ZONE = {
     "remote.example": [("MX", (10, "mx.remote.example"))],
     "mx.remote.example": [("A", "127.0.0.1")],
     "far.example": [("A", "127.0.0.1")],
+    # the preferred MX refuses connections (nothing listens on 127.0.0.9), the backup takes mail
+    "backup.example": [("MX", (20, "mx.remote.example")), ("MX", (10, "dead.backup.example"))],
+    "dead.backup.example": [("A", "127.0.0.9")],
+    # RFC 7505: this domain accepts no mail at all
+    "nullmx.example": [("MX", (0, ""))],
 }
 
 #: A contact and a list of the outbound server whose targets are remote.
@@ -232,11 +237,15 @@ def test_authenticated_message_arrives_intact(outbound: MailguardServer, mx_sink
     assert len(mx_sink.messages_for(rcpt)) == 1
 
 
-def test_451_then_250_is_retried(outbound: MailguardServer, mx_sink: SMTPSink) -> None:
-    """A recipient answered 451 is tried again (retry_schedule = [1]) and then delivered once."""
+@pytest.mark.parametrize("stage", ["rcpt", "data"])
+def test_451_then_250_is_retried(outbound: MailguardServer, mx_sink: SMTPSink, stage: str) -> None:
+    """A 451 (to RCPT, or to the final dot) is tried again (retry_schedule = [1]) and then delivered once."""
     tag = marker()
-    rcpt = f"greylisted-{tag}@remote.example"
-    mx_sink.script_rcpt(rcpt, "451 4.7.1 Greylisted, please try again later")
+    rcpt = f"greylisted-{stage}-{tag}@remote.example"
+    if stage == "rcpt":
+        mx_sink.script_rcpt(rcpt, "451 4.7.1 Greylisted, please try again later")
+    else:
+        mx_sink.script_data(rcpt, "451 4.3.0 Queue file write error, try again")
     msg = make_message(ALICE, rcpt, tag)
     relay_send(outbound, ALICE, [rcpt], msg)
 
@@ -246,6 +255,19 @@ def test_451_then_250_is_retried(outbound: MailguardServer, mx_sink: SMTPSink) -
     wait_queue_clear(outbound, rcpt)
     assert len(mx_sink.messages_for(rcpt)) == 1
     assert outbound.messages_containing(ALICE, tag.encode()) == [], "a delivered message was bounced"
+
+
+def test_backup_mx_when_preferred_refuses(outbound: MailguardServer, mx_sink: SMTPSink,
+                                          dns_server: DNSServer) -> None:
+    """The MX hosts are tried by preference: the first refuses the connection, the second gets the mail."""
+    tag = marker()
+    rcpt = f"someone-{tag}@backup.example"
+    msg = make_message(ALICE, rcpt, tag)
+    relay_send(outbound, ALICE, [rcpt], msg)
+    (got,) = mx_sink.wait_for_messages(rcpt, timeout=DELIVERY_TIMEOUT)
+    received_prefix_and_rest(got.data, msg)
+    assert dns_server.asked("dead.backup.example"), "the preferred MX was not looked up"
+    wait_queue_clear(outbound, rcpt)
 
 
 def _dsn_fields(block: email.message.Message) -> dict[str, str]:
@@ -305,6 +327,68 @@ def test_550_produces_rfc3464_bounce(outbound: MailguardServer, mx_sink: SMTPSin
     assert b"Body of " not in original, "only the original headers are attached"
 
 
+def bounce_for(server: MailguardServer, sender: str, tag: str) -> tuple[EmailMessage, list[dict[str, str]]]:
+    """The one bounce in ``sender``'s maildir about message ``tag``: the report and its per-recipient blocks."""
+    wait_until(lambda: server.messages_containing(sender, tag.encode()) != [], DELIVERY_TIMEOUT,
+               f"a bounce in {sender}'s maildir\n{server.log_text()[-3000:]}")
+    (stored,) = server.messages_containing(sender, tag.encode())
+    dsn = email.message_from_bytes(stored, policy=email.policy.default)
+    assert isinstance(dsn, EmailMessage)
+    assert dsn.get_content_type() == "multipart/report", dsn.get_content_type()
+    parts = list(dsn.iter_parts())
+    assert parts[1].get_content_type() == "message/delivery-status", [p.get_content_type() for p in parts]
+    blocks = parts[1].get_payload()
+    assert isinstance(blocks, list), blocks
+    return dsn, [_dsn_fields(b) for b in blocks[1:]]
+
+
+def test_null_mx_bounces(outbound: MailguardServer, mx_sink: SMTPSink) -> None:
+    """A domain with a null MX (RFC 7505) fails at once with a 5.1.10 bounce; nothing is tried."""
+    tag = marker()
+    rcpt = f"nobody-{tag}@nullmx.example"
+    relay_send(outbound, ALICE, [rcpt], make_message(ALICE, rcpt, tag))
+    _dsn, (block,) = bounce_for(outbound, ALICE, tag)
+    assert re.fullmatch(rf"(?i)rfc822;\s*{re.escape(rcpt)}", block.get("final-recipient", "")), block
+    assert block.get("action", "").lower() == "failed", block
+    assert block.get("status") == "5.1.10", block
+    wait_queue_clear(outbound, rcpt)
+    assert mx_sink.rcpt_commands(rcpt) == 0
+
+
+def test_partial_failure(outbound: MailguardServer, mx_sink: SMTPSink) -> None:
+    """One message, two recipients at one host: the accepted one is delivered once, only the refused one bounces."""
+    tag = marker()
+    good, bad = f"good-{tag}@remote.example", f"bad-{tag}@remote.example"
+    mx_sink.script_rcpt(bad, f"550 5.1.1 <{bad}>: unknown")
+    msg = make_message(ALICE, good, tag)
+    relay_send(outbound, ALICE, [good, bad], msg)
+
+    _dsn, blocks = bounce_for(outbound, ALICE, tag)
+    assert [b.get("final-recipient", "").split(";")[-1].strip() for b in blocks] == [bad], blocks
+    (got,) = mx_sink.wait_for_messages(good, timeout=DELIVERY_TIMEOUT)
+    assert got.recipients == [good]
+    wait_queue_clear(outbound, good)
+    assert mx_sink.rcpt_commands(bad) == 1
+    assert len(mx_sink.messages_for(good)) == 1
+
+
+def test_bounce_to_remote_sender_goes_out_with_null_sender(outbound: MailguardServer, mx_sink: SMTPSink) -> None:
+    """The bounce for a remote sender is queued like any mail and leaves with ``MAIL FROM:<>``."""
+    tag = marker()
+    author, rcpt = f"author-{tag}@remote.example", f"gone-{tag}@far.example"
+    mx_sink.script_rcpt(rcpt, f"550 5.1.1 <{rcpt}>: unknown")
+    relay_send(outbound, author, [rcpt], make_message(author, rcpt, tag))
+
+    (got,) = mx_sink.wait_for_messages(author, timeout=DELIVERY_TIMEOUT)
+    assert got.sender == "", got.sender
+    dsn = email.message_from_bytes(got.data, policy=email.policy.default)
+    assert dsn.get_content_type() == "multipart/report"
+    assert dsn.get_param("report-type") == "delivery-status"
+    assert tag in got.data.decode("ascii", "replace")
+    wait_queue_clear(outbound, author)
+    wait_queue_clear(outbound, rcpt)
+
+
 def test_null_sender_failure_is_dropped(outbound: MailguardServer, mx_sink: SMTPSink) -> None:
     """A ``MAIL FROM:<>`` message refused with 550 is dropped: no bounce anywhere, queue empty."""
     wait_queue_clear(outbound)
@@ -349,6 +433,34 @@ def test_directory_targets_go_out(outbound: MailguardServer, mx_sink: SMTPSink, 
     if address == LIST:
         assert len(outbound.messages_containing(BOB, tag.encode())) == 1, "the local member got no copy"
     wait_queue_clear(outbound, arrives_as)
+
+
+@pytest.fixture(scope="module")
+def short_lived(server_factory: ServerFactory, dns_server: DNSServer, mx_sink: SMTPSink) -> MailguardServer:
+    """A server that gives up on a message after 3 s in the queue."""
+    server = server_factory("shortlived", outbound_config(dns_server, mx_sink, max_queue_time=3))
+    server.add_user(ALICE, PASSWORD)
+    return server
+
+
+def test_max_queue_time_bounces(short_lived: MailguardServer, mx_sink: SMTPSink) -> None:
+    """A recipient that only ever gets 4xx fails once ``max_queue_time`` has passed, with a bounce
+    carrying the last reply, and is not tried any more."""
+    tag = marker()
+    rcpt = f"always-later-{tag}@remote.example"
+    reply = f"451 4.2.0 Mailbox {tag} busy"
+    mx_sink.script_rcpt(rcpt, *[reply] * 100)
+    relay_send(short_lived, ALICE, [rcpt], make_message(ALICE, rcpt, tag))
+
+    _dsn, (block,) = bounce_for(short_lived, ALICE, tag)
+    assert block.get("action", "").lower() == "failed", block
+    assert reply in block.get("diagnostic-code", ""), block
+    wait_queue_clear(short_lived, rcpt)
+    tries = mx_sink.rcpt_commands(rcpt)
+    assert tries >= 2, "the 4xx was not retried before giving up"
+    time.sleep(1.5)
+    assert mx_sink.rcpt_commands(rcpt) == tries, "tried again after giving up"
+    assert mx_sink.messages_for(rcpt) == []
 
 
 # --------------------------------------------------------------------------- smarthost
