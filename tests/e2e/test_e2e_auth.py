@@ -11,8 +11,10 @@ so the clients do not verify it.
 from __future__ import annotations
 
 import base64
+import datetime
 import re
 import shutil
+import signal
 import smtplib
 import socket
 import ssl
@@ -378,6 +380,54 @@ def test_only_modern_tls(auth_office: MailguardServer) -> None:
     raw = socket.create_connection(("127.0.0.1", auth_office.ports["submissions"]), timeout=30)
     with raw, pytest.raises((ssl.SSLError, ConnectionError)):
         old_tls_context().wrap_socket(raw, server_hostname="mx.realdomain.example")
+
+
+def write_certificate(cert_path: Path, key_path: Path, common_name: str) -> bytes:
+    """Write a self-signed certificate and key as an administrator would install them; the DER."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def served_certificate(server: MailguardServer) -> bytes:
+    """The DER certificate the ``submissions`` listener presents now."""
+    raw = socket.create_connection(("127.0.0.1", server.ports["submissions"]), timeout=30)
+    with tls_context().wrap_socket(raw, server_hostname="mx.realdomain.example") as s:
+        der = s.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def test_configured_certificate_reloaded_on_sighup(fresh_server_factory: ServerFactory, tmp_path: Path) -> None:
+    """The [tls] certificate is served; after replacing the files, SIGHUP makes new connections get the new one."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    first = write_certificate(cert, key, "first.realdomain.example")
+    server = fresh_server_factory(
+        "certreload", {**AUTH_CONFIG, "tls": {"certificate": str(cert), "key": str(key)}})
+    assert served_certificate(server) == first
+    second = write_certificate(cert, key, "second.realdomain.example")
+    assert server.process is not None
+    server.process.send_signal(signal.SIGHUP)
+    server.wait_for_log("certificate reloaded")
+    assert served_certificate(server) == second
+    with tls_dialog(server, "submission") as d:  # STARTTLS uses the new one too
+        assert d.sock.getpeercert(binary_form=True) == second
+    assert server.running()
 
 
 # --------------------------------------------------------------------------- submission
