@@ -77,10 +77,16 @@ class Authenticator:
         self.by_ip = _Window(clock, max(limits.login_lockout, 1))
         self.by_account = _Window(clock, max(limits.login_lockout, 1))
         self.run_in_thread = run_in_thread
+        self._in_flight: dict[str, int] = {}       # checks under way per IP
 
     def delay_for(self, login: str, client_ip: str) -> float:
         """Seconds to wait before checking this attempt; raises Throttled past the hard limit."""
+        # Once an IP has failed, its attempts still being checked count as failures-to-be:
+        # parallel guesses cannot all slip in under the current count.  (An office behind
+        # one NAT address, with no failures, is not slowed by its own concurrent logins.)
         n_ip = self.by_ip.count(client_ip)
+        if n_ip:
+            n_ip += self._in_flight.get(client_ip, 0)
         if n_ip >= 3 * self.threshold:
             raise Throttled(client_ip)
         delay = 0.0
@@ -100,7 +106,16 @@ class Authenticator:
         except Throttled as e:
             maillog.auth_failure(service, client_ip, login)
             return defer.fail(e)
+        self._in_flight[client_ip] = self._in_flight.get(client_ip, 0) + 1
         d = task.deferLater(self.clock, delay, self.run_in_thread, self.verify, login, password)
+
+        def settled(result: object) -> object:
+            n = self._in_flight.get(client_ip, 1) - 1
+            if n:
+                self._in_flight[client_ip] = n
+            else:
+                self._in_flight.pop(client_ip, None)
+            return result
 
         def done(mailbox: str | None) -> str | None:
             if mailbox is None:
@@ -111,7 +126,7 @@ class Authenticator:
                 maillog.event(service, "login", client_ip, user=mailbox)
             return mailbox
 
-        return d.addCallback(done)
+        return d.addBoth(settled).addCallback(done)
 
 
 class PopBeforeSmtp:
