@@ -36,8 +36,10 @@ that ends without ``QUIT`` changes nothing at all.
 from __future__ import annotations
 
 import errno
+import hashlib
 import itertools
 import os
+import re
 import socket
 import threading
 import time
@@ -237,32 +239,35 @@ class Message:
     retrieved: bool = False
 
 
+_UID = re.compile(r"[\x21-\x7e]{1,70}")
+_ORDER = re.compile(r"(\d+)(?:\.M(\d+))?")
+
+
 def _uid(base: str) -> str:
     """RFC 1939 section 7: 1 to 70 characters in 0x21..0x7E; longer or odd names are hashed."""
-    if 0 < len(base) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in base):
+    if _UID.fullmatch(base):
         return base
-    import hashlib
     return hashlib.sha1(base.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _order(base: str) -> tuple[int, int, str]:
-    sec, _, rest = base.partition(".")
-    usec = 0
-    if rest.startswith("M"):
-        digits = rest[1:].split("P", 1)[0]
-        usec = int(digits) if digits.isdigit() else 0
-    return (int(sec) if sec.isdigit() else 0, usec, base)
+    """Delivery order: seconds, then microseconds, then the name."""
+    m = _ORDER.match(base)
+    if m is None:
+        return (0, 0, base)
+    return (int(m.group(1)), int(m.group(2) or 0), base)
 
 
 def _parse(folder: str, directory: Path, name: str) -> tuple[tuple[int, int, str], Message] | None:
-    stem = name.split(":", 1)[0]
-    base, *fields = stem.split(",")
+    stem = name.partition(":")[0]
+    base, _, fields = stem.partition(",")
     if not base:
         return None
     size = -1
-    for f in fields:
-        if f.startswith("W=") and f[2:].isdigit():
-            size = int(f[2:])
+    if fields:
+        for f in fields.split(","):
+            if f[:2] == "W=" and f[2:].isdigit():
+                size = int(f[2:])
     if size < 0:
         try:
             with open(directory / name, "rb") as fh:

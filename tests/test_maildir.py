@@ -314,3 +314,14 @@ def test_lock_table_is_exclusive(tmp_path: Path) -> None:
     locks.acquire(tmp_path / "b")
     locks.release(tmp_path / "a")
     locks.acquire(tmp_path / "a")
+
+
+def test_long_or_odd_names_get_a_hashed_uid(tmp_path: Path) -> None:
+    """Names that are no valid UIDL (over 70 characters) get a stable 40-character hash."""
+    box = tmp_path / "box"
+    maildir._create(box)
+    (box / "cur" / ("9" * 100 + ",S=2:2,")).write_bytes(b"x\n")
+    first = Mailbox.open(box).message(1).uid
+    assert len(first) == 40 and all(c in "0123456789abcdef" for c in first)
+    os.rename(box / "cur" / ("9" * 100 + ",S=2:2,"), box / "cur" / ("9" * 100 + ",S=2:2,S"))
+    assert Mailbox.open(box).message(1).uid == first
