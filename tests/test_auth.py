@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import pytest
 from twisted.internet import defer, task
+from twisted.python.failure import Failure
 
 from mailguard.auth import MAX_ACCOUNT_DELAY, Authenticator, PopBeforeSmtp, Throttled
 
@@ -170,3 +171,30 @@ def test_pop_before_smtp_off() -> None:
     pbs = PopBeforeSmtp(task.Clock(), 0)
     pbs.record(CLEAN)
     assert not pbs.allowed(CLEAN)
+
+
+def test_parallel_guesses_after_a_failure_count_while_in_flight(checker: Checker) -> None:
+    """Once an IP has failed, guesses it runs in parallel count before they finish.
+
+    Nine attempts started at once after one failure: with login_failures = 3 the
+    hard limit is 9, so the last ones are refused (Throttled) at once instead of
+    all being checked at the old count.
+    """
+    checker.attempt(ATTACKER, "wrong")
+    results: list[Any] = []
+    for _ in range(9):
+        checker.auth.check(USER, "wrong", ATTACKER, "smtp").addBoth(results.append)
+    refused = [r for r in results if isinstance(r, Failure) and r.check(Throttled)]
+    assert len(refused) == 9 - (3 * THRESHOLD - 1)
+    checker.clock.advance(60)
+    assert len(results) == 9
+
+
+def test_concurrent_logins_from_a_clean_ip_are_not_delayed(checker: Checker) -> None:
+    """An office behind one NAT address logs in many users at once: none is delayed."""
+    users = [checker.auth.check(USER, "right", CLEAN, "smtp") for _ in range(20)]
+    got: list[Any] = []
+    for d in users:
+        d.addBoth(got.append)
+    checker.clock.advance(0)
+    assert got == [USER] * 20
