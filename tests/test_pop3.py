@@ -630,3 +630,21 @@ def test_listeners_share_locks(env: Env) -> None:
     assert env.session(tls=True).login().startswith(b"-ERR [IN-USE]")
     a.cmd("QUIT")
     assert env.session(tls=True).login().startswith(b"+OK Logged in")
+
+
+def test_large_pipelined_backlog_pauses_reading(env: Env) -> None:
+    """While a command waits, a backlog over 64 KiB stops reading from the socket; it resumes
+    once the backlog is worked off, and every pipelined command is answered in order."""
+    env.auth.hold = True
+    s = env.session(tls=True)
+    s.cmd("USER alice")
+    s.send(b"PASS " + PASSWORD.encode() + b"\r\n")
+    backlog = b"NOOP\r\n" * 12000
+    s.proto.dataReceived(backlog)
+    assert s.transport.producerState == "paused"
+    assert s.read() == b""
+    env.auth.held[0].callback(None)
+    out = s.read().split(b"\r\n")
+    assert out[0].startswith(b"+OK Logged in")
+    assert out[1:-1] == [b"+OK"] * 12000
+    assert s.transport.producerState == "producing"

@@ -248,6 +248,30 @@ def test_login_requires_tls(popserver: MailguardServer) -> None:
     p.quit()
 
 
+def recv_line(sock: socket.socket) -> bytes:
+    """One CRLF line, read a byte at a time so that nothing after it is consumed."""
+    line = b""
+    while not line.endswith(b"\r\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        line += chunk
+    return line
+
+
+def test_stls_discards_pipelined_cleartext(popserver: MailguardServer) -> None:
+    """A USER pipelined in the clear behind STLS is not executed inside TLS (RFC 2595 section 4)."""
+    raw = socket.create_connection(("127.0.0.1", popserver.ports["pop3"]), timeout=30)
+    assert recv_line(raw).startswith(b"+OK")
+    raw.sendall(b"STLS\r\nUSER " + addr("grace").encode() + b"\r\n")
+    assert recv_line(raw).startswith(b"+OK")
+    with tls_context().wrap_socket(raw) as tls:
+        tls.sendall(b"PASS " + PASSWORD.encode() + b"\r\n")
+        assert recv_line(tls) == b"-ERR USER first\r\n"
+        tls.sendall(b"QUIT\r\n")
+        assert recv_line(tls).startswith(b"+OK")
+
+
 def test_pop3s_and_auth_plain(popserver: MailguardServer) -> None:
     """Implicit TLS: no STLS offered; AUTH PLAIN with an initial response logs in; bad password fails."""
     p = poplib.POP3_SSL("127.0.0.1", popserver.ports["pop3s"], context=tls_context(), timeout=30)
