@@ -125,7 +125,7 @@ class _MessageSender:
         try:
             data = self.fh.read(self.CHUNK)
         except OSError:
-            # The line count is already promised; a cut message is the only honest end.
+            # "+OK <size> octets" is already sent: closing is the only honest end of a cut message.
             self._close()
             self.server.transport.loseConnection()
             return
