@@ -12,6 +12,9 @@ the servers run by run:
 - ``full`` on 5,000: connect, USER/PASS, LIST, UIDL, RETR every message, QUIT;
 - ``stat`` on 20,000: connect, USER/PASS, STAT, QUIT.
 
+Both servers allow plaintext USER/PASS on loopback for this (mailguard:
+``[tls] auth_requires_tls = false``; Dovecot: ``disable_plaintext_auth = no``).
+
 Run 1 on each server is the first access (Dovecot builds its index, mailguard its
 scan; messages move to cur/ at QUIT on both); medians are over runs 2..N ("warm"),
 and run 1 is shown as "first".  Server CPU is that of the server's process tree.
@@ -114,7 +117,8 @@ class MailguardPop:
     name = "mailguard"
 
     def __init__(self) -> None:
-        self.mg = Mailguard()
+        # plaintext login on loopback, as the Dovecot instance allows (disable_plaintext_auth = no)
+        self.mg = Mailguard(extra_toml="\n[tls]\nauth_requires_tls = false\n")
         self.host = self.mg.host
         self.port = self.mg.pop3_port
 

@@ -8,6 +8,9 @@ Starts mailguard from this checkout, warms it up, then runs ``py-spy record --pi
 (default: 20 sessions, 1 KiB, one message per connection).  Prints the top functions
 by own time ("self") and by time including callees ("total"), as percentages of all
 non-idle samples, separately for the reactor thread and the thread pool (fsync/store).
+py-spy counts a thread blocked in a system call such as ``send`` (which on loopback
+runs the receiver's TCP stack too) or ``syncfs`` as busy; ``--gil`` keeps only samples
+of the thread holding the GIL, i.e. Python CPU time.
 With ``--svg`` a flame graph of a second, identical pass is written too.
 Needs ``pip install py-spy``.
 """
@@ -36,7 +39,8 @@ def load(mg: Mailguard, sessions: int, size: int, messages: int) -> None:
 
 def record(mg: Mailguard, a, fmt: str, out: str) -> None:
     spy = subprocess.Popen([PYSPY, "record", "--pid", str(mg.pid), "--rate", str(a.rate), "--threads",
-                            "--function", "--nonblocking", "--format", fmt, "-o", out],
+                            "--function", "--nonblocking", "--format", fmt, "-o", out]
+                           + (["--gil"] if a.gil else []),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(1.0)  # py-spy attaches
     load(mg, a.sessions, a.size, a.messages)
@@ -107,6 +111,9 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--raw", default="/var/tmp/mailguard-ingest-profile.txt")
     ap.add_argument("--svg", help="also write a flame graph (second pass)")
+    ap.add_argument("--gil", action="store_true",
+                    help="sample only the thread holding the GIL: Python CPU, without time spent in "
+                         "syscalls that release it (send on loopback, fsync/syncfs)")
     a = ap.parse_args()
     mg = Mailguard().start()
     try:
