@@ -181,11 +181,17 @@ class POP3Server(protocol.Protocol, policies.TimeoutMixin):
             return
         self._counted = True
         self.setTimeout(f.config.limits.idle_timeout)
+        # The whole-session deadline ([limits] session_timeout) also ends busy clients
+        # that never go idle, such as a slow drip of NOOPs.
+        self._deadline = f.clock.callLater(f.config.limits.session_timeout, self.timeoutConnection)
         self._send(b"+OK " + f.config.server.hostname.encode("ascii", "replace") + b" POP3 server ready")
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._gone = True
         self.setTimeout(None)
+        deadline = getattr(self, "_deadline", None)
+        if deadline is not None and deadline.active():
+            deadline.cancel()
         if getattr(self, "_counted", False):
             self.factory.leave(self.peer)
             self._counted = False
@@ -194,7 +200,7 @@ class POP3Server(protocol.Protocol, policies.TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         """RFC 1939 section 3 autologout: close without entering the UPDATE state."""
-        if self.state == UPDATE:
+        if self.state == UPDATE or self._gone:
             return
         maillog.event("pop3", "timeout", self.peer, user=self.mailbox_address or "-")
         self._send(ERR_AUTOLOGOUT)

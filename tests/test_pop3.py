@@ -605,6 +605,19 @@ def test_idle_timeout_from_config(tmp_path: Path) -> None:
     assert s.closed
 
 
+def test_session_timeout_ends_a_busy_session(tmp_path: Path) -> None:
+    """A client that never idles (a NOOP every second) is still closed at session_timeout."""
+    e = Env(tmp_path, limits={"idle_timeout": 5, "session_timeout": 20})
+    s = e.session()
+    for _ in range(19):
+        s.cmd("NOOP")
+        e.clock.advance(1)
+    assert not s.closed
+    e.clock.advance(1)
+    assert s.read().endswith(b"-ERR Autologout; idle for too long\r\n")
+    assert s.closed
+
+
 def test_connections_per_ip_limit(tmp_path: Path) -> None:
     """Past max_connections_per_ip, a new connection from that IP gets -ERR [SYS/TEMP] and closes."""
     e = Env(tmp_path, limits={"max_connections_per_ip": 2})

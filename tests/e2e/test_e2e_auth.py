@@ -619,8 +619,11 @@ def test_password_guessing_slows_that_ip_only(fresh_server_factory: ServerFactor
 
     first, later = rounds[0], [x for rnd in rounds[1:] for x in rnd]
     assert len(seq) + len(first) + len(later) == total
-    assert [r.code for r, _ in first] == [535] * len(first), first
-    assert min(took for _, took in first) >= 4.0, f"guesses past the 5th failure not delayed: {first}"
+    # After 5 failures the hard limit (3 x 3 = 9) leaves room for 4 more checks; guesses
+    # still being checked count, so of 6 concurrent guesses 4 are checked (slowly) and
+    # 2 are refused at once.
+    assert sorted(r.code for r, _ in first) == [454] * 2 + [535] * 4, first
+    assert min(took for r, took in first if r.code == 535) >= 4.0, f"guesses past the 5th failure not delayed: {first}"
     assert [r.code for r, _ in later] == [454] * len(later), later
     assert all(r.last.startswith("454 4.7.0") for r, _ in later), later
     assert max(took for _, took in later) < 2.0, later
