@@ -89,11 +89,23 @@ class Directory:
         self.path = Path(path)
         self.timeout = timeout
         self._local = threading.local()
+        self.ready = not create
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = self._db()
-            with db:
-                db.executescript(_SCHEMA)
+            try:
+                self._ensure_schema()
+            except DirectoryError:
+                # Locked or unreadable now: the server starts anyway, answers the
+                # 4xx directory_failure meanwhile, and creates the tables when it can.
+                pass
+
+    def _ensure_schema(self) -> None:
+        try:
+            self._db().executescript(_SCHEMA)
+        except sqlite3.Error as e:
+            self._reset()
+            raise DirectoryError(f"{self.path}: {e}") from None
+        self.ready = True
 
     # -- connections ---------------------------------------------------------
 
@@ -103,9 +115,13 @@ class Directory:
             try:
                 db = sqlite3.connect(f"file:{self.path}?mode=rwc", uri=True, timeout=self.timeout,
                                      isolation_level=None, check_same_thread=True)
+            except sqlite3.Error as e:
+                raise DirectoryError(f"cannot open {self.path}: {e}") from None
+            try:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=FULL")
             except sqlite3.Error as e:
+                db.close()
                 raise DirectoryError(f"cannot open {self.path}: {e}") from None
             self._local.db = db
         return db
@@ -115,6 +131,8 @@ class Directory:
             # An open connection would go on reading a deleted file: say so instead.
             self._reset()
             raise DirectoryError(f"{self.path} is missing")
+        if not self.ready:
+            self._ensure_schema()
         try:
             return self._db().execute(sql, args).fetchall()
         except sqlite3.Error as e:
@@ -216,6 +234,8 @@ class Directory:
     # -- administration (the CLI) ---------------------------------------------
 
     def _write(self, sql: str, args: tuple[object, ...]) -> int:
+        if not self.ready:
+            self._ensure_schema()
         try:
             return self._db().execute(sql, args).rowcount
         except sqlite3.Error as e:

@@ -78,6 +78,9 @@ class Mailhost(service.MultiService):
         self.clock: interfaces.IReactorTime = reactor
         cfg.server.data_dir.mkdir(parents=True, exist_ok=True)
         self.directory = Directory(cfg.directory.path)
+        if not self.directory.ready:
+            log.error("mailguard directory: {path} cannot be opened now (locked?); recipients get "
+                      "the directory_failure reply until it can", path=str(cfg.directory.path))
         self.queue = Queue(cfg.queue_dir)
         self.tls = TLSContext(cfg)
         self.limiter = ConnectionLimiter(cfg.limits.max_connections, cfg.limits.max_connections_per_ip)
