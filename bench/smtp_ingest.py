@@ -11,7 +11,8 @@ configured by ``bench/setup_postfix.sh``) on loopback, with one mailbox
 ``mguser@bench.example`` on each, and drives both with Postfix's load generator
 ``smtp-source`` (one message per connection).  Cases: 20 and 1 sessions, 1 KiB and
 100 KiB payloads.  Per case: one warm-up run per server, then ``--runs`` runs
-alternating A B A B.  A run ends when ``smtp-source`` has its last 250 *and* the
+alternating A B, B A, A B, ... (each server's run i is adjacent in time to the
+other's run i; the "pairwise ratio" is the median of those per-pair ratios).  A run ends when ``smtp-source`` has its last 250 *and* the
 maildir's ``new/`` holds every message (counted on disk); "on disk msg/s" uses that
 time.  Server CPU is that of the server's process tree, from /proc.
 
@@ -242,9 +243,9 @@ def main() -> int:
     # ------------------------------------------------------------------ table
     print()
     head = ("| case | server | runs ok | SMTP msg/s | on-disk msg/s | on-disk range | server CPU ms/msg | "
-            "other CPU s | on-disk ratio mg/pf | CPU ratio mg/pf |")
+            "other CPU s | on-disk ratio mg/pf | pairwise ratio median (range) | CPU ratio mg/pf |")
     print(head)
-    print("|" + "---|" * 10)
+    print("|" + "---|" * 11)
     for label in a.cases.split(","):
         m_runs = results.get((label, "mailguard"), [])
         p_runs = results.get((label, "postfix"), [])
@@ -257,10 +258,15 @@ def main() -> int:
                    med(ok, "server_cpu_ms_per_msg"), med(ok, "other_cpu_s")]
             if name == "mailguard" and p_runs:
                 p_ok = [r for r in p_runs if r["rc"] == 0 and r["delivered"] >= r["messages"]]
-                row += [ratio(med(ok, "disk_mps"), med(p_ok, "disk_mps")),
+                # run i of mailguard next to run i of Postfix (adjacent in time): drift cancels
+                pairs = [m["disk_mps"] / p["disk_mps"] for m, p in zip(runs, p_runs)
+                         if m in ok and p in p_ok and p["disk_mps"]]
+                pair = (f"{statistics.median(pairs):.2f} ({min(pairs):.2f}-{max(pairs):.2f})"
+                        if pairs else "-")
+                row += [ratio(med(ok, "disk_mps"), med(p_ok, "disk_mps")), pair,
                         ratio(med(ok, "server_cpu_ms_per_msg"), med(p_ok, "server_cpu_ms_per_msg"))]
             else:
-                row += ["", ""]
+                row += ["", "", ""]
             print("| " + " | ".join(str(x) for x in row) + " |")
     if relay:
         print()
