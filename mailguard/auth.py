@@ -30,6 +30,7 @@ from mailguard.config import LimitsConfig
 
 MAX_IP_DELAY = 16.0
 MAX_ACCOUNT_DELAY = 4.0
+MAX_PARALLEL_CHECKS = 2         # password hashes computed at once (one per core here)
 
 
 class Throttled(Exception):
@@ -78,6 +79,9 @@ class Authenticator:
         self.by_account = _Window(clock, max(limits.login_lockout, 1))
         self.run_in_thread = run_in_thread
         self._in_flight: dict[str, int] = {}       # checks under way per IP
+        # Each argon2 check holds ~19 MiB and a core: run at most this many at once, so a
+        # login storm queues instead of multiplying memory by the thread pool's size.
+        self._slots = defer.DeferredSemaphore(MAX_PARALLEL_CHECKS)
 
     def delay_for(self, login: str, client_ip: str) -> float:
         """Seconds to wait before checking this attempt; raises Throttled past the hard limit."""
@@ -107,7 +111,7 @@ class Authenticator:
             maillog.auth_failure(service, client_ip, login)
             return defer.fail(e)
         self._in_flight[client_ip] = self._in_flight.get(client_ip, 0) + 1
-        d = task.deferLater(self.clock, delay, self.run_in_thread, self.verify, login, password)
+        d = task.deferLater(self.clock, delay, self._slots.run, self.run_in_thread, self.verify, login, password)
 
         def settled(result: object) -> object:
             n = self._in_flight.get(client_ip, 1) - 1

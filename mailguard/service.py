@@ -77,7 +77,7 @@ class Mailhost(service.MultiService):
         self.reactor = reactor
         self.clock: interfaces.IReactorTime = reactor
         cfg.server.data_dir.mkdir(parents=True, exist_ok=True)
-        self.directory = Directory(cfg.directory.path)
+        self.directory = self._open_directory(cfg)
         if not self.directory.ready:
             log.error("mailguard directory: {path} cannot be opened now (locked?); recipients get "
                       "the directory_failure reply until it can", path=str(cfg.directory.path))
@@ -94,6 +94,22 @@ class Mailhost(service.MultiService):
         if self.runner is not None:
             self.runner.setServiceParent(self)
         self._listen()
+
+    @staticmethod
+    def _open_directory(cfg: Config) -> Directory:
+        """The directory; an empty one is made only for a new installation.
+
+        When ``directory.sqlite`` is missing but mailboxes exist on disk, the file was
+        lost: making an empty one would bounce every local user's mail with 550.  The
+        server then answers the 4xx directory_failure until the file is restored (or
+        made anew with ``mailguard user add``).
+        """
+        path = cfg.directory.path
+        if not path.exists() and cfg.mail_dir.is_dir() and any(cfg.mail_dir.iterdir()):
+            log.error("mailguard directory: {path} is missing but {mail} holds mailboxes; answering "
+                      "directory_failure until it is restored", path=str(path), mail=str(cfg.mail_dir))
+            return Directory(path, create=False)
+        return Directory(path)
 
     def _queue_runner(self) -> Any:
         from mailguard.outbound import QueueRunner

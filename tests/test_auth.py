@@ -8,7 +8,7 @@ import pytest
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
-from mailguard.auth import MAX_ACCOUNT_DELAY, Authenticator, PopBeforeSmtp, Throttled
+from mailguard.auth import MAX_ACCOUNT_DELAY, MAX_PARALLEL_CHECKS, Authenticator, PopBeforeSmtp, Throttled
 
 from conftest import LogCapture, make_config
 
@@ -198,3 +198,29 @@ def test_concurrent_logins_from_a_clean_ip_are_not_delayed(checker: Checker) -> 
         d.addBoth(got.append)
     checker.clock.advance(0)
     assert got == [USER] * 20
+
+
+def test_at_most_two_password_checks_run_at_once() -> None:
+    """A login storm queues for the hash: at most MAX_PARALLEL_CHECKS checks run at once."""
+    clock = task.Clock()
+    running: list[defer.Deferred] = []
+
+    def slow_thread(f: Callable[..., Any], *args: Any) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        running.append(d)
+        return d
+
+    limits = make_config(limits={"login_failures": THRESHOLD, "login_lockout": LOCKOUT}).limits
+    auth = Authenticator(lambda login, password: USER, clock, limits, run_in_thread=slow_thread)
+    results: list[Any] = []
+    for i in range(10):
+        auth.check(USER, "right", f"192.0.2.{i}", "pop3").addBoth(results.append)
+    clock.advance(0)
+    assert len(running) == MAX_PARALLEL_CHECKS
+    running[0].callback(USER)
+    assert len(running) == MAX_PARALLEL_CHECKS + 1
+    while len(results) < 10:
+        for d in list(running):
+            if not d.called:
+                d.callback(USER)
+    assert results == [USER] * 10
