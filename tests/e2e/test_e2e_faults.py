@@ -260,6 +260,30 @@ def test_deleted_directory_is_451_at_rcpt(fresh_server_factory: ServerFactory) -
     assert server.running()
 
 
+def test_directory_lost_before_restart_is_451_not_550(fresh_server_factory: ServerFactory) -> None:
+    """directory.sqlite lost while the server was down: after restart RCPT gets 451 4.3.0, not 550.
+
+    Making an empty directory beside existing maildirs would bounce every local user's
+    mail for good; putting the file back makes the same server answer 250 again.
+    """
+    server = fresh_server_factory("dirlostatstart", {"domains": {DOMAIN: {"route": "inbound"}}})
+    server.add_user(ALICE)
+    assert send_one(server, ALICE, make_message("s@outside.example", ALICE, marker())).startswith("250")
+    server.stop()
+    db = directory_path(server)
+    saved = server.root / "saved"
+    saved.mkdir()
+    files = list(server.data_dir.glob("directory.sqlite*"))      # with its -wal and -shm
+    for p in files:
+        os.rename(p, saved / p.name)
+    server.start()
+    assert rcpt_reply(server, ALICE)[0] == DIRECTORY_FAILURE
+    assert not db.exists()
+    for p in files:
+        os.rename(saved / p.name, p)
+    assert rcpt_reply(server, ALICE)[0].startswith("250")
+
+
 # --------------------------------------------------------------------------- DNS failing
 
 
