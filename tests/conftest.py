@@ -8,6 +8,7 @@ Deferreds the test fires itself.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -26,6 +27,17 @@ from mailguard.directory import DirectoryError, Expansion
 
 settings.register_profile("mailguard", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("mailguard")
+
+# When a property test fails, hypothesis's pytest plugin imports its patch writer, which
+# pulls in libcst (when installed) and with it a DeprecationWarning from mypy_extensions;
+# under -W error that turns the report of the real failure into an INTERNALERROR.  Import
+# it once here, warnings silenced, so a failure is reported as itself.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    try:
+        import hypothesis.extra._patching  # noqa: F401
+    except ImportError:
+        pass
 
 
 def make_config(tmp: Path | None = None, **sections: Any) -> config.Config:

@@ -130,11 +130,17 @@ def split_replies(out: bytes) -> list[list[str]]:
 
 
 def remote_accepted(session: Session) -> list[str]:
-    """Targets of accepted recipients that would leave the host for anything but the relay domain."""
+    """Targets of accepted recipients that would leave the host other than as the administrator routed.
+
+    Mail may leave for an outsider only through the relay domain or a reroute to a
+    remote domain (SPEC: a reroute is carried for any client); never by a relay rule.
+    """
     bad = []
     for d in session.proto._envelope.decisions:
         for r in d.remote:
-            if r.rpartition("@")[2] != RELAY_DOMAIN:
+            domain = r.rpartition("@")[2]
+            carried = (d.rule == "relay_domain" and domain == RELAY_DOMAIN) or d.rule == "reroute"
+            if not carried:
                 bad.append(r)
         for m in d.mailboxes:
             if m.rpartition("@")[2] not in LOCAL_DOMAINS:
