@@ -227,7 +227,7 @@ def deliver_many(maildirs: list[Path], message: bytes) -> list[str]:
 # -- reading -----------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class Message:
     """One message as a POP3 session sees it."""
 
@@ -241,6 +241,8 @@ class Message:
 
 _UID = re.compile(r"[\x21-\x7e]{1,70}")
 _ORDER = re.compile(r"(\d+)(?:\.M(\d+))?")
+# The common case, a name mailguard (or Dovecot) wrote: <sec>.M<usec>...,S=<n>,W=<n>[:2,flags]
+_FAST = re.compile(r"((\d+)\.M(\d+)[\x21-\x2b\x2d-\x39\x3b-\x7e]*)(?:,S=\d+)?,W=(\d+)(?::.*)?")
 
 
 def _uid(base: str) -> str:
@@ -281,6 +283,52 @@ def _parse(folder: str, directory: Path, name: str) -> tuple[tuple[int, int, str
         except OSError:
             return None
     return _order(base), Message(folder, name, _uid(base), size)
+
+
+class _ScanCache:
+    """Recent scans of maildirs, valid while ``new/`` and ``cur/`` keep their mtimes.
+
+    A scan is kept only when both folders were last changed more than a second before
+    it began, so no change can share a timestamp with it (the "racy" case): any later
+    delivery, move or deletion changes a folder's mtime and the next open scans again.
+    """
+
+    RACY_NS = 1_000_000_000
+    SIZE = 64
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[tuple[int, int], list[tuple[str, str, str, int]]]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def stamp(path: Path) -> tuple[int, int]:
+        out = []
+        for folder in ("new", "cur"):
+            try:
+                out.append(os.stat(os.path.join(path, folder)).st_mtime_ns)
+            except OSError:
+                out.append(-1)
+        return out[0], out[1]
+
+    def get(self, path: Path, stamp: tuple[int, int]) -> list[tuple[str, str, str, int]] | None:
+        with self._lock:
+            entry = self._entries.get(os.fspath(path))
+        if entry is None or entry[0] != stamp:
+            return None
+        return entry[1]
+
+    def put(self, path: Path, stamp: tuple[int, int], started: int, messages: list[Message]) -> None:
+        if max(stamp) > started - self.RACY_NS or self.stamp(path) != stamp:
+            return
+        fields = [(m.folder, m.name, m.uid, m.size) for m in messages]
+        with self._lock:
+            self._entries.pop(os.fspath(path), None)
+            self._entries[os.fspath(path)] = (stamp, fields)
+            while len(self._entries) > self.SIZE:
+                del self._entries[next(iter(self._entries))]
+
+
+_SCANS = _ScanCache()
 
 
 class MailboxLocked(Exception):
@@ -334,8 +382,21 @@ class Mailbox:
     def open(cls, path: Path) -> Mailbox:
         """Scan ``new/`` and ``cur/`` (names only, for files mailguard wrote).  Blocking.
 
-        A maildir that does not exist yet is an empty mailbox.
+        A maildir that does not exist yet is an empty mailbox.  The result of a scan
+        is remembered (see :class:`_ScanCache`), so opening an unchanged mailbox again
+        costs two ``stat`` calls instead of a directory listing.
         """
+        started = time.time_ns()
+        stamp = _SCANS.stamp(path)
+        cached = _SCANS.get(path, stamp)
+        if cached is not None:
+            return cls(path, [Message(*fields) for fields in cached])
+        mailbox = cls._scan(path)
+        _SCANS.put(path, stamp, started, mailbox.messages)
+        return mailbox
+
+    @classmethod
+    def _scan(cls, path: Path) -> Mailbox:
         found: list[tuple[tuple[int, int, str], Message]] = []
         for folder in ("new", "cur"):
             directory = Path(path) / folder
@@ -343,7 +404,14 @@ class Mailbox:
                 entries = os.listdir(directory)
             except FileNotFoundError:
                 continue
+            fast = _FAST.fullmatch
             for name in entries:
+                m = fast(name)
+                if m is not None and len(m.group(1)) <= 70:
+                    base = m.group(1)
+                    found.append(((int(m.group(2)), int(m.group(3)), base),
+                                  Message(folder, name, base, int(m.group(4)))))
+                    continue
                 if name.startswith("."):
                     continue
                 parsed = _parse(folder, directory, name)
@@ -379,7 +447,7 @@ class Mailbox:
     def file(self, number: int) -> Path:
         """Where message ``number`` is stored."""
         msg = self.message(number)
-        return self.path / msg.folder / msg.name
+        return Path(os.path.join(self.path, msg.folder, msg.name))
 
     def open_message(self, number: int) -> BinaryIO:
         """The stored (LF) message, opened for reading.
@@ -428,6 +496,8 @@ class Mailbox:
         deleted = failed = 0
         touched: set[Path] = set()
         for m in self.messages:
+            if not (m.deleted or m.retrieved):
+                continue
             src = self.path / m.folder / m.name
             if m.deleted:
                 try:

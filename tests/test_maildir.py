@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import errno
 import os
+import time
 import re
 import threading
 from pathlib import Path
@@ -325,3 +326,43 @@ def test_long_or_odd_names_get_a_hashed_uid(tmp_path: Path) -> None:
     assert len(first) == 40 and all(c in "0123456789abcdef" for c in first)
     os.rename(box / "cur" / ("9" * 100 + ",S=2:2,"), box / "cur" / ("9" * 100 + ",S=2:2,S"))
     assert Mailbox.open(box).message(1).uid == first
+
+
+def _age_folders(box: Path, seconds: int) -> tuple[int, int]:
+    """Set new/ and cur/ mtimes into the past; return the stamps set."""
+    stamps = []
+    for folder in ("new", "cur"):
+        t = time.time_ns() - seconds * 1_000_000_000
+        os.utime(box / folder, ns=(t, t))
+        stamps.append(t)
+    return stamps[0], stamps[1]
+
+
+def test_unchanged_mailbox_is_opened_from_the_scan_cache(tmp_path: Path) -> None:
+    """An old, unchanged maildir is opened without listing it; any change is seen at once."""
+    box = tmp_path / "alice"
+    for i in range(3):
+        deliver(box, b"Subject: %d\r\n\r\nbody\r\n" % i)
+    _age_folders(box, 10)
+    first = Mailbox.open(box)
+    assert len(first.messages) == 3
+    # Prove the second open comes from the cache: a file slipped in with the folder's
+    # mtime put back is not seen ...
+    stamp = os.stat(box / "new").st_mtime_ns
+    (box / "new" / "1.M1P1Q1.sneaky,S=3,W=4").write_bytes(b"x\n\n")
+    os.utime(box / "new", ns=(stamp, stamp))
+    assert [m.uid for m in Mailbox.open(box).messages] == [m.uid for m in first.messages]
+    # ... while a real delivery changes the mtime and the next open scans again.
+    deliver(box, b"Subject: new\r\n\r\nbody\r\n")
+    assert len(Mailbox.open(box).messages) == 5
+
+
+def test_recently_changed_mailbox_is_not_cached(tmp_path: Path) -> None:
+    """A scan of a folder changed within the last second is never reused (racy timestamps)."""
+    box = tmp_path / "bob"
+    deliver(box, b"Subject: 1\r\n\r\nbody\r\n")
+    assert len(Mailbox.open(box).messages) == 1
+    stamp = os.stat(box / "new").st_mtime_ns
+    (box / "new" / "1.M1P1Q1.same-tick,S=3,W=4").write_bytes(b"x\n\n")
+    os.utime(box / "new", ns=(stamp, stamp))
+    assert len(Mailbox.open(box).messages) == 2

@@ -483,7 +483,7 @@ def test_timers_cancelled_on_close(mailhost: FakeMailhost) -> None:
 def test_connection_limit_per_ip() -> None:
     """Past max_connections_per_ip the newcomer gets 421 and is closed; other IPs are still served."""
     h = host(limits={"max_connections_per_ip": 2, "max_connections": 3})
-    first, second = Session(h), Session(h)
+    first, _second = Session(h), Session(h)
     third = Session(h)
     assert third.lines() == ["421 4.7.0 Too many connections from your address, try again later"]
     assert third.closed and not first.closed

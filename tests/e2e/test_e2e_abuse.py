@@ -22,7 +22,7 @@ from typing import Iterator
 import pytest
 
 from .conftest import DOMAIN, OUTSIDER, ServerFactory
-from .harness import Dialog, MailguardServer, make_message
+from .harness import MailguardServer, make_message
 
 ALICE = f"alice@{DOMAIN}"
 BOB = f"bob@{DOMAIN}"
