@@ -12,7 +12,7 @@ given (the running server), which batches the syncs of concurrent deliveries.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Callable, Iterable, Sequence
 
 from twisted.internet import defer, threads
@@ -39,6 +39,7 @@ class Store:
         self.wake = wake
         self.run_in_thread = run_in_thread
         self.commit = commit
+        self._maildirs: dict[str, str] = {}
 
     def store(self, msg_id: str, sender: str, decisions: Sequence[policy.Decision],
               received: bytes, message: bytes) -> defer.Deferred:
@@ -68,13 +69,22 @@ class Store:
             d = self.run_in_thread(self.queue.enqueue, sender, remote, received + message)
             d.addCallback(self._woke)
         if mailboxes:
-            paths: list[Path] = [maildir.maildir_path(self.cfg.mail_dir, m) for m in mailboxes]
+            paths = [self._maildir(m) for m in mailboxes]
             return_path = f"Return-Path: <{sender}>\r\n".encode("utf-8", "replace")
             local = return_path + received + message
             d.addCallback(lambda queue_id: self._local(paths, local).addCallback(lambda _: queue_id))
         return d
 
-    def _local(self, paths: list[Path], message: bytes) -> defer.Deferred:
+    def _maildir(self, mailbox: str) -> str:
+        """The maildir of a mailbox, as a string (remembered: this is the hot path)."""
+        path = self._maildirs.get(mailbox)
+        if path is None:
+            path = os.fspath(maildir.maildir_path(self.cfg.mail_dir, mailbox))
+            if len(self._maildirs) < 10_000:
+                self._maildirs[mailbox] = path
+        return path
+
+    def _local(self, paths: list[str], message: bytes) -> defer.Deferred:
         if self.commit is not None:
             return self.commit.deliver(paths, message)
         return self.run_in_thread(maildir.deliver_many, paths, message)

@@ -12,6 +12,9 @@ thread and batches them:
 4. ``syncfs``: the renames are on disk;
 5. only now does each delivery's Deferred fire (and the client get its ``250``).
 
+Steps 1-2 and 3-5 run in two threads, so one batch's first sync overlaps the
+previous batch's second.
+
 So a message appears in ``new/`` only after its content is durable (the maildir
 rule), and is acknowledged only after the rename is durable too; a crash at any
 instant leaves at worst an orphan in ``tmp/``, never a partial file in ``new/``
@@ -57,11 +60,11 @@ _SYNCFS = _load_syncfs()
 
 @dataclass
 class _Job:
-    maildirs: list[Path]
+    maildirs: list[str] | list[Path]
     message: bytes
     deferred: defer.Deferred
-    staged: list[tuple[Path, Path]] = field(default_factory=list)   # (tmp, final)
-    placed: list[Path] = field(default_factory=list)
+    staged: list[tuple[str, str]] = field(default_factory=list)   # (tmp, final)
+    placed: list[str] = field(default_factory=list)
 
     def cleanup(self) -> None:
         for p in self.placed + [tmp for tmp, _ in self.staged]:
@@ -69,6 +72,11 @@ class _Job:
                 os.unlink(p)
             except OSError:
                 pass
+
+
+def _fire_all(results: list[tuple[defer.Deferred, list[str]]]) -> None:
+    for d, names in results:
+        d.callback(names)
 
 
 class GroupCommit:
@@ -83,12 +91,14 @@ class GroupCommit:
         self.root = Path(root)
         self.syncfs = _SYNCFS if use_syncfs else None
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._published: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._publisher: threading.Thread | None = None
         self._lock = threading.Lock()
         self.batches = 0
         self.messages = 0
 
-    def deliver(self, maildirs: list[Path], message: bytes) -> defer.Deferred:
+    def deliver(self, maildirs: list[str] | list[Path], message: bytes) -> defer.Deferred:
         """Store one copy of the CRLF ``message`` in each maildir; fire when all are durable."""
         d: defer.Deferred = defer.Deferred()
         self._jobs.put(_Job(list(maildirs), message, d))
@@ -96,22 +106,30 @@ class GroupCommit:
         return d
 
     def stop(self) -> None:
-        """Let the writer thread finish what it has and end."""
+        """Let the writer threads finish what they have and end."""
         if self._thread is not None:
             self._jobs.put(None)
 
     def _start(self) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="mailguard-groupcommit", daemon=True)
+                self._thread = threading.Thread(target=self._run, name="mailguard-stage", daemon=True)
+                self._publisher = threading.Thread(target=self._publish_loop, name="mailguard-publish",
+                                                   daemon=True)
                 self._thread.start()
+                self._publisher.start()
 
-    # -- the writer thread ---------------------------------------------------------
+    # -- the writer threads --------------------------------------------------------
+    #
+    # Two stages, so that one batch's first sync overlaps the previous batch's second:
+    # the stager writes a batch to tmp/ and syncs it, then hands it to the publisher,
+    # which renames it into new/, syncs again and answers.
 
     def _run(self) -> None:
         while True:
             first = self._jobs.get()
             if first is None:
+                self._published.put(None)
                 return
             batch = [first]
             stop = False
@@ -124,11 +142,27 @@ class GroupCommit:
                     stop = True
                     break
                 batch.append(job)
-            self._commit(batch)
+            live = self._stage_batch(batch)
+            if live:
+                self._published.put(live)
             if stop:
+                self._published.put(None)
                 return
 
+    def _publish_loop(self) -> None:
+        while True:
+            batch = self._published.get()
+            if batch is None:
+                return
+            self._publish_batch(batch)
+
     def _commit(self, batch: list[_Job]) -> None:
+        """Both stages for one batch, in the calling thread (tests)."""
+        live = self._stage_batch(batch)
+        if live:
+            self._publish_batch(live)
+
+    def _stage_batch(self, batch: list[_Job]) -> list[_Job]:
         live: list[_Job] = []
         for job in batch:
             try:
@@ -138,7 +172,7 @@ class GroupCommit:
                 job.cleanup()
                 self._fail(job, Failure())
         if not live:
-            return
+            return []
         try:
             self._sync_data(live)
         except OSError:
@@ -146,7 +180,10 @@ class GroupCommit:
             for job in live:
                 job.cleanup()
                 self._fail(job, f)
-            return
+            return []
+        return live
+
+    def _publish_batch(self, live: list[_Job]) -> None:
         published: list[_Job] = []
         for job in live:
             try:
@@ -167,9 +204,9 @@ class GroupCommit:
             return
         self.batches += 1
         self.messages += len(published)
-        for job in published:
-            names = [p.name for p in job.placed]
-            self.reactor.callFromThread(job.deferred.callback, names)
+        results = [(job.deferred, [os.path.basename(p) for p in job.placed]) for job in published]
+        # One wake-up of the reactor for the whole batch, not one per message.
+        self.reactor.callFromThread(_fire_all, results)
 
     def _stage(self, job: _Job) -> None:
         lf, suffix = maildir.stored_form(job.message)
@@ -177,7 +214,7 @@ class GroupCommit:
         for box in job.maildirs:
             name = maildir.unique_name(suffix)
             tmp = maildir.write_tmp(box, name, lf, fsync=fsync_each)
-            job.staged.append((tmp, box / "new" / name))
+            job.staged.append((tmp, os.path.join(box, "new", name)))
 
     def _syncfs(self) -> None:
         assert self.syncfs is not None
@@ -198,7 +235,7 @@ class GroupCommit:
         if self.syncfs is not None:
             self._syncfs()
             return
-        for folder in dict.fromkeys(p.parent for job in jobs for p in job.placed):
+        for folder in dict.fromkeys(os.path.dirname(p) for job in jobs for p in job.placed):
             fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 os.fsync(fd)

@@ -140,7 +140,7 @@ def unique_name(suffix: str) -> str:
     return _unique() + suffix
 
 
-def write_tmp(maildir: Path, name: str, data: bytes, fsync: bool = True) -> Path:
+def write_tmp(maildir: str | Path, name: str, data: bytes, fsync: bool = True) -> str:
     """Write ``data`` to ``maildir/tmp/name`` (creating the maildir when missing).
 
     With ``fsync=False`` the caller makes the file durable itself (a group commit,
@@ -150,19 +150,24 @@ def write_tmp(maildir: Path, name: str, data: bytes, fsync: bool = True) -> Path
     return _write_tmp(maildir, name, data, fsync)
 
 
-def _write_tmp(maildir: Path, name: str, data: bytes, fsync: bool = True) -> Path:
-    """Write ``data`` to ``tmp/name`` and fsync it; on failure nothing is left behind."""
-    tmp = maildir / "tmp" / name
+def _write_tmp(maildir: str | Path, name: str, data: bytes, fsync: bool = True) -> str:
+    """Write ``data`` to ``tmp/name`` and fsync it; on failure nothing is left behind.
+
+    Paths are plain strings here: this is the delivery hot path, and pathlib's
+    objects cost more than the write itself for a small message.
+    """
+    tmp = os.path.join(maildir, "tmp", name)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
     except FileNotFoundError:
-        _create(maildir)
+        _create(Path(maildir))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        n = os.write(fd, data)
+        if n < len(data):
+            view = memoryview(data)[n:]
+            while view:
+                view = view[os.write(fd, view):]
         if fsync:
             os.fsync(fd)
     except BaseException:
@@ -173,7 +178,7 @@ def _write_tmp(maildir: Path, name: str, data: bytes, fsync: bool = True) -> Pat
     return tmp
 
 
-def _unlink_quietly(path: Path) -> None:
+def _unlink_quietly(path: str | Path) -> None:
     try:
         os.unlink(path)
     except OSError:

@@ -615,9 +615,21 @@ class SMTPServer(twsmtp.ESMTP):
         ip = self.client_ip
         literal = f"IPv6:{ip}" if ":" in ip else ip
         auth = " (authenticated sender)" if self._authenticated else ""
-        date = formatdate(self.clock.seconds(), localtime=True)
+        date = _date(self.clock.seconds())
         return (f"Received: from {helo} ([{literal}]){auth}\r\n\tby {self.cfg.server.hostname} (mailguard) "
                 f"with {proto} id {msg_id}{rcpt};\r\n\t{date}\r\n").encode("utf-8", "replace")
+
+
+_last_date: tuple[int, str] = (-1, "")
+
+
+def _date(now: float) -> str:
+    """RFC 5322 date for the Received: header, computed once per second."""
+    global _last_date
+    second = int(now)
+    if _last_date[0] != second:
+        _last_date = (second, formatdate(second, localtime=True))
+    return _last_date[1]
 
 
 def _b64(text: str) -> str | None:

@@ -1,0 +1,143 @@
+"""Tests for mailguard.groupcommit: batched durable maildir delivery."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from twisted.python.failure import Failure
+
+from mailguard import groupcommit
+from mailguard.groupcommit import GroupCommit, _Job
+
+MESSAGE = b"Return-Path: <a@b.example>\r\nSubject: hi\r\n\r\nbody\r\n.dot\r\n"
+
+
+class ThreadReactor:
+    """Collects callFromThread calls so the test thread can run them."""
+
+    def __init__(self) -> None:
+        self.calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]]] = queue.SimpleQueue()
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
+        self.calls.put((f, args))
+
+    def run_one(self, timeout: float = 10) -> None:
+        f, args = self.calls.get(timeout=timeout)
+        f(*args)
+
+    def run_until(self, results: list[list[Any]], timeout: float = 10) -> int:
+        """Run calls until every result list is filled; return how many calls it took."""
+        n = 0
+        while not all(results):
+            self.run_one(timeout)
+            n += 1
+        return n
+
+
+def results_of(d: Any) -> list[Any]:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    return out
+
+
+def files(box: Path, folder: str) -> list[Path]:
+    return sorted((box / folder).iterdir()) if (box / folder).is_dir() else []
+
+
+@pytest.mark.parametrize("use_syncfs", [True, False])
+def test_batch_lands_in_new_with_lf_endings_and_sizes(tmp_path: Path, use_syncfs: bool) -> None:
+    """Two messages, three maildirs: every copy is in new/ (LF endings, S= and W= sizes), tmp/ is empty."""
+    reactor = ThreadReactor()
+    gc = GroupCommit(reactor, tmp_path, use_syncfs=use_syncfs)
+    a, b, c = tmp_path / "d" / "a", tmp_path / "d" / "b", tmp_path / "d" / "c"
+    first = results_of(gc.deliver([a, b], MESSAGE))
+    second = results_of(gc.deliver([c], MESSAGE))
+    reactor.run_until([first, second])
+    gc.stop()
+    assert len(first[0]) == 2 and len(second[0]) == 1
+    for box in (a, b, c):
+        (stored,) = files(box, "new")
+        data = stored.read_bytes()
+        assert data == MESSAGE.replace(b"\r\n", b"\n")
+        assert stored.name.endswith(f",S={len(data)},W={len(MESSAGE)}")
+        assert files(box, "tmp") == []
+    assert gc.messages == 2
+
+
+def test_a_failing_maildir_fails_only_its_own_delivery(tmp_path: Path) -> None:
+    """A maildir that cannot be written gets an errback and leaves nothing; the batch's others land."""
+    reactor = ThreadReactor()
+    gc = GroupCommit(reactor, tmp_path)
+    blocker = tmp_path / "blocked"
+    blocker.write_text("a file where a folder should be")
+    good = tmp_path / "good"
+    d_bad, d_good = _Job([good, blocker / "x"], MESSAGE, _deferred()), _Job([good], MESSAGE, _deferred())
+    gc._commit([d_bad, d_good])
+    bad_result, good_result = results_of(d_bad.deferred), results_of(d_good.deferred)
+    reactor.run_until([bad_result, good_result])
+    assert isinstance(bad_result[0], Failure) and bad_result[0].check(OSError)
+    assert isinstance(good_result[0], list)
+    assert len(files(good, "new")) == 1          # only the good delivery's copy
+    assert files(good, "tmp") == []
+
+
+def test_a_failed_sync_fails_the_batch_and_removes_its_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the sync after the renames fails, no 250 is given and nothing stays in new/."""
+    reactor = ThreadReactor()
+    gc = GroupCommit(reactor, tmp_path)
+    calls = {"n": 0}
+
+    def flaky(fd: int) -> int:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(5, "I/O error")
+        return 0
+
+    monkeypatch.setattr(gc, "_syncfs", lambda: flaky(0))
+    box = tmp_path / "box"
+    job = _Job([box], MESSAGE, _deferred())
+    gc._commit([job])
+    f, args = reactor.calls.get_nowait()
+    f(*args)
+    (result,) = results_of(job.deferred)
+    assert isinstance(result, Failure) and result.check(OSError)
+    assert files(box, "new") == [] and files(box, "tmp") == []
+
+
+def test_concurrent_deliveries_are_batched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deliveries queued while a sync runs share the next batch: fewer batches than messages."""
+    reactor = ThreadReactor()
+    gc = GroupCommit(reactor, tmp_path)
+    gate = threading.Event()
+    real = gc._syncfs
+
+    def slow_sync() -> None:
+        gate.wait(5)
+        real()
+
+    monkeypatch.setattr(gc, "_syncfs", slow_sync)
+    ds = [results_of(gc.deliver([tmp_path / "m" / str(i % 3)], MESSAGE)) for i in range(30)]
+    gate.set()
+    wakeups = reactor.run_until(ds)
+    gc.stop()
+    assert all(isinstance(r[0], list) for r in ds)
+    assert gc.messages == 30
+    assert gc.batches < 30
+    assert wakeups == gc.batches          # one reactor wake-up per batch
+    assert sum(len(files(tmp_path / "m" / str(i), "new")) for i in range(3)) == 30
+
+
+def test_syncfs_is_found_on_linux() -> None:
+    """On Linux the fast path is available (else every delivery pays two fsyncs)."""
+    if os.uname().sysname == "Linux":
+        assert groupcommit._SYNCFS is not None
+
+
+def _deferred() -> Any:
+    from twisted.internet import defer
+    return defer.Deferred()
