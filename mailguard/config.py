@@ -280,7 +280,11 @@ def _network(text: str) -> IPNetwork:
     return ipaddress.ip_network(text.strip(), strict=False)
 
 
-def _host_port(text: str, default_port: int) -> tuple[str, int]:
+def host_port(text: str, default_port: int) -> tuple[str, int]:
+    """``"host:port"``, ``"[v6]:port"`` or ``"host"`` -> (host, port).
+
+    :raises ValueError: no host, or a port that is not 1-65535.
+    """
     text = text.strip()
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
@@ -374,7 +378,7 @@ def parse(data: Mapping[str, Any], source: str, base: Path) -> Config:
     smarthost = ob.string("smarthost").strip()
     if smarthost:
         try:
-            _host_port(smarthost, 25)
+            host_port(smarthost, 25)
         except ValueError as e:
             raise ob.fail("smarthost", f"{smarthost!r}: {e}") from None
     smarthost_tls = ob.string("smarthost_tls")
@@ -388,7 +392,7 @@ def parse(data: Mapping[str, Any], source: str, base: Path) -> Config:
         smarthost_tls=smarthost_tls,
         smarthost_user=ob.string("smarthost_user"),
         smarthost_password=ob.string("smarthost_password"),
-        dns_servers=ob.each("dns_servers", lambda s: _host_port(s, 53)),
+        dns_servers=ob.each("dns_servers", lambda s: host_port(s, 53)),
         port=ob.integer("port", 1, 65535),
         retry_schedule=tuple(schedule),
         max_queue_time=ob.integer("max_queue_time", 1),

@@ -30,6 +30,8 @@ from twisted.internet import defer
 from twisted.names import client, dns, error
 from twisted.python.failure import Failure
 
+from mailguard.config import host_port
+
 # Per-query retransmission timeouts (seconds): at most 6 s for one lookup.
 DNS_TIMEOUT = (1, 2, 3)
 
@@ -70,16 +72,8 @@ def make_resolver(dns_servers: Sequence[tuple[str, int]], reactor: Any) -> Any:
 
 
 def split_host_port(text: str, default_port: int) -> tuple[str, int]:
-    """``"host:port"``, ``"[v6]:port"`` or ``"host"`` -> (host, port)."""
-    text = text.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    else:
-        host, port = text, ""
-    return host, int(port) if port else default_port
+    """``"host:port"``, ``"[v6]:port"`` or ``"host"`` -> (host, port) (validated with the config)."""
+    return host_port(text, default_port)
 
 
 def _literal(domain: str) -> str | None:
