@@ -16,7 +16,7 @@ from twisted.logger import Logger
 log = Logger(namespace="mailguard")
 
 
-def _clean(value: object) -> str:
+def clean(value: object) -> str:
     """Make a client-supplied value safe for one log line (no control characters, bounded)."""
     text = value if isinstance(value, str) else str(value)
     if not text.isprintable():
@@ -28,16 +28,16 @@ def decision(client: str, local: str, helo: str, sender: str, rcpt: str, rule: s
     """Log one RCPT decision."""
     # Formatted here once: the observers then only copy one field.
     log.info("{line}", line=(
-        f"mailguard smtp decision: client={client} local={local} helo={_clean(helo)} from=<{_clean(sender)}> "
-        f"rcpt=<{_clean(rcpt)}> rule={rule} reply=\"{_clean(reply)}\""))
+        f"mailguard smtp decision: client={client} local={local} helo={clean(helo)} from=<{clean(sender)}> "
+        f"rcpt=<{clean(rcpt)}> rule={rule} reply=\"{clean(reply)}\""))
 
 
 def event(service: str, what: str, client: str, **fields: object) -> None:
     """Log one event line: ``mailguard <service> <what>: client=<ip> k=v ...``."""
-    extra = "".join(f" {k}={_clean(v)}" for k, v in fields.items())
+    extra = "".join(f" {k}={clean(v)}" for k, v in fields.items())
     log.info("{line}", line=f"mailguard {service} {what}: client={client}{extra}")
 
 
 def auth_failure(service: str, client: str, user: str) -> None:
     """Log a failed login in the line the fail2ban filter matches."""
-    log.warn("{line}", line=f"mailguard auth failure: service={service} client={client} user={_clean(user)}")
+    log.warn("{line}", line=f"mailguard auth failure: service={service} client={client} user={clean(user)}")

@@ -84,7 +84,6 @@ class Mailhost(service.MultiService):
         self.queue = Queue(cfg.queue_dir)
         self.tls = TLSContext(cfg)
         self.limiter = ConnectionLimiter(cfg.limits.max_connections, cfg.limits.max_connections_per_ip)
-        self.pop_limiter = ConnectionLimiter(cfg.limits.max_connections, cfg.limits.max_connections_per_ip)
         self.authenticator = auth.Authenticator(self.directory.verify_password, reactor, cfg.limits)
         self.pop_before_smtp = auth.PopBeforeSmtp(reactor, cfg.relay.pop_before_smtp)
         self.runner = self._queue_runner()

@@ -382,7 +382,7 @@ class SMTPServer(twsmtp.ESMTP):
                 self._send_raw("334 \r\n")
         elif mech == "LOGIN":
             if initial:
-                self._auth_login_step(initial, "")
+                self._auth_login_step(initial)
             else:
                 self._auth_state = ("LOGIN", "")
                 self._mode = "auth"
@@ -401,7 +401,7 @@ class SMTPServer(twsmtp.ESMTP):
         elif state[0] == "PLAIN":
             self._auth_plain(text)
         elif state[1] == "":
-            self._auth_login_step(text, "")
+            self._auth_login_step(text)
         else:
             password = _b64(text)
             if password is None:
@@ -409,7 +409,7 @@ class SMTPServer(twsmtp.ESMTP):
             else:
                 self._auth_check(state[1], password)
 
-    def _auth_login_step(self, text: str, _unused: str) -> None:
+    def _auth_login_step(self, text: str) -> None:
         user = _b64(text)
         if user is None or not user:
             self.reply(replies.AUTH_MALFORMED)
@@ -611,7 +611,7 @@ class SMTPServer(twsmtp.ESMTP):
         if self._authenticated:
             proto += "A"
         rcpt = f"\r\n\tfor <{env.decisions[0].recipient}>" if len(env.decisions) == 1 else ""
-        helo = maillog._clean(self._helo or "unknown")
+        helo = maillog.clean(self._helo or "unknown")
         ip = self.client_ip
         literal = f"IPv6:{ip}" if ":" in ip else ip
         auth = " (authenticated sender)" if self._authenticated else ""
