@@ -22,6 +22,7 @@ setup(
             "pytest",
             "pytest-twisted",
             "hypothesis",
+            "mypy",
         ],
     },
     entry_points={"console_scripts": ["mailguard = mailguard.cli:main"]},
