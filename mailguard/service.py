@@ -78,6 +78,8 @@ class Mailhost(service.MultiService):
         self.clock: interfaces.IReactorTime = reactor
         cfg.server.data_dir.mkdir(parents=True, exist_ok=True)
         self.directory = self._open_directory(cfg)
+        # twistd may fork to daemonize after this: no SQLite connection may cross it.
+        self.directory.close()
         if not self.directory.ready:
             log.error("mailguard directory: {path} cannot be opened now (locked?); recipients get "
                       "the directory_failure reply until it can", path=str(cfg.directory.path))
