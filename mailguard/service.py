@@ -7,16 +7,18 @@ POP-before-SMTP record, TLS, connection limits, queue runner) and is a twisted
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import endpoints, interfaces
+from twisted.internet import endpoints, interfaces, threads
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.threadpool import ThreadPool
 
 from mailguard import auth, delivery
 from mailguard.config import Config
@@ -86,7 +88,13 @@ class Mailhost(service.MultiService):
         self.queue = Queue(cfg.queue_dir)
         self.tls = TLSContext(cfg)
         self.limiter = ConnectionLimiter(cfg.limits.max_connections, cfg.limits.max_connections_per_ip)
-        self.authenticator = auth.Authenticator(self.directory.verify_password, reactor, cfg.limits)
+        # Password hashes run on their own two threads: argon2 allocates 19 MiB per check,
+        # and each thread's allocator keeps what it once held, so the general pool (20
+        # threads) would keep up to 20 times that after a login storm.
+        self.hash_pool = ThreadPool(minthreads=0, maxthreads=auth.MAX_PARALLEL_CHECKS, name="mailguard-hash")
+        self.authenticator = auth.Authenticator(
+            self.directory.verify_password, reactor, cfg.limits,
+            run_in_thread=functools.partial(threads.deferToThreadPool, reactor, self.hash_pool))
         self.pop_before_smtp = auth.PopBeforeSmtp(reactor, cfg.relay.pop_before_smtp)
         self.runner = self._queue_runner()
         cfg.mail_dir.mkdir(parents=True, exist_ok=True)
@@ -140,6 +148,7 @@ class Mailhost(service.MultiService):
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.tls.reload))
         self.reactor.suggestThreadPoolSize(20)
+        self.hash_pool.start()
         log.info("mailguard starting: hostname={host} data_dir={data}",
                  host=self.cfg.server.hostname, data=str(self.cfg.server.data_dir))
         super().startService()
@@ -147,4 +156,5 @@ class Mailhost(service.MultiService):
     def stopService(self) -> Deferred | None:
         d = super().stopService()
         self.commit.stop()
+        self.hash_pool.stop()
         return d
