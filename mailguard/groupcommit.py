@@ -142,7 +142,11 @@ class GroupCommit:
                     stop = True
                     break
                 batch.append(job)
-            live = self._stage_batch(batch)
+            try:
+                live = self._stage_batch(batch)
+            except Exception:                  # a bug must not kill the writer: fail the batch
+                self._fail_all(batch, Failure())
+                live = []
             if live:
                 self._published.put(live)
             if stop:
@@ -154,7 +158,10 @@ class GroupCommit:
             batch = self._published.get()
             if batch is None:
                 return
-            self._publish_batch(batch)
+            try:
+                self._publish_batch(batch)
+            except Exception:
+                self._fail_all(batch, Failure())
 
     def _commit(self, batch: list[_Job]) -> None:
         """Both stages for one batch, in the calling thread (tests)."""
@@ -241,6 +248,12 @@ class GroupCommit:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+    def _fail_all(self, batch: list[_Job], failure: Failure) -> None:
+        for job in batch:
+            if not job.deferred.called:
+                job.cleanup()
+                self._fail(job, failure)
 
     def _fail(self, job: _Job, failure: Failure) -> None:
         self.reactor.callFromThread(job.deferred.errback, failure)

@@ -141,3 +141,29 @@ def test_syncfs_is_found_on_linux() -> None:
 def _deferred() -> Any:
     from twisted.internet import defer
     return defer.Deferred()
+
+
+def test_an_unexpected_error_fails_the_batch_and_the_writer_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in one batch answers its deliveries with a failure; the next batch still lands."""
+    reactor = ThreadReactor()
+    gc = GroupCommit(reactor, tmp_path)
+    real = gc._stage
+    calls = {"n": 0}
+
+    def buggy(job: _Job) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise TypeError("a bug")
+        real(job)
+
+    monkeypatch.setattr(gc, "_stage", buggy)
+    monkeypatch.setattr(gc, "_stage_batch", lambda batch: [j for j in batch if buggy(j) is None])
+    first = results_of(gc.deliver([tmp_path / "a"], MESSAGE))
+    reactor.run_until([first])
+    assert isinstance(first[0], Failure) and first[0].check(TypeError)
+    second = results_of(gc.deliver([tmp_path / "a"], MESSAGE))
+    reactor.run_until([second])
+    gc.stop()
+    assert isinstance(second[0], list)
+    assert len(files(tmp_path / "a", "new")) == 1
