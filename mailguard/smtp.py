@@ -57,6 +57,7 @@ MAX_ERRORS = 50              # error replies in one session before 421
 MAX_JUNK = 100               # NOOP/RSET/VRFY/HELP/EHLO/HELO in one session before 421 (command floods)
 JUNK_COMMANDS = frozenset({"NOOP", "RSET", "VRFY", "HELP", "EHLO", "HELO", "EXPN"})
 MAX_PENDING_INPUT = 1 << 20  # pipelined input held while a reply is pending
+MAX_HOPS = 50                # Received: headers before a message is taken for a mail loop
 
 _ids = itertools.count()
 
@@ -586,6 +587,10 @@ class SMTPServer(twsmtp.ESMTP):
             return
         # Remove dot-stuffing (RFC 5321 section 4.5.2).
         message = (b"\r\n" + message).replace(b"\r\n.", b"\r\n")[2:]
+        if _hops(message) > MAX_HOPS:
+            maillog.event("smtp", "mail-loop", self.client_ip, sender=env.sender)
+            self.reply(replies.TOO_MANY_HOPS)
+            return
         msg_id = make_id(self.clock)
         received = self._received(msg_id, env)
         self._pause()
@@ -618,6 +623,13 @@ class SMTPServer(twsmtp.ESMTP):
         date = _date(self.clock.seconds())
         return (f"Received: from {helo} ([{literal}]){auth}\r\n\tby {self.cfg.server.hostname} (mailguard) "
                 f"with {proto} id {msg_id}{rcpt};\r\n\t{date}\r\n").encode("utf-8", "replace")
+
+
+def _hops(message: bytes) -> int:
+    """How many Received: headers the message carries (RFC 5321 section 6.3, loop detection)."""
+    end = message.find(b"\r\n\r\n")
+    head = b"\r\n" + (message if end < 0 else message[:end]).lower()
+    return head.count(b"\r\nreceived:")
 
 
 _last_date: tuple[int, str] = (-1, "")

@@ -289,6 +289,22 @@ def test_dot_unstuffing(session_factory: Open) -> None:
     assert s.host.store.calls[0].message == b".\r\n.leading\r\n..\r\nmid.dle\r\n .\r\n"
 
 
+def test_mail_loop_is_refused(session_factory: Open) -> None:
+    """A message carrying more than MAX_HOPS Received: headers is a loop: 554 5.4.6, not stored."""
+    s = session_factory()
+    ehlo(s)
+    transaction(s)
+    hops = "".join(f"Received: from hop{i}.example by x; date\r\n" for i in range(51))
+    s.send(hops + "Subject: loop\r\n\r\nReceived: in the body does not count\r\n.\r\n")
+    assert s.lines()[-1] == "554 5.4.6 Too many hops, mail loop detected (RFC 5321 section 6.3)"
+    assert s.host.store.calls == []
+    transaction(s)
+    hops = "".join(f"received: from hop{i}.example by x; date\r\n" for i in range(50))
+    s.send(hops + "Subject: far\r\n\r\n" + "Received: x\r\n" * 10 + ".\r\n")
+    assert s.lines()[-1].startswith("250 ")
+    assert len(s.host.store.calls) == 1
+
+
 def test_thousand_line_message_with_dot_lines(session_factory: Open) -> None:
     """A 1000-line message with dot lines, sent in odd-sized chunks, is stored exactly."""
     lines = [f"line {i}" if i % 7 else "." * (i % 3 + 1) for i in range(1000)]
