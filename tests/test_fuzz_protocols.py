@@ -190,7 +190,7 @@ def test_smtp_one_reply_per_line(steps: list[tuple[str, Any]]) -> None:
         if in_data:
             in_data = False
             assert len(replies) == 1, (line, replies)
-            assert replies[0][-1][:3] in ("250", "550", "552", "451"), replies
+            assert replies[0][-1][:3] in ("250", "550", "552", "554", "451"), replies
             continue
         assert 1 <= len(replies) <= 2, f"{line!r} got {len(replies)} replies: {replies}"
         if len(replies) == 2:
