@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import poplib
 import re
 import shutil
 import signal
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -528,3 +530,22 @@ def swaks(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]
     exe = shutil.which("swaks")
     assert exe is not None, "swaks is not installed"
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def tls_context() -> ssl.SSLContext:
+    """A client context that accepts the server's self-signed certificate (made under data_dir/tls)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class SourcePOP3(poplib.POP3):
+    """``poplib.POP3`` connecting from a chosen loopback source address."""
+
+    def __init__(self, host: str, port: int, source: str) -> None:
+        self.source = source
+        super().__init__(host, port, timeout=30)
+
+    def _create_socket(self, timeout: float) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))

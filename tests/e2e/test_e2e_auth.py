@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import DOMAIN, ServerFactory
-from .harness import Dialog, MailguardServer, Reply, make_message, split_added_headers, swaks
+from .harness import Dialog, MailguardServer, Reply, make_message, split_added_headers, swaks, tls_context
 
 ALICE = f"alice@{DOMAIN}"
 BOB = f"bob@{DOMAIN}"
@@ -51,13 +51,6 @@ def marker() -> str:
     """A string unique to one message or recipient."""
     return "e2e-" + uuid.uuid4().hex
 
-
-def tls_context() -> ssl.SSLContext:
-    """A client context that accepts mailguard's self-signed certificate."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 def plain(login: str, password: str, authzid: str = "") -> str:

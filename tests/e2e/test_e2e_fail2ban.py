@@ -13,15 +13,13 @@ import poplib
 import re
 import shutil
 import smtplib
-import socket
-import ssl
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from .conftest import DOMAIN, ServerFactory
-from .harness import REPO, MailguardServer
+from .harness import REPO, MailguardServer, SourcePOP3, tls_context
 
 FILTER = REPO / "etc" / "fail2ban" / "filter.d" / "mailguard.conf"
 
@@ -35,23 +33,6 @@ GOOD_USER = "127.0.0.53"      # logs in correctly; must never be banned
 SPOOFED_IP = "10.9.9.9"
 
 
-def tls_context() -> ssl.SSLContext:
-    """A client context that accepts mailguard's self-signed certificate."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
-class SourcePOP3(poplib.POP3):
-    """``poplib.POP3`` connecting from a chosen loopback source address."""
-
-    def __init__(self, host: str, port: int, source: str) -> None:
-        self.source = source
-        super().__init__(host, port, timeout=30)
-
-    def _create_socket(self, timeout: float) -> socket.socket:
-        return socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
 
 
 def smtp_login(server: MailguardServer, source: str, login: str, password: str) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import poplib
 import socket
-import ssl
 import subprocess
 import time
 import uuid
@@ -19,7 +18,7 @@ from typing import Callable, Iterator
 import pytest
 
 from .conftest import DOMAIN, ServerFactory
-from .harness import MailguardServer
+from .harness import MailguardServer, SourcePOP3, tls_context
 
 PASSWORD = "correct horse battery"
 USERS = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan")
@@ -35,23 +34,6 @@ def addr(user: str) -> str:
     return f"{user}@{DOMAIN}"
 
 
-def tls_context() -> ssl.SSLContext:
-    """The clients accept the server's self-signed certificate (generated under data_dir/tls)."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
-class SourcePOP3(poplib.POP3):
-    """``poplib.POP3`` connecting from a chosen loopback source address."""
-
-    def __init__(self, host: str, port: int, source: str) -> None:
-        self.source = source
-        super().__init__(host, port, timeout=30)
-
-    def _create_socket(self, timeout: float) -> socket.socket:
-        return socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
 
 
 def pop3(server: MailguardServer, user: str | None = None, source: str = "127.0.0.1") -> poplib.POP3:
