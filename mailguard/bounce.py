@@ -67,25 +67,44 @@ def original_headers(message: bytes) -> bytes:
 
 
 def build_dsn(hostname: str, sender: str, queue_id: str, queued_at: float,
-              failures: list[FailedRecipient], message: bytes, now: float) -> bytes:
-    """The bounce for ``failures`` of queued message ``queue_id``, as CRLF bytes."""
+              failures: list[FailedRecipient], message: bytes, now: float,
+              delayed_until: float | None = None) -> bytes:
+    """The bounce for ``failures`` of queued message ``queue_id``, as CRLF bytes.
+
+    With ``delayed_until`` it is a delay warning instead (``Action: delayed``, a 4.x.x
+    ``Status``, ``Will-Retry-Until``; RFC 3464 section 2.3.3): the message is still
+    queued and will be tried until then.
+    """
     if not failures:
         raise ValueError("a bounce needs at least one failed recipient")
+    delayed = delayed_until is not None
     report = MIMEMultipart("report", report_type="delivery-status")
     report["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
     report["To"] = sender
-    report["Subject"] = "Undelivered Mail Returned to Sender"
+    report["Subject"] = ("Delayed Mail (still being retried)" if delayed
+                         else "Undelivered Mail Returned to Sender")
     report["Date"] = formatdate(now, usegmt=True)
     report["Message-ID"] = f"<{queue_id}.{secrets.token_hex(4)}.dsn@{hostname}>"
     report["Auto-Submitted"] = "auto-replied"  # RFC 3834 section 5
 
-    lines = [
-        f"This is the mail system at host {hostname}.",
-        "",
-        "Your message could not be delivered to one or more recipients.",
-        "It is attached below (headers only).",
-        "",
-    ]
+    if delayed:
+        assert delayed_until is not None
+        lines = [
+            f"This is the mail system at host {hostname}.",
+            "",
+            "Your message has not been delivered yet to the recipients below.",
+            f"It will be retried until {formatdate(delayed_until, usegmt=True)};",
+            "you do not need to send it again.  Its headers are attached below.",
+            "",
+        ]
+    else:
+        lines = [
+            f"This is the mail system at host {hostname}.",
+            "",
+            "Your message could not be delivered to one or more recipients.",
+            "It is attached below (headers only).",
+            "",
+        ]
     for f in failures:
         lines.append(f"<{f.address}>: {_clean(f.reply)}" + (f" (host {f.relay})" if f.relay else ""))
     report.attach(MIMEText("\n".join(lines) + "\n", "plain", "us-ascii"))
@@ -99,12 +118,16 @@ def build_dsn(hostname: str, sender: str, queue_id: str, queued_at: float,
     for f in failures:
         block = Message()
         block["Final-Recipient"] = f"rfc822; {f.address}"
-        block["Action"] = "failed"
-        block["Status"] = status_of(f.reply)
+        block["Action"] = "delayed" if delayed else "failed"
+        status_code = status_of(f.reply)
+        block["Status"] = "4" + status_code[1:] if delayed else status_code
         if f.relay:
             block["Remote-MTA"] = f"dns; {_clean(f.relay.split('[')[0])}"
         block["Diagnostic-Code"] = f"smtp; {_clean(f.reply)}"
         block["Last-Attempt-Date"] = formatdate(now, usegmt=True)
+        if delayed:
+            assert delayed_until is not None
+            block["Will-Retry-Until"] = formatdate(delayed_until, usegmt=True)
         blocks.append(block)
     status.set_payload(blocks)  # type: ignore[arg-type]
     report.attach(status)

@@ -122,6 +122,7 @@ class OutboundConfig:
     max_queue_time: int
     connect_timeout: int
     command_timeout: int
+    delay_warning: int
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "max_queue_time": 432000,
         "connect_timeout": 30,
         "command_timeout": 300,
+        "delay_warning": 0,
     },
     "directory": {"backend": "sqlite", "path": ""},
 }
@@ -398,6 +400,7 @@ def parse(data: Mapping[str, Any], source: str, base: Path) -> Config:
         max_queue_time=ob.integer("max_queue_time", 1),
         connect_timeout=ob.integer("connect_timeout", 1),
         command_timeout=ob.integer("command_timeout", 1),
+        delay_warning=ob.integer("delay_warning", 0),
     )
 
     dr = r["directory"]

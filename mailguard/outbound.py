@@ -146,6 +146,7 @@ class QueueRunner(Service):
         self.courier = courier
         self._busy: set[tuple[str, str]] = set()
         self._bouncing: set[str] = set()
+        self._warning: set[str] = set()
         self._bounce_after: dict[str, float] = {}
         self._tasks: set[defer.Deferred[Any]] = set()
         self._scanning = False
@@ -191,7 +192,7 @@ class QueueRunner(Service):
 
     def idle(self) -> bool:
         """True when no scan, delivery or bounce is under way (tests wait for this)."""
-        return not (self._scanning or self._tasks or self._busy or self._bouncing)
+        return not (self._scanning or self._tasks or self._busy or self._bouncing or self._warning)
 
     # -- scheduling ---------------------------------------------------------
 
@@ -255,6 +256,12 @@ class QueueRunner(Service):
                 return None
             free = [r for r in entry.recipients if (entry.id, r.address) not in self._busy]
         soonest: float | None = None
+        warn_at = self._warn_at(entry)
+        if warn_at is not None:
+            if warn_at <= now:
+                self._spawn(defer.ensureDeferred(self._warn(entry.id)))
+            else:
+                soonest = warn_at
         if any(r.state == FAILED and not r.notified for r in entry.recipients):
             retry_at = self._bounce_after.get(entry.id, now)
             if retry_at <= now:
@@ -331,6 +338,53 @@ class QueueRunner(Service):
             log.info("mailguard outbound: id={queue_id} to=<{recipient}> state={state} relay={relay} "
                      "reply={reply}", queue_id=entry_id, **line)
         return updated  # type: ignore[no-any-return]
+
+    def _warn_at(self, entry: QueueEntry) -> float | None:
+        """When the entry's delay warning is due, or None (off, sent, nothing late, or ``<>``)."""
+        after = self.config.outbound.delay_warning
+        if not after or not entry.sender or entry.id in self._warning:
+            return None
+        if not any(r.state == DEFERRED and not r.warned for r in entry.recipients):
+            return None
+        return entry.queued_at + after
+
+    async def _warn(self, entry_id: str) -> None:
+        """Send one delay warning (RFC 3464 ``Action: delayed``) for the late recipients."""
+        self._warning.add(entry_id)
+        try:
+            try:
+                entry = await self.blocking(self.queue.load, entry_id)
+                message = await self.blocking(self.queue.read_message, entry_id)
+            except QueueError:
+                return
+            late = [r for r in entry.recipients if r.state == DEFERRED and not r.warned]
+            if not late or not entry.sender:
+                return
+            now = self.reactor.seconds()
+            until = entry.queued_at + self.config.outbound.max_queue_time
+            dsn = build_dsn(self.config.server.hostname, entry.sender, entry.id, entry.queued_at,
+                            [FailedRecipient(r.address, r.last_reply, r.relay) for r in late],
+                            message, now, delayed_until=until)
+            try:
+                await self.inject("", [entry.sender], dsn)
+            except Exception as e:
+                log.warn("mailguard outbound: id={queue_id} delay warning to <{sender}> failed: {error}",
+                         queue_id=entry_id, sender=entry.sender, error=repr(e))
+                return
+            addresses = {r.address for r in late}
+
+            def warned(e: QueueEntry) -> None:
+                for r in e.recipients:
+                    if r.address in addresses:
+                        r.warned = True
+
+            await self.blocking(self.queue.update, entry_id, warned)
+            for r in late:
+                log.info("mailguard outbound: id={queue_id} to=<{recipient}> state=delay-warned relay={relay} "
+                         "reply={reply}", queue_id=entry_id, recipient=r.address, relay=f"<{entry.sender}>",
+                         reply=r.last_reply)
+        finally:
+            self._warning.discard(entry_id)
 
     async def _bounce(self, entry_id: str) -> None:
         """Send one DSN for the entry's failed, not yet reported recipients."""

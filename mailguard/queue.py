@@ -75,6 +75,7 @@ class RecipientState:
     last_reply: str = ""
     relay: str = ""
     notified: bool = False
+    warned: bool = False          # a delay warning was sent for it
 
     @property
     def waiting(self) -> bool:

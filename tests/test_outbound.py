@@ -186,6 +186,49 @@ def test_max_queue_time_fails_and_bounces(tmp_path: Path) -> None:
     assert u.queue.ids() == []
 
 
+def test_delay_warning_sent_once_while_retrying(tmp_path: Path) -> None:
+    """With delay_warning set, a still-deferred recipient gets one RFC 3464 'delayed' notice, then delivery."""
+    busy = [(DEFERRED, "451 4.4.1 connection refused")] * 6
+    u = Unit(tmp_path, {"a@x.test": busy}, retry_schedule=[600], delay_warning=1000, max_queue_time=86400)
+    entry_id = u.queue.enqueue("joe@here.test", ["a@x.test", "b@x.test"], MESSAGE)
+    u.start()
+    u.clock.advance(999)
+    assert u.inject.calls == []
+    u.clock.advance(1)                                  # due at queued_at + 1000, between two attempts
+    [(sender, rcpts, dsn)] = u.inject.calls
+    assert (sender, rcpts) == ("", ["joe@here.test"])
+    report = email.message_from_bytes(dsn, policy=email.policy.default)
+    assert report.get_content_type() == "multipart/report"
+    assert report["Subject"].startswith("Delayed Mail")
+    blocks = report.get_payload()[1].get_payload()
+    assert len(blocks) == 2                             # per-message block + a@x.test only (b was delivered)
+    block = blocks[1]
+    assert block["Final-Recipient"] == "rfc822; a@x.test"
+    assert block["Action"] == "delayed" and block["Status"] == "4.4.1"
+    assert "Will-Retry-Until" in block
+    assert u.queue.load(entry_id).recipients[0].warned
+    for _ in range(4):
+        u.clock.advance(600)
+    assert len(u.inject.calls) == 1                     # one warning, not one per attempt
+    u.clock.advance(600 * 3)
+    assert u.queue.ids() == [] and len(u.inject.calls) == 1
+
+
+def test_no_delay_warning_when_off_or_for_null_sender(tmp_path: Path) -> None:
+    """delay_warning = 0 (the default) sends none; a message from <> never gets one."""
+    busy = [(DEFERRED, "451 4.4.1 connection refused")] * 4
+    off = Unit(tmp_path / "off", {"a@x.test": list(busy)}, retry_schedule=[600])
+    off.queue.enqueue("joe@here.test", ["a@x.test"], MESSAGE)
+    off.start()
+    off.clock.advance(3000)
+    assert off.inject.calls == []
+    null = Unit(tmp_path / "null", {"a@x.test": list(busy)}, retry_schedule=[600], delay_warning=100)
+    null.queue.enqueue("", ["a@x.test"], MESSAGE)
+    null.start()
+    null.clock.advance(3000)
+    assert null.inject.calls == []
+
+
 def test_flush_request_from_another_process(tmp_path: Path) -> None:
     """The flush trigger file makes the runner retry deferred recipients within FLUSH_POLL seconds."""
     u = Unit(tmp_path, {"a@x.test": [(DEFERRED, "451 4.3.0 busy")]}, retry_schedule=[3600])
