@@ -132,7 +132,7 @@ def cmd_check_config(cfg: config.Config, args: argparse.Namespace) -> int:
 def cmd_explain(cfg: config.Config, args: argparse.Namespace) -> int:
     d = _directory(cfg)
     try:
-        who = policy.client(args.client, args.local, _address(args.auth) if args.auth else None,
+        who = policy.client(args.client, args.local, args.auth.strip().lower() or None if args.auth else None,
                             pop_before_smtp=args.pop_before_smtp)
     except ValueError as e:
         raise CommandError(str(e)) from None
