@@ -48,6 +48,7 @@ from mailguard import maillog
 from mailguard.auth import Throttled
 from mailguard.config import Config
 from mailguard.dotstuff import DotStuffer
+from mailguard.limits import ConnectionLimiter
 from mailguard.maildir import LockTable, Mailbox, MailboxLocked, maildir_path
 
 log = Logger(namespace="mailguard")
@@ -660,23 +661,12 @@ class POP3Factory(protocol.ServerFactory):
         self.clock = clock
         self.run_in_thread = run_in_thread or threads.deferToThread
         self.locks = locks if locks is not None else PROCESS_LOCKS
-        self.connections = 0
-        self.per_ip: dict[str, int] = {}
+        self.limiter = ConnectionLimiter(config.limits.max_connections, config.limits.max_connections_per_ip)
 
     def admit(self, ip: str) -> bool:
         """Count a new connection; False when a limit in ``[limits]`` is reached."""
-        limits = self.config.limits
-        if self.connections >= limits.max_connections or self.per_ip.get(ip, 0) >= limits.max_connections_per_ip:
-            return False
-        self.connections += 1
-        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
-        return True
+        return self.limiter.admit(ip) is None
 
     def leave(self, ip: str) -> None:
         """A counted connection ended."""
-        self.connections -= 1
-        left = self.per_ip.get(ip, 1) - 1
-        if left:
-            self.per_ip[ip] = left
-        else:
-            self.per_ip.pop(ip, None)
+        self.limiter.release(ip)

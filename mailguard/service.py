@@ -25,7 +25,8 @@ from mailguard.config import Config
 from mailguard.directory import Directory
 from mailguard.groupcommit import GroupCommit
 from mailguard.queue import Queue
-from mailguard.smtp import ConnectionLimiter, SMTPFactory
+from mailguard.limits import ConnectionLimiter
+from mailguard.smtp import SMTPFactory
 from mailguard.tls import TLSContext
 
 log = Logger(namespace="mailguard")

@@ -41,6 +41,7 @@ from twisted.internet import interfaces, protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from mailguard import limits as limits_mod
 from mailguard import maillog, policy, replies
 from mailguard._twistedmail import smtp as twsmtp
 from mailguard.address import AddressError, parse_mail_arg, parse_path
@@ -71,35 +72,6 @@ def make_id(clock: IReactorTime) -> str:
         n, r = divmod(n, 36)
         out = digits[r] + out
     return out or "0"
-
-
-class ConnectionLimiter:
-    """Counts open connections in total and per client IP (shared by all listeners)."""
-
-    def __init__(self, total: int, per_ip: int) -> None:
-        self.total_limit = total
-        self.per_ip_limit = per_ip
-        self.total = 0
-        self.by_ip: dict[str, int] = {}
-
-    def admit(self, ip: str) -> replies.Reply | None:
-        """Count a new connection; return the 421 to send when it is over a limit."""
-        if self.total >= self.total_limit:
-            return replies.TOO_MANY_CONNECTIONS
-        if self.by_ip.get(ip, 0) >= self.per_ip_limit:
-            return replies.TOO_MANY_FROM_IP
-        self.total += 1
-        self.by_ip[ip] = self.by_ip.get(ip, 0) + 1
-        return None
-
-    def release(self, ip: str) -> None:
-        """Forget one connection admitted by :meth:`admit`."""
-        self.total -= 1
-        n = self.by_ip.get(ip, 1) - 1
-        if n:
-            self.by_ip[ip] = n
-        else:
-            self.by_ip.pop(ip, None)
 
 
 @dataclass
@@ -149,8 +121,9 @@ class SMTPServer(twsmtp.ESMTP):
         self.local_ip = getattr(local, "host", str(local))
         self._client_ip_obj = policy.parse_ip(self.client_ip)
         self._local_ip_obj = policy.parse_ip(self.local_ip)
-        refusal = self.mailhost.limiter.admit(self.client_ip)
-        if refusal is not None:
+        over = self.mailhost.limiter.admit(self.client_ip)
+        if over is not None:
+            refusal = replies.TOO_MANY_CONNECTIONS if over == limits_mod.TOTAL else replies.TOO_MANY_FROM_IP
             maillog.event("smtp", "refused", self.client_ip, reason=refusal.text)
             self._close(refusal)
             return

@@ -199,7 +199,7 @@ class FakeMailhost:
     pop_before_smtp: Any = None
 
     def __post_init__(self) -> None:
-        from mailguard.smtp import ConnectionLimiter
+        from mailguard.limits import ConnectionLimiter
         if self.limiter is None:
             lm = self.cfg.limits
             self.limiter = ConnectionLimiter(lm.max_connections, lm.max_connections_per_ip)

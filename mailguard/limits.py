@@ -1,0 +1,40 @@
+"""Connection limits: open connections counted in total and per client IP.
+
+``[limits] max_connections`` and ``max_connections_per_ip`` are enforced with one
+:class:`ConnectionLimiter` per service (SMTP listeners share one, POP3 listeners
+another).  This module imports nothing from Twisted.
+"""
+
+from __future__ import annotations
+
+TOTAL = "total"
+PER_IP = "per_ip"
+
+
+class ConnectionLimiter:
+    """Counts open connections in total and per client IP."""
+
+    def __init__(self, total: int, per_ip: int) -> None:
+        self.total_limit = total
+        self.per_ip_limit = per_ip
+        self.total = 0
+        self.by_ip: dict[str, int] = {}
+
+    def admit(self, ip: str) -> str | None:
+        """Count a new connection; return which limit refuses it (``TOTAL``/``PER_IP``), or None."""
+        if self.total >= self.total_limit:
+            return TOTAL
+        if self.by_ip.get(ip, 0) >= self.per_ip_limit:
+            return PER_IP
+        self.total += 1
+        self.by_ip[ip] = self.by_ip.get(ip, 0) + 1
+        return None
+
+    def release(self, ip: str) -> None:
+        """Forget one connection admitted by :meth:`admit`."""
+        self.total -= 1
+        n = self.by_ip.get(ip, 1) - 1
+        if n:
+            self.by_ip[ip] = n
+        else:
+            self.by_ip.pop(ip, None)
