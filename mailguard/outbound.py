@@ -339,6 +339,30 @@ class QueueRunner(Service):
                      "reply={reply}", queue_id=entry_id, **line)
         return updated  # type: ignore[no-any-return]
 
+    async def _entry_and_message(self, entry_id: str) -> tuple[QueueEntry, bytes] | None:
+        """The envelope and message of an entry, or None when it is gone (deleted meanwhile)."""
+        try:
+            entry = await self.blocking(self.queue.load, entry_id)
+            message = await self.blocking(self.queue.read_message, entry_id)
+        except QueueError:
+            return None
+        return entry, message
+
+    async def _mark(self, entry_id: str, addresses: set[str], flag: str) -> None:
+        """Set a recipient flag (``notified``, ``warned``) in the envelope, durably."""
+        def change(e: QueueEntry) -> None:
+            for r in e.recipients:
+                if r.address in addresses:
+                    setattr(r, flag, True)
+
+        await self.blocking(self.queue.update, entry_id, change)
+
+    def _log_notice(self, entry: QueueEntry, recipients: list[Any], state: str) -> None:
+        for r in recipients:
+            log.info("mailguard outbound: id={queue_id} to=<{recipient}> state={state} relay={relay} "
+                     "reply={reply}", queue_id=entry.id, recipient=r.address, state=state,
+                     relay=f"<{entry.sender}>", reply=r.last_reply)
+
     def _warn_at(self, entry: QueueEntry) -> float | None:
         """When the entry's delay warning is due, or None (off, sent, nothing late, or ``<>``)."""
         after = self.config.outbound.delay_warning
@@ -352,11 +376,10 @@ class QueueRunner(Service):
         """Send one delay warning (RFC 3464 ``Action: delayed``) for the late recipients."""
         self._warning.add(entry_id)
         try:
-            try:
-                entry = await self.blocking(self.queue.load, entry_id)
-                message = await self.blocking(self.queue.read_message, entry_id)
-            except QueueError:
+            found = await self._entry_and_message(entry_id)
+            if found is None:
                 return
+            entry, message = found
             late = [r for r in entry.recipients if r.state == DEFERRED and not r.warned]
             if not late or not entry.sender:
                 return
@@ -371,18 +394,8 @@ class QueueRunner(Service):
                 log.warn("mailguard outbound: id={queue_id} delay warning to <{sender}> failed: {error}",
                          queue_id=entry_id, sender=entry.sender, error=repr(e))
                 return
-            addresses = {r.address for r in late}
-
-            def warned(e: QueueEntry) -> None:
-                for r in e.recipients:
-                    if r.address in addresses:
-                        r.warned = True
-
-            await self.blocking(self.queue.update, entry_id, warned)
-            for r in late:
-                log.info("mailguard outbound: id={queue_id} to=<{recipient}> state=delay-warned relay={relay} "
-                         "reply={reply}", queue_id=entry_id, recipient=r.address, relay=f"<{entry.sender}>",
-                         reply=r.last_reply)
+            await self._mark(entry_id, {r.address for r in late}, "warned")
+            self._log_notice(entry, late, "delay-warned")
         finally:
             self._warning.discard(entry_id)
 
@@ -392,12 +405,11 @@ class QueueRunner(Service):
             return
         self._bouncing.add(entry_id)
         try:
-            try:
-                entry = await self.blocking(self.queue.load, entry_id)
-                message = await self.blocking(self.queue.read_message, entry_id)
-            except QueueError:
+            found = await self._entry_and_message(entry_id)
+            if found is None:
                 self._bounce_after.pop(entry_id, None)
                 return
+            entry, message = found
             failed = [r for r in entry.recipients if r.state == FAILED and not r.notified]
             if not failed:
                 return
@@ -415,18 +427,8 @@ class QueueRunner(Service):
                 self._schedule(retry_at)
                 return
             self._bounce_after.pop(entry_id, None)
-            addresses = {r.address for r in failed}
-
-            def notified(e: QueueEntry) -> None:
-                for r in e.recipients:
-                    if r.address in addresses:
-                        r.notified = True
-
-            await self.blocking(self.queue.update, entry_id, notified)
-            for r in failed:
-                log.info("mailguard outbound: id={queue_id} to=<{recipient}> state=bounced relay={relay} "
-                         "reply={reply}", queue_id=entry_id, recipient=r.address, relay=f"<{entry.sender}>",
-                         reply=r.last_reply)
+            await self._mark(entry_id, {r.address for r in failed}, "notified")
+            self._log_notice(entry, failed, "bounced")
         finally:
             self._bouncing.discard(entry_id)
 
