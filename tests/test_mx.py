@@ -6,25 +6,12 @@ from typing import Any, Iterator
 
 import pytest
 import pytest_twisted
+from dns_doubles import MemoryAuthority
 from twisted.internet import defer, protocol, reactor
-from twisted.names import authority, client, common, dns, server
+from twisted.names import client, dns, server
 
 from mailguard import mx
 from mailguard.mx import Relay, RouteError
-
-SOA = dns.Record_SOA(mname=b"ns.test", rname=b"root.test", serial=1, refresh=60, retry=60,
-                     expire=60, minimum=1, ttl=1)
-
-
-class MemoryAuthority(authority.FileAuthority):
-    """An in-memory zone for ``test.``."""
-
-    def __init__(self, records: dict[bytes, list[Any]]) -> None:
-        common.ResolverBase.__init__(self)
-        self.soa = (b"test", SOA)
-        self.records = {b"test": [SOA], **records}
-        self._cache: dict[Any, Any] = {}
-
 
 ZONE = {
     b"remote.test": [dns.Record_MX(20, b"backup.remote.test"), dns.Record_MX(10, b"mx1.remote.test")],

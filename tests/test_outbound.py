@@ -20,8 +20,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from dns_doubles import MemoryAuthority
 from twisted.internet import defer, protocol, reactor, ssl, task
-from twisted.names import authority, common, dns, server
+from twisted.names import dns, server
 from twisted.protocols.basic import LineReceiver
 
 from mailguard import config as config_mod
@@ -280,18 +281,6 @@ def test_wake_after_enqueue(tmp_path: Path) -> None:
 
 # -- loopback doubles ---------------------------------------------------------
 
-SOA = dns.Record_SOA(mname=b"ns.test", rname=b"root.test", serial=1, refresh=60, retry=60,
-                     expire=60, minimum=1, ttl=1)
-
-
-class MemoryAuthority(authority.FileAuthority):
-    """An in-memory zone for ``test.``."""
-
-    def __init__(self, records: dict[bytes, list[Any]]) -> None:
-        common.ResolverBase.__init__(self)
-        self.soa = (b"test", SOA)
-        self.records = {b"test": [SOA], **records}
-        self._cache: dict[Any, Any] = {}
 
 
 ZONE = {
@@ -546,15 +535,20 @@ async def test_loopback_null_mx_fails_permanently(tmp_path: Path) -> None:
         await lo.close()
 
 
+def starttls_smarthost_runner(tmp_path: Path, lo: Loopback, password: str) -> QueueRunner:
+    """A runner sending everything through the loopback sink as smarthost: STARTTLS, AUTH office@isp.test."""
+    return QueueRunner(make_config(tmp_path, smarthost=f"127.0.0.1:{lo.smtp_port.getHost().port}",
+                                   smarthost_tls="starttls", smarthost_user="office@isp.test",
+                                   smarthost_password=password, connect_timeout=3, command_timeout=3),
+                       lo.queue, reactor, lo.inject)
+
+
 @pytest_twisted.ensureDeferred
 async def test_loopback_smarthost_auth_over_starttls(tmp_path: Path) -> None:
     """Smarthost mode: STARTTLS, then AUTH with the configured credentials, then delivery."""
     sink = Sink(auth=("office@isp.test", "s3cret"))
     lo = Loopback(tmp_path, sink)
-    lo.runner = QueueRunner(make_config(tmp_path, smarthost=f"127.0.0.1:{lo.smtp_port.getHost().port}",
-                                        smarthost_tls="starttls", smarthost_user="office@isp.test",
-                                        smarthost_password="s3cret", connect_timeout=3, command_timeout=3),
-                            lo.queue, reactor, lo.inject)
+    lo.runner = starttls_smarthost_runner(tmp_path, lo, "s3cret")
     try:
         lo.runner.startService()
         await lo.enqueue("joe@here.test", ["ann@anywhere.example"])
@@ -571,10 +565,7 @@ async def test_loopback_smarthost_wrong_password_defers(tmp_path: Path) -> None:
     """A refused login at the smarthost keeps the message queued (deferred), never bounced."""
     sink = Sink(auth=("office@isp.test", "right"))
     lo = Loopback(tmp_path, sink)
-    lo.runner = QueueRunner(make_config(tmp_path, smarthost=f"127.0.0.1:{lo.smtp_port.getHost().port}",
-                                        smarthost_tls="starttls", smarthost_user="office@isp.test",
-                                        smarthost_password="wrong", connect_timeout=3, command_timeout=3),
-                            lo.queue, reactor, lo.inject)
+    lo.runner = starttls_smarthost_runner(tmp_path, lo, "wrong")
     try:
         lo.runner.startService()
         entry_id = await lo.enqueue("joe@here.test", ["ann@anywhere.example"])
