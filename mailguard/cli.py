@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 from mailguard import config, policy
 from mailguard.address import AddressError, parse_path
@@ -76,19 +76,25 @@ def _check_local_domain(cfg: config.Config, address: str) -> None:
                            f"(add [domains.\"{domain}\"] route = \"inbound\")")
 
 
-def cmd_alias(cfg: config.Config, args: argparse.Namespace) -> int:
+def _pointer(cfg: config.Config, args: argparse.Namespace, kind: str, name: str, target: str | None,
+             add: Callable[[Directory, str, str], None], delete: Callable[[Directory, str], None]) -> int:
+    """``alias``/``contact``: an entry that points at another address."""
     d = _directory(cfg)
-    alias = _address(args.alias)
+    address = _address(name)
     if args.action == "add":
-        if not args.target:
-            raise CommandError("alias add needs ALIAS TARGET")
-        _check_local_domain(cfg, alias)
-        d.add_alias(alias, _address(args.target))
-        print(f"alias {alias} -> {_address(args.target)}")
+        if not target:
+            raise CommandError(f"{kind} add needs two addresses")
+        _check_local_domain(cfg, address)
+        add(d, address, _address(target))
+        print(f"{kind} {address} -> {_address(target)}")
     else:
-        d.delete_alias(alias)
-        print(f"alias {alias} deleted")
+        delete(d, address)
+        print(f"{kind} {address} deleted")
     return 0
+
+
+def cmd_alias(cfg: config.Config, args: argparse.Namespace) -> int:
+    return _pointer(cfg, args, "alias", args.alias, args.target, Directory.add_alias, Directory.delete_alias)
 
 
 def cmd_list(cfg: config.Config, args: argparse.Namespace) -> int:
@@ -108,18 +114,8 @@ def cmd_list(cfg: config.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_contact(cfg: config.Config, args: argparse.Namespace) -> int:
-    d = _directory(cfg)
-    address = _address(args.address)
-    if args.action == "add":
-        if not args.remote:
-            raise CommandError("contact add needs ADDRESS REMOTE")
-        _check_local_domain(cfg, address)
-        d.add_contact(address, _address(args.remote))
-        print(f"contact {address} -> {_address(args.remote)}")
-    else:
-        d.delete_contact(address)
-        print(f"contact {address} deleted")
-    return 0
+    return _pointer(cfg, args, "contact", args.address, args.remote,
+                    Directory.add_contact, Directory.delete_contact)
 
 
 def cmd_check_config(cfg: config.Config, args: argparse.Namespace) -> int:

@@ -347,12 +347,18 @@ class POP3Server(protocol.Protocol, policies.TimeoutMixin):
             self.transport.startTLS(self.factory.tls_context.options())
             self._tls_started = True
 
-    def do_USER(self, rest: bytes) -> None:
+    def _credentials_accepted(self) -> bool:
+        """USER/PASS may be sent now: not logged in yet, and the channel is encrypted (or may be clear)."""
         if self.state != AUTHORIZATION:
             self._send(ERR_ALREADY)
-            return
+            return False
         if not self._login_allowed():
             self._send(ERR_NEEDS_TLS)
+            return False
+        return True
+
+    def do_USER(self, rest: bytes) -> None:
+        if not self._credentials_accepted():
             return
         try:
             name = rest.decode("utf-8").strip()
@@ -365,11 +371,7 @@ class POP3Server(protocol.Protocol, policies.TimeoutMixin):
         self._send(b"+OK Send PASS")
 
     def do_PASS(self, rest: bytes) -> None:
-        if self.state != AUTHORIZATION:
-            self._send(ERR_ALREADY)
-            return
-        if not self._login_allowed():
-            self._send(ERR_NEEDS_TLS)
+        if not self._credentials_accepted():
             return
         if self._user is None:
             self._send(ERR_USER_FIRST)
