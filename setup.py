@@ -25,5 +25,5 @@ setup(
             "mypy",
         ],
     },
-    entry_points={"console_scripts": ["mailguard = mailguard.cli:main"]},
+    entry_points={"console_scripts": ["mailguard = mailguard.app.cli:main"]},
 )

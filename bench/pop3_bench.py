@@ -40,7 +40,7 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mailguard import maildir  # noqa: E402
+from mailguard.storage import maildir  # noqa: E402
 from tests.e2e.harness import MailguardServer  # noqa: E402
 
 DOVECOT_POP3 = "/usr/lib/dovecot/pop3"

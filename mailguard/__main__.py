@@ -2,6 +2,6 @@
 
 import sys
 
-from mailguard.cli import main
+from mailguard.app.cli import main
 
 sys.exit(main())

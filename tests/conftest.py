@@ -22,8 +22,8 @@ from twisted.logger import LogEvent, capturedLogs, formatEvent
 from zope.interface import directlyProvides
 
 from mailguard import config
-from mailguard.auth import PopBeforeSmtp
-from mailguard.directory import DirectoryError, Expansion
+from mailguard.auth.authenticator import PopBeforeSmtp
+from mailguard.directory.sqlite import DirectoryError, Expansion
 
 settings.register_profile("mailguard", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("mailguard")
@@ -199,7 +199,7 @@ class FakeMailhost:
     pop_before_smtp: Any = None
 
     def __post_init__(self) -> None:
-        from mailguard.limits import ConnectionLimiter
+        from mailguard.app.limits import ConnectionLimiter
         if self.limiter is None:
             lm = self.cfg.limits
             self.limiter = ConnectionLimiter(lm.max_connections, lm.max_connections_per_ip)
@@ -212,7 +212,7 @@ class Session:
 
     def __init__(self, host: FakeMailhost, kind: str = "smtp", client_ip: str = "203.0.113.9",
                  local_ip: str = "10.0.0.1", encrypted: bool = False) -> None:
-        from mailguard.smtp import SMTPServer
+        from mailguard.smtp.server import SMTPServer
         self.host = host
         self.proto = SMTPServer(host, kind)
         self.transport = TLSCapableTransport(

@@ -1,4 +1,4 @@
-"""Tests for mailguard.address: RFC 5321 paths, normalisation, and relay tricks."""
+"""Tests for mailguard.core.address: RFC 5321 paths, normalisation, and relay tricks."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from mailguard.address import (MAX_DOMAIN, MAX_LOCAL, MAX_PATH, Address, AddressError, normalize_domain,
+from mailguard.core.address import (MAX_DOMAIN, MAX_LOCAL, MAX_PATH, Address, AddressError, normalize_domain,
                                parse_mail_arg, parse_path)
 
 ATEXT = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789#$&'*+/=?^_`{|}~-"

@@ -1,4 +1,4 @@
-"""Tests for mailguard.auth: login throttling with a task.Clock, and POP-before-SMTP."""
+"""Tests for mailguard.auth.authenticator: login throttling with a task.Clock, and POP-before-SMTP."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
-from mailguard.auth import MAX_ACCOUNT_DELAY, MAX_PARALLEL_CHECKS, Authenticator, PopBeforeSmtp, Throttled
+from mailguard.auth.authenticator import MAX_ACCOUNT_DELAY, MAX_PARALLEL_CHECKS, Authenticator, PopBeforeSmtp, Throttled
 
 from conftest import LogCapture, make_config
 

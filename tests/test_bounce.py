@@ -1,4 +1,4 @@
-"""Tests for mailguard.bounce: RFC 3464 delivery status notifications."""
+"""Tests for mailguard.core.dsn: RFC 3464 delivery status notifications."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import email.policy
 
 import pytest
 
-from mailguard.bounce import FailedRecipient, build_dsn, original_headers, status_of
+from mailguard.core.dsn import FailedRecipient, build_dsn, original_headers, status_of
 
 ORIGINAL = (b"Received: from client (127.0.0.1)\r\nFrom: Joe <joe@here.example>\r\n"
             b"Subject: quarterly numbers\r\nMessage-ID: <abc@here.example>\r\n\r\nsecret body\r\n")

@@ -1,4 +1,4 @@
-"""Tests for mailguard.directory: the SQLite GAL (entries, expansion, passwords, failures)."""
+"""Tests for mailguard.directory.sqlite: the SQLite GAL (entries, expansion, passwords, failures)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Iterator
 import pytest
 from passlib.context import CryptContext
 
-from mailguard import directory as directory_mod
-from mailguard.directory import Directory, DirectoryError, EntryError, Expansion
+from mailguard.directory import sqlite as directory_mod
+from mailguard.directory.sqlite import Directory, DirectoryError, EntryError, Expansion
 
 CHEAP = CryptContext(schemes=["sha256_crypt"], sha256_crypt__default_rounds=1000)
 

@@ -1,7 +1,7 @@
 """Property tests (hypothesis): hostile input against live protocol objects, the parser and the config loader.
 
-Issue 6 item 3.  A live :class:`mailguard.smtp.SMTPServer` and a live
-:class:`mailguard.pop3.POP3Server` run over ``StringTransport`` with a ``task.Clock``;
+Issue 6 item 3.  A live :class:`mailguard.smtp.server.SMTPServer` and a live
+:class:`mailguard.pop3.server.POP3Server` run over ``StringTransport`` with a ``task.Clock``;
 random command sequences, random bytes, over-long arguments, 8-bit and NUL bytes are
 fed to them one line at a time, and after every line the output is checked:
 
@@ -33,9 +33,9 @@ from twisted.internet.testing import StringTransport
 
 from conftest import OFFICE, FakeMailhost, Session, make_config
 from mailguard import config
-from mailguard.address import AddressError, parse_mail_arg, parse_path
-from mailguard.maildir import LockTable, deliver, maildir_path
-from mailguard.pop3 import POP3Factory
+from mailguard.core.address import AddressError, parse_mail_arg, parse_path
+from mailguard.storage.maildir import LockTable, deliver, maildir_path
+from mailguard.pop3.server import POP3Factory
 
 EXAMPLES = settings(max_examples=150, deadline=None)
 

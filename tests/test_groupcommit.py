@@ -1,4 +1,4 @@
-"""Tests for mailguard.groupcommit: batched durable maildir delivery."""
+"""Tests for mailguard.storage.groupcommit: batched durable maildir delivery."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any, Callable
 import pytest
 from twisted.python.failure import Failure
 
-from mailguard import groupcommit
-from mailguard.groupcommit import GroupCommit, _Job
+from mailguard.storage import groupcommit
+from mailguard.storage.groupcommit import GroupCommit, _Job
 
 MESSAGE = b"Return-Path: <a@b.example>\r\nSubject: hi\r\n\r\nbody\r\n.dot\r\n"
 

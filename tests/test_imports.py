@@ -17,7 +17,7 @@ for name in ("getfqdn", "gethostbyname", "gethostbyaddr", "getaddrinfo"):
         refuse.name = _name
         refuse(*args)
     setattr(socket, name, f)
-import mailguard.tap, mailguard.smtp, mailguard.pop3, mailguard.service, mailguard.outbound
+import mailguard.app.tap, mailguard.smtp.server, mailguard.pop3.server, mailguard.app.service, mailguard.outbound.runner
 print("imported")
 """
 

@@ -1,4 +1,4 @@
-"""Tests for :mod:`mailguard.maildir`: durable delivery and the POP3 view of a maildir."""
+"""Tests for :mod:`mailguard.storage.maildir`: durable delivery and the POP3 view of a maildir."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mailguard import maildir
-from mailguard.maildir import LockTable, Mailbox, MailboxLocked, deliver, deliver_many, maildir_path
+from mailguard.storage import maildir
+from mailguard.storage.maildir import LockTable, Mailbox, MailboxLocked, deliver, deliver_many, maildir_path
 
 MESSAGE = (b"Return-Path: <a@example.org>\r\nReceived: from x by y\r\nSubject: hi\r\n\r\n"
            b"line one\r\n.dot line\r\nlast\r\n")

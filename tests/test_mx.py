@@ -1,4 +1,4 @@
-"""Tests for mailguard.mx: MX routing against a loopback DNS server (twisted.names)."""
+"""Tests for mailguard.outbound.mx: MX routing against a loopback DNS server (twisted.names)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from dns_doubles import MemoryAuthority
 from twisted.internet import defer, protocol, reactor
 from twisted.names import client, dns, server
 
-from mailguard import mx
-from mailguard.mx import Relay, RouteError
+from mailguard.outbound import mx
+from mailguard.outbound.mx import Relay, RouteError
 
 ZONE = {
     b"remote.test": [dns.Record_MX(20, b"backup.remote.test"), dns.Record_MX(10, b"mx1.remote.test")],

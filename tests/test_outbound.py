@@ -1,4 +1,4 @@
-"""Tests for mailguard.outbound: the queue runner.
+"""Tests for mailguard.outbound.runner: the queue runner.
 
 Unit tests drive :class:`QueueRunner` with ``task.Clock``, a scripted courier and
 synchronous queue I/O.  Loopback tests run the real runner on the real reactor
@@ -26,9 +26,9 @@ from twisted.names import dns, server
 from twisted.protocols.basic import LineReceiver
 
 from mailguard import config as config_mod
-from mailguard.outbound import QueueRunner, next_attempt
-from mailguard.queue import DEFERRED, DELIVERED, FAILED, Queue, QueueEntry
-from mailguard.smtpclient import Outcome
+from mailguard.outbound.runner import QueueRunner, next_attempt
+from mailguard.storage.queue import DEFERRED, DELIVERED, FAILED, Queue, QueueEntry
+from mailguard.outbound.client import Outcome
 
 MESSAGE = (b"Received: from client (127.0.0.1)\r\nFrom: joe@here.test\r\nTo: ann@remote.test\r\n"
            b"Subject: numbers\r\n\r\nhello\r\n")
@@ -642,7 +642,7 @@ def test_each_decision_logged(tmp_path: Path) -> None:
     lines: list[str] = []
 
     def observe(event: dict[str, Any]) -> None:
-        if event.get("log_namespace") == "mailguard.outbound":
+        if event.get("log_namespace") == "mailguard.outbound.runner":
             lines.append(formatEvent(event))
 
     globalLogPublisher.addObserver(observe)

@@ -1,4 +1,4 @@
-"""Tests for mailguard.policy: the ordered first-match recipient rules and their replies."""
+"""Tests for mailguard.core.policy: the ordered first-match recipient rules and their replies."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, reject
 from hypothesis import strategies as st
 
-from mailguard import config, policy
-from mailguard.directory import Expansion
+from mailguard import config
+from mailguard.core import policy
+from mailguard.directory.sqlite import Expansion
 
 from conftest import FakeDirectory, make_config
 from conftest import office_config as office
@@ -335,7 +336,7 @@ def test_unrouted_domain_accepted_only_with_relay_permission(cfg: config.Config,
                          else Expansion(mailboxes=(k,)) for k in known})
     who = policy.client(ip, local_ip, auth, pop)
     d = policy.decide(cfg, gal.expand, who, rcpt)
-    from mailguard.address import AddressError, parse_path
+    from mailguard.core.address import AddressError, parse_path
     try:
         addr = parse_path(rcpt, bare_ok=frozenset({"postmaster"}))
     except AddressError as e:

@@ -1,4 +1,4 @@
-"""Tests for :mod:`mailguard.pop3` over ``StringTransport`` with a ``task.Clock``."""
+"""Tests for :mod:`mailguard.pop3.server` over ``StringTransport`` with a ``task.Clock``."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import StringTransport
 from zope.interface import directlyProvides
 
-from mailguard import config, pop3
-from mailguard.auth import Throttled
-from mailguard.maildir import LockTable, Mailbox, deliver, maildir_path
-from mailguard.pop3 import POP3Factory
+from mailguard import config
+from mailguard.pop3 import server as pop3
+from mailguard.auth.authenticator import Throttled
+from mailguard.storage.maildir import LockTable, Mailbox, deliver, maildir_path
+from mailguard.pop3.server import POP3Factory
 
 ALICE = "alice@example.com"
 PASSWORD = "s3cret pass"

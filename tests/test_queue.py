@@ -1,4 +1,4 @@
-"""Tests for mailguard.queue: the durable on-disk outbound queue."""
+"""Tests for mailguard.storage.queue: the durable on-disk outbound queue."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mailguard import queue as queue_mod
-from mailguard.queue import DELIVERED, FAILED, PENDING, Queue, QueueError, format_entry
+from mailguard.storage import queue as queue_mod
+from mailguard.storage.queue import DELIVERED, FAILED, PENDING, Queue, QueueError, format_entry
 
 MESSAGE = b"Received: from a\r\nSubject: x\r\n\r\nbody\r\n"
 

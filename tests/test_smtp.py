@@ -1,4 +1,4 @@
-"""Tests for mailguard.smtp: the hardened ESMTP server over a StringTransport and a task.Clock."""
+"""Tests for mailguard.smtp.server: the hardened ESMTP server over a StringTransport and a task.Clock."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.logger import capturedLogs, formatEvent
 
-from mailguard import smtp
-from mailguard.auth import Throttled
+from mailguard.smtp import server as smtp
+from mailguard.auth.authenticator import Throttled
 
 from conftest import FakeMailhost, FakeTLS, LogCapture, Session, office_config
 

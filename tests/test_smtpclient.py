@@ -1,4 +1,4 @@
-"""Unit tests for mailguard.smtpclient: the SMTP client over StringTransport and task.Clock."""
+"""Unit tests for mailguard.outbound.client: the SMTP client over StringTransport and task.Clock."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
 
-from mailguard.queue import DEFERRED, DELIVERED, FAILED
-from mailguard.smtpclient import (ClientConnection, ServerReply, SessionError, SessionOptions,
+from mailguard.storage.queue import DEFERRED, DELIVERED, FAILED
+from mailguard.outbound.client import (ClientConnection, ServerReply, SessionError, SessionOptions,
                                   capabilities, transact)
 
 MESSAGE = b"Subject: hi\r\n\r\nline one\r\n.starts with a dot\r\nlast\r\n"

@@ -4,7 +4,7 @@ from twisted.application.service import ServiceMaker
 
 mailguard = ServiceMaker(
     "mailguard",
-    "mailguard.tap",
+    "mailguard.app.tap",
     "A small-office mail host (SMTP, submission, POP3) that never relays openly",
     "mailguard",
 )

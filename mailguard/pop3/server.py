@@ -1,5 +1,5 @@
 """The POP3 server: RFC 1939, CAPA and response codes (RFC 2449, RFC 3206), STLS
-(RFC 2595) and AUTH PLAIN (RFC 5034, RFC 4616) over :mod:`mailguard.maildir`.
+(RFC 2595) and AUTH PLAIN (RFC 5034, RFC 4616) over :mod:`mailguard.storage.maildir`.
 
 This is a fresh protocol on ``Protocol`` + ``TimeoutMixin`` rather than a subclass of
 ``twisted.mail.pop3.POP3``: a subclass would have to replace the line handling
@@ -26,7 +26,7 @@ Behaviour an administrator can rely on:
 - Deletions and the seen flags are applied at ``QUIT`` only; a dropped or timed-out
   connection changes nothing (RFC 1939 sections 3 and 6).
 - ``RETR``/``TOP`` stream the LF-stored file as CRLF through the stateful
-  :class:`~mailguard.dotstuff.DotStuffer`, so a ``.`` line on a chunk boundary is
+  :class:`~mailguard.core.dotstuff.DotStuffer`, so a ``.`` line on a chunk boundary is
   stuffed like any other; ``LIST`` sizes equal the octets sent before stuffing.
 """
 
@@ -44,12 +44,12 @@ from twisted.protocols import policies
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailguard import maillog
-from mailguard.auth import Throttled
+from mailguard.app import maillog
+from mailguard.auth.authenticator import Throttled
 from mailguard.config import Config
-from mailguard.dotstuff import DotStuffer
-from mailguard.limits import ConnectionLimiter
-from mailguard.maildir import LockTable, Mailbox, MailboxLocked, maildir_path
+from mailguard.core.dotstuff import DotStuffer
+from mailguard.app.limits import ConnectionLimiter
+from mailguard.storage.maildir import LockTable, Mailbox, MailboxLocked, maildir_path
 
 log = Logger(namespace="mailguard")
 
@@ -640,7 +640,7 @@ class POP3Factory(protocol.ServerFactory):
     """Builds :class:`POP3Server` sessions sharing one lock table and connection counts.
 
     :param authenticator: ``check(login, password, client_ip, service) -> Deferred[str | None]``
-        (canonical mailbox address, or None), errback ``mailguard.auth.Throttled``.
+        (canonical mailbox address, or None), errback ``mailguard.auth.authenticator.Throttled``.
     :param pop_before_smtp: ``record(ip)`` after each successful login.
     :param tls_context: ``options()`` for ``startTLS``; None: no STLS.
     :param clock: the reactor's time (idle timeouts); the global reactor when None.

@@ -24,8 +24,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
-from mailguard import replies
-from mailguard.address import AddressError, normalize_domain
+from mailguard.core import replies
+from mailguard.core.address import AddressError, normalize_domain
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -20,14 +20,15 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
-from mailguard import auth, delivery
+from mailguard.auth import authenticator as auth
+from mailguard.storage import delivery
 from mailguard.config import Config
-from mailguard.directory import Directory
-from mailguard.groupcommit import GroupCommit
-from mailguard.queue import Queue
-from mailguard.limits import ConnectionLimiter
-from mailguard.smtp import SMTPFactory
-from mailguard.tls import TLSContext
+from mailguard.directory.sqlite import Directory
+from mailguard.storage.groupcommit import GroupCommit
+from mailguard.storage.queue import Queue
+from mailguard.app.limits import ConnectionLimiter
+from mailguard.smtp.server import SMTPFactory
+from mailguard.app.tls import TLSContext
 
 log = Logger(namespace="mailguard")
 
@@ -122,7 +123,7 @@ class Mailhost(service.MultiService):
         return Directory(path)
 
     def _queue_runner(self) -> Any:
-        from mailguard.outbound import QueueRunner
+        from mailguard.outbound.runner import QueueRunner
         return QueueRunner(self.cfg, self.queue, self.reactor, self._inject)
 
     def _inject(self, sender: str, recipients: list[str], message: bytes) -> Deferred:
@@ -142,7 +143,7 @@ class Mailhost(service.MultiService):
             ListenerService(self.reactor, desc, pop3_factory, self.tls).setServiceParent(self)
 
     def _pop3_factory(self) -> Any:
-        from mailguard.pop3 import POP3Factory
+        from mailguard.pop3.server import POP3Factory
         return POP3Factory(self.cfg, self.authenticator, self.pop_before_smtp, self.tls, clock=self.reactor)
 
     def startService(self) -> None:

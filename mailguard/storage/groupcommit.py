@@ -39,7 +39,7 @@ from typing import Any, Callable
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from mailguard import maildir
+from mailguard.storage import maildir
 
 MAX_BATCH = 256
 

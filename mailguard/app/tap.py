@@ -11,7 +11,7 @@ import sys
 from twisted.application import service
 from twisted.python import usage
 
-from mailguard import _twistedmail  # noqa: F401  (Twisted's mail modules without import-time DNS)
+from mailguard.smtp import _twistedmail  # noqa: F401  (Twisted's mail modules without import-time DNS)
 from mailguard import config
 
 
@@ -33,5 +33,5 @@ def makeService(options: Options) -> service.IService:
         raise SystemExit(1) from None
     from twisted.internet import reactor
 
-    from mailguard.service import Mailhost
+    from mailguard.app.service import Mailhost
     return Mailhost(cfg, reactor)

@@ -144,7 +144,7 @@ def write_tmp(maildir: str | Path, name: str, data: bytes, fsync: bool = True) -
     """Write ``data`` to ``maildir/tmp/name`` (creating the maildir when missing).
 
     With ``fsync=False`` the caller makes the file durable itself (a group commit,
-    see :mod:`mailguard.delivery`) before renaming it into ``new/``.  On failure
+    see :mod:`mailguard.storage.delivery`) before renaming it into ``new/``.  On failure
     nothing is left behind and :class:`OSError` is raised.
     """
     return _write_tmp(maildir, name, data, fsync)

@@ -13,9 +13,10 @@ import getpass
 import sys
 from typing import Callable, Sequence
 
-from mailguard import config, policy
-from mailguard.address import AddressError, parse_path
-from mailguard.directory import Directory, DirectoryError, EntryError
+from mailguard import config
+from mailguard.core import policy
+from mailguard.core.address import AddressError, parse_path
+from mailguard.directory.sqlite import Directory, DirectoryError, EntryError
 
 
 class CommandError(Exception):
@@ -144,7 +145,7 @@ def cmd_explain(cfg: config.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_queue(cfg: config.Config, args: argparse.Namespace) -> int:
-    from mailguard import queue as queue_mod
+    from mailguard.storage import queue as queue_mod
 
     q = queue_mod.Queue(cfg.queue_dir)
     if args.action == "list":
@@ -167,7 +168,7 @@ def cmd_queue(cfg: config.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_relay_test(cfg: config.Config | None, args: argparse.Namespace) -> int:
-    from mailguard import relaytest
+    from mailguard.app import relaytest
 
     return relaytest.main(args)
 

@@ -3,7 +3,7 @@
 Written on ``LineReceiver`` instead of Twisted's ``ESMTPClient`` because that client
 dot-stuffs each 16 KiB chunk on its own (a ``.`` line on a chunk boundary ends the
 message early: the rest reaches the next hop as commands).  Here the message goes out
-through :class:`mailguard.dotstuff.DotStuffer`, which keeps its state across chunks.
+through :class:`mailguard.core.dotstuff.DotStuffer`, which keeps its state across chunks.
 
 :class:`ClientConnection` is the wire: it sends one command at a time and hands back
 each (multi-line) reply, with a timeout on every command.  :func:`transact` is one
@@ -34,8 +34,8 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailguard.dotstuff import DotStuffer
-from mailguard.queue import DEFERRED, DELIVERED, FAILED
+from mailguard.core.dotstuff import DotStuffer
+from mailguard.storage.queue import DEFERRED, DELIVERED, FAILED
 
 _STATUS = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
 CHUNK = 65536

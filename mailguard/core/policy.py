@@ -34,10 +34,10 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Callable
 
-from mailguard import replies
-from mailguard.address import Address, AddressError, parse_path
+from mailguard.core import replies
+from mailguard.core.address import Address, AddressError, parse_path
 from mailguard.config import Config, IPAddress
-from mailguard.directory import DirectoryError, Expansion
+from mailguard.directory.sqlite import DirectoryError, Expansion
 
 Expand = Callable[[str], "Expansion | None"]
 MAX_REROUTES = 8

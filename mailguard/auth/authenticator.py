@@ -25,7 +25,7 @@ from typing import Callable
 from twisted.internet import defer, task, threads
 from twisted.internet.interfaces import IReactorTime
 
-from mailguard import maillog
+from mailguard.app import maillog
 from mailguard.config import LimitsConfig
 
 MAX_IP_DELAY = 16.0

@@ -12,12 +12,12 @@
 - a 5xx fails the recipient at once; a 4xx, a refused connection or a timeout defers
   it by :func:`next_attempt` of ``[outbound] retry_schedule``; once ``max_queue_time``
   has passed since the message was queued, a waiting recipient fails;
-- failed recipients get one RFC 3464 bounce per entry (:mod:`mailguard.bounce`),
+- failed recipients get one RFC 3464 bounce per entry (:mod:`mailguard.core.dsn`),
   handed to ``inject("", [sender], dsn)``; a message from ``<>`` is never bounced;
 - an entry with nothing left to do is deleted.
 
 A flush request from another process (``mailguard queue flush``:
-:meth:`mailguard.queue.Queue.request_flush`) is noticed within :attr:`FLUSH_POLL`
+:meth:`mailguard.storage.queue.Queue.request_flush`) is noticed within :attr:`FLUSH_POLL`
 seconds.  Every decision is logged as one line::
 
     mailguard outbound: id=<queue id> to=<rcpt> state=<delivered|deferred|failed|bounced|dropped> relay=<host> reply=<reply>
@@ -32,12 +32,12 @@ from twisted.application.service import Service
 from twisted.internet import defer, endpoints, task, threads
 from twisted.logger import Logger
 
-from mailguard import mx
-from mailguard.bounce import FailedRecipient, build_dsn
-from mailguard.queue import DEFERRED, FAILED, Queue, QueueEntry, QueueError
-from mailguard.smtpclient import ClientConnection, Outcome, SessionError, SessionOptions, tls_options, transact
+from mailguard.outbound import mx
+from mailguard.core.dsn import FailedRecipient, build_dsn
+from mailguard.storage.queue import DEFERRED, FAILED, Queue, QueueEntry, QueueError
+from mailguard.outbound.client import ClientConnection, Outcome, SessionError, SessionOptions, tls_options, transact
 
-log = Logger(namespace="mailguard.outbound")
+log = Logger(namespace="mailguard.outbound.runner")
 
 MAX_HOSTS = 5  # MX hosts (addresses) tried in one attempt, like Postfix's smtp_mx_address_limit
 

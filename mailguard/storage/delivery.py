@@ -6,7 +6,7 @@ recipients get one queue entry (``Received:`` first; ``Return-Path:`` is added o
 at final delivery, RFC 5321 section 4.4).  All disk work, fsyncs included, runs in a
 thread; the returned Deferred fires only when everything is durable, so the ``250``
 that follows it is a promise kept.  Any failure is transient (451 to the client).
-Local copies go through a :class:`~mailguard.groupcommit.GroupCommit` when one is
+Local copies go through a :class:`~mailguard.storage.groupcommit.GroupCommit` when one is
 given (the running server), which batches the syncs of concurrent deliveries.
 """
 
@@ -17,11 +17,12 @@ from typing import Callable, Iterable, Sequence
 
 from twisted.internet import defer, threads
 
-from mailguard import maildir, policy
+from mailguard.storage import maildir
+from mailguard.core import policy
 from mailguard.config import Config
-from mailguard.directory import Directory, Expansion
-from mailguard.groupcommit import GroupCommit
-from mailguard.queue import Queue
+from mailguard.directory.sqlite import Directory, Expansion
+from mailguard.storage.groupcommit import GroupCommit
+from mailguard.storage.queue import Queue
 
 RunInThread = Callable[..., defer.Deferred]
 

@@ -24,7 +24,7 @@ because the base class's line handling is where its faults live
 - Limits: recipients per message, message size, idle and whole-session timeouts,
   connections in total and per client IP, errors per session.
 
-Every RCPT decision is logged in one line (:mod:`mailguard.maillog`).
+Every RCPT decision is logged in one line (:mod:`mailguard.app.maillog`).
 """
 
 from __future__ import annotations
@@ -41,15 +41,16 @@ from twisted.internet import interfaces, protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from mailguard import limits as limits_mod
-from mailguard import maillog, policy, replies
-from mailguard._twistedmail import smtp as twsmtp
-from mailguard.address import AddressError, parse_mail_arg, parse_path
-from mailguard.auth import Throttled
-from mailguard.directory import DirectoryError
+from mailguard.app import limits as limits_mod
+from mailguard.app import maillog
+from mailguard.core import policy, replies
+from mailguard.smtp._twistedmail import smtp as twsmtp
+from mailguard.core.address import AddressError, parse_mail_arg, parse_path
+from mailguard.auth.authenticator import Throttled
+from mailguard.directory.sqlite import DirectoryError
 
 if TYPE_CHECKING:
-    from mailguard.service import Mailhost
+    from mailguard.app.service import Mailhost
 
 MAX_COMMAND = 2048           # octets in a command line (RFC 5321 says 512; Postfix allows 2048)
 MAX_AUTH_LINE = 12288        # RFC 4954 section 4
