@@ -37,7 +37,8 @@ from typing import Callable
 from mailguard.core import replies
 from mailguard.core.address import Address, AddressError, parse_path
 from mailguard.config import Config, IPAddress
-from mailguard.directory.sqlite import DirectoryError, Expansion
+from mailguard.core.entries import Expansion
+from mailguard.directory.base import DirectoryError
 
 Expand = Callable[[str], "Expansion | None"]
 MAX_REROUTES = 8

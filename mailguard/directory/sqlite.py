@@ -30,6 +30,10 @@ from pathlib import Path
 
 from passlib.context import CryptContext
 
+from mailguard.directory.base import DirectoryError, EntryError, Expansion
+
+__all__ = ["Directory", "DirectoryError", "EntryError", "Expansion", "HASHES"]
+
 # argon2id with OWASP's recommended minimum (19 MiB, 2 passes, 1 lane): about 20-40 ms
 # of one core per check here, instead of libpass's default 64 MiB x 3 x 4 lanes, which
 # took 0.5 s under load and made every POP3 login wait for it.
@@ -52,27 +56,6 @@ UNION ALL SELECT 'list' FROM list_members WHERE list = ?1
 UNION ALL SELECT 'contact' FROM contacts WHERE address = ?1
 LIMIT 1
 """
-
-
-class DirectoryError(Exception):
-    """The directory cannot answer now (locked, missing, corrupt): a temporary failure."""
-
-
-class EntryError(ValueError):
-    """An administrative change that cannot be made (exists already, no such entry)."""
-
-
-@dataclass(frozen=True)
-class Expansion:
-    """What a directory address delivers to.
-
-    ``mailboxes``: local mailbox addresses, each once.  ``others``: addresses not in
-    the directory (remote list members, contact targets, alias targets), each once;
-    the router decides whether they are remote or in a local domain.
-    """
-
-    mailboxes: tuple[str, ...] = ()
-    others: tuple[str, ...] = ()
 
 
 @dataclass

@@ -20,7 +20,8 @@ from twisted.internet import defer, threads
 from mailguard.storage import maildir
 from mailguard.core import policy
 from mailguard.config import Config
-from mailguard.directory.sqlite import Directory, Expansion
+from mailguard.core.entries import Expansion
+from mailguard.directory.sqlite import Directory
 from mailguard.storage.groupcommit import GroupCommit
 from mailguard.storage.queue import Queue
 
