@@ -23,6 +23,7 @@ setup(
             "pytest-twisted",
             "hypothesis",
             "mypy",
+            "mypy-zope",
         ],
     },
     entry_points={"console_scripts": ["mailguard = mailguard.app.cli:main"]},

@@ -13,7 +13,8 @@ given (the running server), which batches the syncs of concurrent deliveries.
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Callable, Iterable, ParamSpec, Protocol, Sequence, TypeVar
 
 from twisted.internet import defer, threads
 
@@ -25,7 +26,14 @@ from mailguard.directory.sqlite import Directory
 from mailguard.storage.groupcommit import GroupCommit
 from mailguard.storage.queue import Queue
 
-RunInThread = Callable[..., defer.Deferred]
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+class RunInThread(Protocol):
+    """Runs a blocking call in a thread (``threads.deferToThread``; tests run it inline)."""
+
+    def __call__(self, f: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> defer.Deferred[_R]: ...
 
 
 class Store:
@@ -44,7 +52,7 @@ class Store:
         self._maildirs: dict[str, str] = {}
 
     def store(self, msg_id: str, sender: str, decisions: Sequence[policy.Decision],
-              received: bytes, message: bytes) -> defer.Deferred:
+              received: bytes, message: bytes) -> defer.Deferred[str | None]:
         """Store one message for the accepted recipients' decisions.
 
         :param message: the message as received, CRLF line endings, dot-stuffing removed.
@@ -54,7 +62,7 @@ class Store:
         remote = list(dict.fromkeys(r for d in decisions for r in d.remote))
         return self._write(sender, mailboxes, remote, received, message)
 
-    def inject(self, sender: str, recipients: Iterable[str], message: bytes) -> defer.Deferred:
+    def inject(self, sender: str, recipients: Iterable[str], message: bytes) -> defer.Deferred[str | None]:
         """Deliver a message made here (a bounce) to addresses routed like local mail.
 
         Inbound recipients are expanded through the directory (unknown ones dropped);
@@ -65,8 +73,8 @@ class Store:
         return self._write(sender, list(mailboxes), list(remote), b"", message)
 
     def _write(self, sender: str, mailboxes: list[str], remote: list[str],
-               received: bytes, message: bytes) -> defer.Deferred:
-        d: defer.Deferred = defer.succeed(None)
+               received: bytes, message: bytes) -> defer.Deferred[str | None]:
+        d: defer.Deferred[str | None] = defer.succeed(None)
         if remote:
             d = self.run_in_thread(self.queue.enqueue, sender, remote, received + message)
             d.addCallback(self._woke)
@@ -86,10 +94,10 @@ class Store:
                 self._maildirs[mailbox] = path
         return path
 
-    def _local(self, paths: list[str], message: bytes) -> defer.Deferred:
+    def _local(self, paths: list[str], message: bytes) -> defer.Deferred[list[str]]:
         if self.commit is not None:
             return self.commit.deliver(paths, message)
-        return self.run_in_thread(maildir.deliver_many, paths, message)
+        return self.run_in_thread(maildir.deliver_many, [Path(p) for p in paths], message)
 
     def _woke(self, queue_id: str | None) -> str | None:
         self.wake()

@@ -34,9 +34,10 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable, Sequence
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.failure import Failure
 
 from mailguard.storage import maildir
@@ -52,7 +53,7 @@ def _load_syncfs() -> Callable[[int], int] | None:
         return None
     fn.argtypes = [ctypes.c_int]
     fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 _SYNCFS = _load_syncfs()
@@ -60,9 +61,9 @@ _SYNCFS = _load_syncfs()
 
 @dataclass
 class _Job:
-    maildirs: list[str] | list[Path]
+    maildirs: list[str]
     message: bytes
-    deferred: defer.Deferred
+    deferred: defer.Deferred[list[str]]
     staged: list[tuple[str, str]] = field(default_factory=list)   # (tmp, final)
     placed: list[str] = field(default_factory=list)
 
@@ -74,7 +75,7 @@ class _Job:
                 pass
 
 
-def _fire_all(results: list[tuple[defer.Deferred, list[str]]]) -> None:
+def _fire_all(results: list[tuple[defer.Deferred[list[str]], list[str]]]) -> None:
     for d, names in results:
         d.callback(names)
 
@@ -86,7 +87,7 @@ class GroupCommit:
     :param root: a folder on the filesystem holding the maildirs (for ``syncfs``).
     """
 
-    def __init__(self, reactor: Any, root: Path, use_syncfs: bool = True) -> None:
+    def __init__(self, reactor: IReactorFromThreads, root: Path, use_syncfs: bool = True) -> None:
         self.reactor = reactor
         self.root = Path(root)
         self.syncfs = _SYNCFS if use_syncfs else None
@@ -98,10 +99,11 @@ class GroupCommit:
         self.batches = 0
         self.messages = 0
 
-    def deliver(self, maildirs: list[str] | list[Path], message: bytes) -> defer.Deferred:
+    def deliver(self, maildirs: Sequence[str | os.PathLike[str]],
+                message: bytes) -> defer.Deferred[list[str]]:
         """Store one copy of the CRLF ``message`` in each maildir; fire when all are durable."""
-        d: defer.Deferred = defer.Deferred()
-        self._jobs.put(_Job(list(maildirs), message, d))
+        d: defer.Deferred[list[str]] = defer.Deferred()
+        self._jobs.put(_Job([os.fspath(m) for m in maildirs], message, d))
         self._start()
         return d
 

@@ -40,6 +40,7 @@ are rewritten the same way after every delivery attempt.
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import re
@@ -286,10 +287,10 @@ class Queue:
             return False
         return True
 
-    def cleanup(self) -> list[str]:
+    def cleanup(self) -> builtins.list[str]:
         """Remove crash leftovers: temporary files, and message files without an envelope
         that are older than an hour (younger ones may be an enqueue in progress)."""
-        removed: list[str] = []
+        removed: builtins.list[str] = []
         try:
             names = os.listdir(self.root)
         except FileNotFoundError:
