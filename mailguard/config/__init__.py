@@ -10,6 +10,8 @@ the current directory).
 
 Every error is a :class:`ConfigError` whose ``str`` is one line naming the file and
 the key as a dotted path: ``etc/mailguard.toml: relay.alow: unknown key``.
+Tables are read through :class:`mailguard.config.reader.Reader`; a section that
+grows beyond a few keys gets its own parsing module beside this one.
 
 This module imports nothing from Twisted.
 """
@@ -22,26 +24,19 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from mailguard.core import replies
 from mailguard.core.address import AddressError, normalize_domain
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from mailguard.config.reader import (ConfigError, IPAddress, IPNetwork, Reader, host_port, network as _network,
+                                     path_in as _path)
+
+__all__ = ["Config", "ConfigError", "IPAddress", "IPNetwork", "Reader", "defaults", "find", "host_port", "load",
+           "parse", "routing_table"]
 
 ROUTES = ("inbound", "relay", "reroute")
 SMARTHOST_TLS = ("starttls", "tls", "opportunistic", "none")
-
-
-class ConfigError(Exception):
-    """A configuration that cannot be used; ``str()`` is the one-line message."""
-
-    def __init__(self, source: str, key: str, message: str) -> None:
-        super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
-        self.source = source
-        self.key = key
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -219,94 +214,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 DEFAULT_DOMAINS: dict[str, dict[str, Any]] = {"localhost": {"route": "inbound"}}
 
 
-class _Reader:
-    """Typed access to one TOML table, raising ConfigError with the dotted key."""
-
-    def __init__(self, source: str, section: str, table: Any) -> None:
-        if not isinstance(table, dict):
-            raise ConfigError(source, section, "must be a table")
-        self.source = source
-        self.section = section
-        self.table = table
-        known = DEFAULTS[section]
-        for key in table:
-            if key not in known:
-                raise ConfigError(source, f"{section}.{key}", "unknown key")
-
-    def fail(self, key: str, message: str) -> ConfigError:
-        return ConfigError(self.source, f"{self.section}.{key}", message)
-
-    def get(self, key: str, kind: type | tuple[type, ...]) -> Any:
-        value = self.table.get(key, DEFAULTS[self.section][key])
-        if kind is int and isinstance(value, bool):
-            raise self.fail(key, f"must be an integer, not {value!r}")
-        if not isinstance(value, kind):
-            name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-            raise self.fail(key, f"must be {_KIND_NAMES.get(name, name)}, not {value!r}")
-        return value
-
-    def boolean(self, key: str) -> bool:
-        return bool(self.get(key, bool))
-
-    def integer(self, key: str, minimum: int = 0, maximum: int | None = None) -> int:
-        value = int(self.get(key, int))
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
-            raise self.fail(key, f"must be {bound}, not {value}")
-        return value
-
-    def string(self, key: str) -> str:
-        return str(self.get(key, str))
-
-    def strings(self, key: str) -> list[str]:
-        value = self.get(key, list)
-        for item in value:
-            if not isinstance(item, str):
-                raise self.fail(key, f"must be a list of strings, not {item!r} in it")
-        return list(value)
-
-    def each(self, key: str, convert: Callable[[str], Any]) -> tuple[Any, ...]:
-        out = []
-        for item in self.strings(key):
-            try:
-                out.append(convert(item))
-            except ValueError as e:
-                raise self.fail(key, f"{item!r}: {e}") from None
-        return tuple(out)
-
-
-_KIND_NAMES = {"bool": "true or false", "int": "an integer", "str": "a string", "list": "a list"}
-
-
-def _network(text: str) -> IPNetwork:
-    return ipaddress.ip_network(text.strip(), strict=False)
-
-
-def host_port(text: str, default_port: int) -> tuple[str, int]:
-    """``"host:port"``, ``"[v6]:port"`` or ``"host"`` -> (host, port).
-
-    :raises ValueError: no host, or a port that is not 1-65535.
-    """
-    text = text.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    else:
-        host, port = text, ""
-    if not host:
-        raise ValueError("no host")
-    if port and (not port.isdigit() or not 0 < int(port) < 65536):
-        raise ValueError(f"bad port {port!r}")
-    return host, int(port) if port else default_port
-
-
-def _path(base: Path, text: str) -> Path:
-    p = Path(os.path.expanduser(text))
-    return p if p.is_absolute() else base / p
-
-
 def parse(data: Mapping[str, Any], source: str, base: Path) -> Config:
     """Validate a parsed TOML document into a :class:`Config`.
 
@@ -317,7 +224,7 @@ def parse(data: Mapping[str, Any], source: str, base: Path) -> Config:
     for section in data:
         if section not in DEFAULTS and section != "domains":
             raise ConfigError(source, section, "unknown section")
-    r = {s: _Reader(source, s, data.get(s, {})) for s in DEFAULTS}
+    r = {s: Reader(source, s, data.get(s, {}), DEFAULTS[s]) for s in DEFAULTS}
 
     srv = r["server"]
     hostname = srv.string("hostname").strip()
