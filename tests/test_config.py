@@ -301,3 +301,30 @@ def test_shipped_sample_comments_every_key() -> None:
             if not (section == "replies" and key != "soft_bounce") and key != "smarthost_password":
                 uncommented.append(f"{section}.{key}")
     assert uncommented == []
+
+
+def test_the_smarthost_password_is_kept_once(tmp_path: Path) -> None:
+    """The parsed file is not kept: the password lives only in outbound.smarthost_password."""
+    cfg = load_text(tmp_path, '[outbound]\nsmarthost = "relay.example:587"\n'
+                              'smarthost_user = "joe"\nsmarthost_password = "s3cret-Pw"\n')
+    found: list[str] = []
+
+    def walk(value: object, where: str, seen: set[int]) -> None:
+        if value == "s3cret-Pw":
+            found.append(where)
+            return
+        if id(value) in seen:
+            return
+        seen.add(id(value))
+        if isinstance(value, dict) or hasattr(value, "items"):
+            for k, v in value.items():  # type: ignore[attr-defined]
+                walk(v, f"{where}[{k!r}]", seen)
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            for i, v in enumerate(value):
+                walk(v, f"{where}[{i}]", seen)
+        elif hasattr(value, "__dataclass_fields__"):
+            for name in value.__dataclass_fields__:
+                walk(getattr(value, name), f"{where}.{name}", seen)
+
+    walk(cfg, "cfg", set())
+    assert found == ["cfg.outbound.smarthost_password"]

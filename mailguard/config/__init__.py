@@ -21,7 +21,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -141,7 +141,6 @@ class Config:
     submission: SubmissionConfig
     outbound: OutboundConfig
     directory: DirectoryConfig
-    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def route_for(self, domain: str) -> DomainRoute | None:
         """The configured route for a (normalised) domain, or None when it is remote."""
@@ -321,7 +320,7 @@ def parse(data: Mapping[str, Any], source: str, base: Path) -> Config:
         raise srv.fail("postmaster", f"must be a mailbox address (local@domain), not {server.postmaster!r}")
 
     return Config(source, server, tls, listen, MappingProxyType(domains), relay, reply_cfg,
-                  limits, sub, outbound, directory, raw=data)
+                  limits, sub, outbound, directory)
 
 
 def _domains(source: str, table: Any) -> dict[str, DomainRoute]:
