@@ -657,3 +657,30 @@ def test_each_decision_logged(tmp_path: Path) -> None:
     assert (f"mailguard outbound: id={entry_id} to=<b@x.test> state=delivered relay=mx.x.test[127.0.0.1]:25 "
             "reply=250 2.0.0 ok") in lines
     assert any(line.startswith(f"mailguard outbound: id={entry_id} to=<a@x.test> state=bounced") for line in lines)
+
+
+def test_a_damaged_entry_is_logged_once_and_left_alone(tmp_path: Path) -> None:
+    """An envelope the runner cannot read is reported with its id and reason, once, and not deleted."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "mailguard.outbound.runner":
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        u = Unit(tmp_path)
+        entry_id = u.queue.enqueue("joe@here.test", ["a@x.test"], MESSAGE)
+        u.queue.envelope_path(entry_id).write_bytes(b"{not json")
+        u.start()
+        u.runner.wake()
+        u.clock.advance(1)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    damaged = [ln for ln in lines if f"id={entry_id}" in ln]
+    assert len(damaged) == 1
+    assert damaged[0].startswith(f"mailguard outbound: id={entry_id} is damaged and stays queued undelivered: "
+                                 "unreadable envelope: JSONDecodeError: ")
+    assert u.queue.envelope_path(entry_id).exists() and u.courier.calls == []

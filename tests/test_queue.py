@@ -146,3 +146,23 @@ def test_ids_sort_by_age(tmp_path: Path) -> None:
     now[0] = 4000.0 + 2000
     second = q.enqueue("a@b.example", ["c@d.example"], MESSAGE)
     assert q.ids() == [first, second]
+
+
+def test_queue_list_shows_damaged_entries_with_the_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An unreadable envelope or a lost message file is listed as damaged (id first), not hidden."""
+    from mailguard.app import cli
+
+    (tmp_path / "mailguard.toml").write_text(f'[server]\ndata_dir = "{tmp_path / "var"}"\n')
+    q = Queue(tmp_path / "var" / "queue", clock=lambda: time.time())
+    good = q.enqueue("a@b.example", ["c@d.example"], MESSAGE)
+    garbled = q.enqueue("a@b.example", ["c@d.example"], MESSAGE)
+    q.envelope_path(garbled).write_bytes(b'{"version": 1, "id": "x", "recip')
+    lost = q.enqueue("a@b.example", ["c@d.example"], MESSAGE)
+    q.message_path(lost).unlink()
+    assert cli.main(["--config", str(tmp_path / "mailguard.toml"), "queue", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in lines] == [good, garbled, lost]
+    assert lines[0].startswith(f"{good} ") and "c@d.example=pending" in lines[0]
+    assert lines[1].startswith(f"{garbled} DAMAGED unreadable envelope: JSONDecodeError: ")
+    assert lines[2] == f"{lost} DAMAGED message file missing"
+    assert [e.id for e in q.list()] == [good]           # the runner still skips them

@@ -149,8 +149,9 @@ def cmd_queue(cfg: config.Config, args: argparse.Namespace) -> int:
 
     q = queue_mod.Queue(cfg.queue_dir)
     if args.action == "list":
-        for entry in q.list():
-            print(queue_mod.format_entry(entry))
+        entries, damaged = q.scan()
+        for line in queue_mod.format_entries(entries, damaged=damaged):
+            print(line)
     elif args.action == "flush":
         q.request_flush()
         print("flush requested")

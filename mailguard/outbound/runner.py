@@ -34,7 +34,7 @@ from twisted.logger import Logger
 
 from mailguard.outbound import mx
 from mailguard.core.dsn import FailedRecipient, build_dsn
-from mailguard.storage.queue import DEFERRED, FAILED, Queue, QueueEntry, QueueError
+from mailguard.storage.queue import DEFERRED, FAILED, Damaged, Queue, QueueEntry, QueueError
 from mailguard.outbound.client import ClientConnection, Outcome, SessionError, SessionOptions, tls_options, transact
 
 log = Logger(namespace="mailguard.outbound.runner")
@@ -147,6 +147,7 @@ class QueueRunner(Service):
         self._busy: set[tuple[str, str]] = set()
         self._bouncing: set[str] = set()
         self._warning: set[str] = set()
+        self._damaged: set[str] = set()
         self._bounce_after: dict[str, float] = {}
         self._tasks: set[defer.Deferred[Any]] = set()
         self._scanning = False
@@ -228,7 +229,10 @@ class QueueRunner(Service):
     async def _scan(self) -> None:
         self._scanning = True
         try:
-            entries: list[QueueEntry] = await self.blocking(self.queue.list)
+            entries: list[QueueEntry]
+            damaged: list[Damaged]
+            entries, damaged = await self.blocking(self.queue.scan)
+            self._report_damaged(damaged)
             flush, self._flush = self._flush, False
             now = self.reactor.seconds()
             soonest: float | None = None
@@ -243,6 +247,14 @@ class QueueRunner(Service):
             self.wake()
         elif soonest is not None and self.running:
             self._schedule(soonest)
+
+    def _report_damaged(self, damaged: list[Damaged]) -> None:
+        """Log each entry that cannot be delivered once (``queue list`` shows it too)."""
+        for d in damaged:
+            if d.id not in self._damaged:
+                self._damaged.add(d.id)
+                log.error("mailguard outbound: id={queue_id} is damaged and stays queued undelivered: "
+                          "{reason}", queue_id=d.id, reason=d.reason)
 
     async def _consider(self, entry: QueueEntry, now: float, flush: bool) -> float | None:
         """Start what is due for one entry; the next time it needs a look, if any."""

@@ -62,7 +62,19 @@ _ORPHAN_AGE = 3600.0
 
 
 class QueueError(Exception):
-    """An entry that does not exist or cannot be read."""
+    """An entry that does not exist or cannot be read; ``reason`` says why without the id."""
+
+    def __init__(self, text: str, reason: str = "") -> None:
+        super().__init__(text)
+        self.reason = reason or text
+
+
+@dataclass(frozen=True)
+class Damaged:
+    """A live entry the runner cannot deliver, and why (shown by ``queue list``)."""
+
+    id: str
+    reason: str
 
 
 @dataclass
@@ -200,8 +212,9 @@ class Queue:
             raise QueueError(f"no queue entry {entry_id}") from None
         try:
             return QueueEntry.from_json(raw)
-        except (ValueError, KeyError, TypeError) as e:
-            raise QueueError(f"queue entry {entry_id}: unreadable envelope: {e}") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            reason = f"unreadable envelope: {type(e).__name__}: {e}"
+            raise QueueError(f"queue entry {entry_id}: {reason}", reason) from None
 
     def read_message(self, entry_id: str) -> bytes:
         """The message bytes of one entry.  :raises QueueError: missing."""
@@ -219,14 +232,30 @@ class Queue:
         return sorted(n[:-4] for n in names if n.endswith(".env") and _ID.match(n[:-4]))
 
     def list(self) -> list[QueueEntry]:
-        """Every live entry, oldest first (unreadable envelopes are left out)."""
-        out = []
+        """Every live entry, oldest first (damaged ones are left out: see :meth:`scan`)."""
+        return self.scan()[0]
+
+    def scan(self) -> tuple[builtins.list[QueueEntry], builtins.list[Damaged]]:
+        """Every live entry, oldest first, and the entries that cannot be delivered.
+
+        An entry is damaged when its envelope cannot be read or its message file is
+        missing: the runner cannot deliver it, so ``queue list`` shows it with the reason.
+        """
+        entries: builtins.list[QueueEntry] = []
+        damaged: builtins.list[Damaged] = []
         for entry_id in self.ids():
             try:
-                out.append(self.load(entry_id))
-            except QueueError:
+                entry = self.load(entry_id)
+            except QueueError as e:
+                if self.envelope_path(entry_id).exists():
+                    damaged.append(Damaged(entry_id, e.reason))
                 continue
-        return out
+            if not self.message_path(entry_id).exists():
+                if self.envelope_path(entry_id).exists():       # not deleted meanwhile
+                    damaged.append(Damaged(entry_id, "message file missing"))
+                continue
+            entries.append(entry)
+        return entries, damaged
 
     def save(self, entry: QueueEntry) -> bool:
         """Rewrite an entry's envelope atomically; False (nothing written) when it was deleted."""
@@ -333,6 +362,14 @@ def format_entry(entry: QueueEntry, now: float | None = None) -> str:
     return " ".join(parts)
 
 
-def format_entries(entries: Iterable[QueueEntry], now: float | None = None) -> list[str]:
-    """``format_entry`` for each entry, oldest first."""
-    return [format_entry(e, now) for e in entries]
+def format_damaged(damaged: Damaged) -> str:
+    """One line for a damaged entry: ``<id> DAMAGED <reason>`` (the reason on one line)."""
+    reason = " ".join(damaged.reason.split())
+    return f"{damaged.id} DAMAGED {reason}"
+
+
+def format_entries(entries: Iterable[QueueEntry], now: float | None = None,
+                   damaged: Iterable[Damaged] = ()) -> list[str]:
+    """``format_entry`` for each entry and ``format_damaged`` for each damaged one, oldest first."""
+    lines = [(e.id, format_entry(e, now)) for e in entries] + [(d.id, format_damaged(d)) for d in damaged]
+    return [line for _, line in sorted(lines)]
