@@ -16,6 +16,8 @@ setup(
         "zope.interface",
         "libpass>=1.9",
         "argon2-cffi",
+        "dkimpy>=1.1",      # DKIM signing and verification (RFC 6376, RFC 8463)
+        "pynacl",           # dkimpy's Ed25519 signatures
     ],
     extras_require={
         "test": [

@@ -14,6 +14,7 @@ import sys
 from typing import Callable, Sequence
 
 from mailguard import config
+from mailguard.app import cli_dns
 from mailguard.core import policy
 from mailguard.core.address import AddressError, parse_path
 from mailguard.directory.sqlite import Directory, DirectoryError, EntryError
@@ -221,6 +222,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("id", nargs="?")
     q.set_defaults(func=cmd_queue)
 
+    cli_dns.register(sub)
+
     r = sub.add_parser("relay-test", help="run the open-relay catalogue against a server")
     r.add_argument("target", help="HOST[:PORT]")
     r.add_argument("--source", help="source IP address to connect from")
@@ -238,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config.ConfigError as e:
         print(f"mailguard: {e}", file=sys.stderr)
         return 1
-    except (CommandError, EntryError, DirectoryError) as e:
+    except (CommandError, cli_dns.DNSCommandError, EntryError, DirectoryError) as e:
         print(f"mailguard: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

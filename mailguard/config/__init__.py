@@ -26,6 +26,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from mailguard.config import dkim as dkim_section
 from mailguard.core import replies
 from mailguard.core.address import AddressError, normalize_domain
 
@@ -141,6 +142,7 @@ class Config:
     submission: SubmissionConfig
     outbound: OutboundConfig
     directory: DirectoryConfig
+    dkim: dkim_section.DKIMConfig = field(default_factory=dkim_section.DKIMConfig)
 
     def route_for(self, domain: str) -> DomainRoute | None:
         """The configured route for a (normalised) domain, or None when it is remote."""
@@ -209,6 +211,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "delay_warning": 0,
     },
     "directory": {"backend": "sqlite", "path": ""},
+    "dkim": dkim_section.DEFAULTS,
 }
 DEFAULT_DOMAINS: dict[str, dict[str, Any]] = {"localhost": {"route": "inbound"}}
 
@@ -320,7 +323,8 @@ def parse(data: Mapping[str, Any], source: str, base: Path) -> Config:
         raise srv.fail("postmaster", f"must be a mailbox address (local@domain), not {server.postmaster!r}")
 
     return Config(source, server, tls, listen, MappingProxyType(domains), relay, reply_cfg,
-                  limits, sub, outbound, directory)
+                  limits, sub, outbound, directory,
+                  dkim=dkim_section.parse(r["dkim"], base, server.data_dir))
 
 
 def _domains(source: str, table: Any) -> dict[str, DomainRoute]:

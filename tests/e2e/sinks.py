@@ -4,7 +4,7 @@ The server under test is a separate ``twistd`` process, so both doubles run as
 threads inside the test process on free loopback ports, with blocking sockets and no
 reactor (the e2e tests never run one):
 
-- :class:`DNSServer` answers MX / A / AAAA questions over UDP from a small zone
+- :class:`DNSServer` answers MX / A / AAAA / TXT questions over UDP from a small zone
   (RFC 1035); the wire format is encoded and decoded with ``twisted.names.dns.Message``,
   which is plain code with no reactor behind it.  Names outside the zone get NXDOMAIN;
   names in the zone without the asked type get an empty NOERROR answer.
@@ -38,7 +38,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.names import dns
 
-#: A zone record: ("MX", (preference, exchange)), ("A", "127.0.0.1") or ("AAAA", "::1").
+#: A zone record: ("MX", (preference, exchange)), ("A", "127.0.0.1"), ("AAAA", "::1") or
+#: ("TXT", "text") (split into 255-octet strings).
 Record = tuple[str, object]
 
 
@@ -139,6 +140,9 @@ class DNSServer:
                     payload = dns.Record_A(str(value), ttl=1)
                 elif kind == "AAAA":
                     payload = dns.Record_AAAA(str(value), ttl=1)
+                elif kind == "TXT":
+                    text = str(value).encode("utf-8")
+                    payload = dns.Record_TXT(*[text[i:i + 255] for i in range(0, len(text), 255)], ttl=1)
                 else:
                     raise ValueError(f"record type {kind} is not served here")
                 response.answers.append(dns.RRHeader(q.name.name, q.type, dns.IN, 1, payload, auth=True))
