@@ -26,6 +26,7 @@ setup(
             "hypothesis",
             "mypy",
             "mypy-zope",
+            "pyyaml",
         ],
     },
     entry_points={"console_scripts": ["mailguard = mailguard.app.cli:main"]},

@@ -1,0 +1,61 @@
+"""Tests for mailguard.senderauth.lookup.NamesLookup against a loopback DNS server."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import pytest
+import pytest_twisted
+from dns_doubles import MemoryAuthority
+from twisted.internet import defer, protocol, reactor
+from twisted.names import client, dns, server
+
+from mailguard.senderauth.lookup import DomainNotFound, NamesLookup, TemporaryDNSError
+
+ZONE = {
+    b"host.test": [dns.Record_TXT(b"v=spf1 ", b"ip4:127.0.0.1 -all"), dns.Record_TXT(b"other"),
+                   dns.Record_A("127.0.0.5"), dns.Record_AAAA("2001:db8::5"),
+                   dns.Record_MX(10, b"mx.host.test")],
+    b"5.0.0.127.in-addr.arpa": [dns.Record_PTR(b"host.test")],
+}
+
+
+@pytest.fixture
+def lookup() -> Iterator[NamesLookup]:
+    """A NamesLookup on a twisted.names resolver pointed at the loopback zone."""
+    factory = server.DNSServerFactory(authorities=[MemoryAuthority(ZONE)])
+    port = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+    yield NamesLookup(client.Resolver(servers=[("127.0.0.1", port.getHost().port)], reactor=reactor))
+    port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_answers(lookup: NamesLookup) -> Any:
+    """Each record type comes back as plain values; TXT strings are joined without separator."""
+    assert sorted((yield defer.ensureDeferred(lookup.txt("host.test")))) == [
+        b"other", b"v=spf1 ip4:127.0.0.1 -all"]
+    assert (yield defer.ensureDeferred(lookup.a("host.test"))) == ["127.0.0.5"]
+    assert (yield defer.ensureDeferred(lookup.aaaa("host.test"))) == ["2001:db8::5"]
+    assert (yield defer.ensureDeferred(lookup.mx("host.test"))) == [(10, "mx.host.test")]
+    assert (yield defer.ensureDeferred(lookup.ptr("127.0.0.5"))) == ["host.test"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_nxdomain_and_nodata(lookup: NamesLookup) -> Any:
+    """A missing name raises DomainNotFound; a name without that type answers []."""
+    with pytest.raises(DomainNotFound):
+        yield defer.ensureDeferred(lookup.txt("missing.test"))
+    assert (yield defer.ensureDeferred(lookup.txt("5.0.0.127.in-addr.arpa"))) == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_timeout_is_temporary() -> Any:
+    """A server that never answers gives TemporaryDNSError, not an empty answer."""
+    silent = reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1")
+    try:
+        lookup = NamesLookup(client.Resolver(servers=[("127.0.0.1", silent.getHost().port)],
+                                             reactor=reactor, timeout=(0.2,)))
+        with pytest.raises(TemporaryDNSError):
+            yield defer.ensureDeferred(lookup.txt("host.test"))
+    finally:
+        silent.stopListening()
