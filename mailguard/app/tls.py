@@ -15,9 +15,10 @@ import datetime
 import os
 from pathlib import Path
 
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 from twisted.logger import Logger
 
@@ -72,12 +73,18 @@ class TLSContext:
 
     def _load(self) -> ssl.CertificateOptions:
         from cryptography import x509
+        from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
         from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
         pem = self.cert_path.read_bytes()
         chain = x509.load_pem_x509_certificates(pem)
-        key = load_pem_private_key(self.key_path.read_bytes(), password=None)
-        return ssl.CertificateOptions(privateKey=key, certificate=chain[0], extraCertChain=chain[1:],
+        private = load_pem_private_key(self.key_path.read_bytes(), password=None)
+        if not isinstance(private, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey,
+                                    ed448.Ed448PrivateKey, dsa.DSAPrivateKey)):
+            raise ValueError(f"{self.key_path}: a {type(private).__name__} cannot sign for TLS")
+        key = crypto.PKey.from_cryptography_key(private)
+        certs = [crypto.X509.from_cryptography(cert) for cert in chain]
+        return ssl.CertificateOptions(privateKey=key, certificate=certs[0], extraCertChain=certs[1:],
                                       raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
 
     def reload(self) -> None:
@@ -94,7 +101,7 @@ class TLSContext:
         """The current OpenSSL context."""
         return self._options.getContext()
 
-    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         """A server-side OpenSSL connection with the current certificate."""
         return self._options.serverConnectionForTLS(tlsProtocol)
 

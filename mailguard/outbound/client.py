@@ -27,13 +27,12 @@ from __future__ import annotations
 import base64
 import re
 from dataclasses import dataclass
-from typing import Any
-
 from twisted.internet import defer, error, interfaces, ssl
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailguard.app.connection import Connection, connection
 from mailguard.core.dotstuff import DotStuffer
 from mailguard.storage.queue import DEFERRED, DELIVERED, FAILED
 
@@ -118,7 +117,7 @@ class SessionOptions:
     command_timeout: float = 300.0
 
 
-def tls_options() -> Any:
+def tls_options() -> ssl.CertificateOptions:
     """Client TLS settings: no certificate verification (see the module docstring)."""
     return ssl.CertificateOptions(verify=False)
 
@@ -127,7 +126,7 @@ def tls_options() -> Any:
 class _MessageProducer:
     """Feeds a message to the transport in chunks, dot-stuffed, ``.`` line last."""
 
-    def __init__(self, transport: Any, message: bytes, done: defer.Deferred[None]) -> None:
+    def __init__(self, transport: Connection, message: bytes, done: defer.Deferred[None]) -> None:
         self.transport = transport
         self.message = memoryview(message)
         self.offset = 0
@@ -160,13 +159,13 @@ class ClientConnection(LineReceiver):
     delimiter = b"\r\n"
     MAX_LENGTH = 4096
 
-    def __init__(self, clock: Any, command_timeout: float) -> None:
+    def __init__(self, clock: interfaces.IReactorTime, command_timeout: float) -> None:
         self.clock = clock
         self.command_timeout = command_timeout
         self._lines: list[str] = []
         self._replies: list[ServerReply] = []
         self._waiting: defer.Deferred[ServerReply] | None = None
-        self._timer: Any = None
+        self._timer: interfaces.IDelayedCall | None = None
         self._lost: Failure | None = None
         self.tls = False
 
@@ -202,7 +201,7 @@ class ClientConnection(LineReceiver):
     def _abort(self, exc: Exception) -> None:
         self._lost = Failure(exc)
         if self.transport is not None:
-            self.transport.abortConnection()
+            connection(self.transport).abortConnection()
         self.connectionLost(self._lost)
 
     def _deliver(self) -> None:
@@ -240,15 +239,15 @@ class ClientConnection(LineReceiver):
     def command(self, line: bytes) -> defer.Deferred[ServerReply]:
         """Send one command line and wait for its reply."""
         if self._lost is None:
-            self.sendLine(line)
+            connection(self.transport).write(line + self.delimiter)
         return self.read_reply()
 
     def send_message(self, message: bytes) -> defer.Deferred[ServerReply]:
         """Stream the message (after a 354), dot-stuffed, and wait for the final reply."""
         done: defer.Deferred[None] = defer.Deferred()
-        self.transport.registerProducer(_MessageProducer(self.transport, message, done), False)
-        done.addCallback(lambda _: self.read_reply())
-        return done  # type: ignore[return-value]
+        conn = connection(self.transport)
+        conn.registerProducer(_MessageProducer(conn, message, done), False)
+        return done.addCallback(lambda _: self.read_reply())
 
     def start_tls(self) -> None:
         """Switch to TLS after the peer's 220 to STARTTLS.
@@ -260,7 +259,7 @@ class ClientConnection(LineReceiver):
             exc = SessionError("451 4.7.0 peer sent data after its 220 to STARTTLS (injection attempt)")
             self._abort(exc)
             raise exc
-        self.transport.startTLS(tls_options())
+        connection(self.transport).startTLS(tls_options())
         self.tls = True
 
     def close(self) -> None:

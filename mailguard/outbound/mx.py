@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorUDP, IResolver
 from twisted.names import client, dns, error
 from twisted.python.failure import Failure
 
@@ -63,12 +64,27 @@ class Relay:
         return f"{self.host}[{self.address}]:{self.port}"
 
 
-def make_resolver(dns_servers: Sequence[tuple[str, int]], reactor: Any) -> Any:
+def make_resolver(dns_servers: Sequence[tuple[str, int]], reactor: IReactorUDP) -> IResolver:
     """A ``twisted.names`` resolver for ``[outbound] dns_servers`` ([]: /etc/resolv.conf)."""
+    resolver: IResolver
     if dns_servers:
-        return client.Resolver(servers=list(dns_servers), reactor=reactor)
-    # /etc/hosts first, then the servers in /etc/resolv.conf.
-    return client.createResolver()
+        resolver = client.Resolver(servers=list(dns_servers), reactor=reactor)
+    else:
+        # /etc/hosts first, then the servers in /etc/resolv.conf.
+        resolver = client.createResolver()
+    return resolver
+
+
+Records = tuple[list[dns.RRHeader], list[dns.RRHeader], list[dns.RRHeader]]
+
+
+def _records(lookup: defer.Deferred[Any]) -> defer.Deferred[Records]:
+    """An ``IResolver`` lookup as what it fires with: answer, authority and additional lists.
+
+    Twisted annotates the lookups as firing with three ``RRHeader``; they fire with three
+    lists of them (see docs/twisted.rst).
+    """
+    return cast("defer.Deferred[Records]", lookup)
 
 
 def split_host_port(text: str, default_port: int) -> tuple[str, int]:
@@ -101,25 +117,27 @@ def _temporary(f: Failure) -> bool:
     return not f.check(error.DNSNameError)
 
 
-async def _addresses(resolver: Any, host: str) -> list[str]:
+async def _addresses(resolver: IResolver, host: str) -> list[str]:
     """IPv4 then IPv6 addresses of ``host``; [] when it has none.
 
     :raises RouteError: the name does not exist (permanent) or DNS failed (temporary).
     """
     results = await defer.DeferredList(
-        [resolver.lookupAddress(host, DNS_TIMEOUT), resolver.lookupIPV6Address(host, DNS_TIMEOUT)],
+        [_records(resolver.lookupAddress(host, DNS_TIMEOUT)),
+         _records(resolver.lookupIPV6Address(host, DNS_TIMEOUT))],
         consumeErrors=True)
     out: list[str] = []
-    failures = []
-    for ok, value in results:
-        if not ok:
+    failures: list[Failure] = []
+    for _ok, value in results:
+        if isinstance(value, Failure):
             failures.append(value)
             continue
         answers = value[0]
         for rr in answers:
-            if rr.type == dns.A or rr.type == dns.AAAA:
-                out.append(rr.payload.dottedQuad() if rr.type == dns.A else
-                           str(ipaddress.ip_address(rr.payload.address)))
+            if isinstance(rr.payload, dns.Record_A):
+                out.append(rr.payload.dottedQuad())
+            elif isinstance(rr.payload, dns.Record_AAAA):
+                out.append(str(ipaddress.ip_address(rr.payload.address)))
     if out:
         return out
     if failures and all(not _temporary(f) for f in failures):
@@ -129,7 +147,7 @@ async def _addresses(resolver: Any, host: str) -> list[str]:
     return out
 
 
-async def resolve_mx(resolver: Any, domain: str, port: int) -> list[Relay]:
+async def resolve_mx(resolver: IResolver, domain: str, port: int) -> list[Relay]:
     """The hosts that take mail for ``domain``, in the order to try them.
 
     :raises RouteError: see the module docstring.
@@ -138,12 +156,15 @@ async def resolve_mx(resolver: Any, domain: str, port: int) -> list[Relay]:
     if literal is not None:
         return [Relay(literal, literal, port)]
     try:
-        answers, _auth, _add = await resolver.lookupMailExchange(domain, DNS_TIMEOUT)
+        answers, _auth, _add = await _records(resolver.lookupMailExchange(domain, DNS_TIMEOUT))
     except error.DNSNameError:
         raise RouteError(True, "5.1.2", f"Domain not found: {domain}") from None
     except Exception as e:
         raise RouteError(False, "4.4.3", f"DNS lookup of MX for {domain} failed: {type(e).__name__}") from None
-    mxs = [rr.payload for rr in answers if rr.type == dns.MX]
+    mxs: list[dns.Record_MX] = []
+    for rr in answers:
+        if isinstance(rr.payload, dns.Record_MX):
+            mxs.append(rr.payload)
     # RFC 7505 section 3: a single MX with preference 0 and the root as exchange.
     if any(str(mx.name) in ("", ".") for mx in mxs):
         raise RouteError(True, "5.1.10", f"Domain {domain} does not accept mail (null MX, RFC 7505)")
@@ -170,7 +191,7 @@ async def resolve_mx(resolver: Any, domain: str, port: int) -> list[Relay]:
     return relays
 
 
-async def route(resolver: Any, domain: str, port: int, smarthost: str = "") -> list[Relay]:
+async def route(resolver: IResolver, domain: str, port: int, smarthost: str = "") -> list[Relay]:
     """The relays for ``domain``: the smarthost when configured, otherwise its MX hosts."""
     if smarthost:
         host, shport = split_host_port(smarthost, 25)

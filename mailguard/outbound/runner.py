@@ -26,15 +26,20 @@ seconds.  Every decision is logged as one line::
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Callable, Coroutine, Sequence
 
 from twisted.application.service import Service
 from twisted.internet import defer, endpoints, task, threads
+from twisted.internet.interfaces import (IDelayedCall, IReactorTCP, IReactorTime, IReactorUDP, IResolver,
+                                         IStreamClientEndpoint)
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailguard.config import Config
 
 from mailguard.outbound import mx
 from mailguard.core.dsn import FailedRecipient, build_dsn
-from mailguard.storage.queue import DEFERRED, FAILED, Damaged, Queue, QueueEntry, QueueError
+from mailguard.storage.queue import DEFERRED, FAILED, Damaged, Queue, QueueEntry, QueueError, RecipientState
 from mailguard.outbound.client import ClientConnection, Outcome, SessionError, SessionOptions, tls_options, transact
 
 log = Logger(namespace="mailguard.outbound.runner")
@@ -57,7 +62,7 @@ def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
-Courier = Callable[[str, str, list[str], bytes], Awaitable[dict[str, Outcome]]]
+Courier = Callable[[str, str, list[str], bytes], Coroutine[Any, Any, dict[str, Outcome]]]
 
 
 class SMTPCourier:
@@ -67,9 +72,10 @@ class SMTPCourier:
     the connect / command timeouts; ``cfg.server.hostname`` is the EHLO name.
     """
 
-    def __init__(self, config: Any, reactor: Any, resolver: Any) -> None:
+    def __init__(self, config: Config, reactor: IReactorTCP, resolver: IResolver) -> None:
         self.out = config.outbound
         self.reactor = reactor
+        self.clock = IReactorTime(reactor)
         self.resolver = resolver
         smarthost = bool(self.out.smarthost)
         self.options = SessionOptions(
@@ -82,11 +88,13 @@ class SMTPCourier:
 
     def _connect(self, relay: mx.Relay) -> defer.Deferred[ClientConnection]:
         kind = endpoints.TCP6ClientEndpoint if ":" in relay.address else endpoints.TCP4ClientEndpoint
-        endpoint: Any = kind(self.reactor, relay.address, relay.port, timeout=self.out.connect_timeout)
+        endpoint: IStreamClientEndpoint = kind(self.reactor, relay.address, relay.port,
+                                               timeout=self.out.connect_timeout)
         if self.options.tls == "tls":
             endpoint = endpoints.wrapClientTLS(tls_options(), endpoint)
-        conn = ClientConnection(self.reactor, self.options.command_timeout)
-        return endpoints.connectProtocol(endpoint, conn)  # type: ignore[no-any-return]
+        conn = ClientConnection(self.clock, self.options.command_timeout)
+        connected: defer.Deferred[ClientConnection] = endpoints.connectProtocol(endpoint, conn)
+        return connected
 
     async def __call__(self, sender: str, domain: str, recipients: list[str],
                        message: bytes) -> dict[str, Outcome]:
@@ -130,9 +138,9 @@ class QueueRunner(Service):
     FLUSH_POLL = 2.0
     MAX_PARALLEL = 10
 
-    def __init__(self, config: Any, queue: Queue, reactor: Any,
+    def __init__(self, config: Config, queue: Queue, reactor: IReactorTime,
                  inject: Callable[[str, list[str], bytes], defer.Deferred[Any]],
-                 resolver: Any = None, *, courier: Courier | None = None,
+                 resolver: IResolver | None = None, *, courier: Courier | None = None,
                  blocking: Callable[..., defer.Deferred[Any]] = threads.deferToThread) -> None:
         self.config = config
         self.queue = queue
@@ -141,8 +149,8 @@ class QueueRunner(Service):
         self.blocking = blocking
         if courier is None:
             if resolver is None:
-                resolver = mx.make_resolver(config.outbound.dns_servers, reactor)
-            courier = SMTPCourier(config, reactor, resolver)
+                resolver = mx.make_resolver(config.outbound.dns_servers, IReactorUDP(reactor))
+            courier = SMTPCourier(config, IReactorTCP(reactor), resolver)
         self.courier = courier
         self._busy: set[tuple[str, str]] = set()
         self._bouncing: set[str] = set()
@@ -153,14 +161,14 @@ class QueueRunner(Service):
         self._scanning = False
         self._rescan = False
         self._flush = False
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self._poll: task.LoopingCall | None = None
         self._limit = defer.DeferredSemaphore(self.MAX_PARALLEL)
 
     # -- service ------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()
+        Service.startService(self)
         self._poll = task.LoopingCall(self._check_flush)
         self._poll.clock = self.reactor
         self._poll.start(self.FLUSH_POLL, now=False).addErrback(
@@ -168,14 +176,14 @@ class QueueRunner(Service):
         self._spawn(self.blocking(self.queue.cleanup))
         self.wake()
 
-    def stopService(self) -> Any:
+    def stopService(self) -> None:
         """Stop starting deliveries; those in flight finish or are retried after restart."""
         if self._poll is not None and self._poll.running:
             self._poll.stop()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        return super().stopService()
+        Service.stopService(self)
 
     def wake(self) -> None:
         """Look at the queue again soon (after an enqueue, a flush, a finished attempt)."""
@@ -202,7 +210,7 @@ class QueueRunner(Service):
 
         def done(result: Any) -> None:
             self._tasks.discard(d)
-            if isinstance(result, defer.Failure):
+            if isinstance(result, Failure):
                 log.failure("mailguard outbound: unexpected error", result)
 
         d.addBoth(done)
@@ -262,10 +270,11 @@ class QueueRunner(Service):
         free = [r for r in entry.recipients if (entry.id, r.address) not in self._busy]
         expired = [r.address for r in free if r.waiting and now >= deadline]
         if expired:
-            entry = await self._record(entry.id, {
+            updated = await self._record(entry.id, {
                 a: Outcome(FAILED, _expired_reply(entry, a), "") for a in expired}, now, expired=True)
-            if entry is None:
+            if updated is None:
                 return None
+            entry = updated
             free = [r for r in entry.recipients if (entry.id, r.address) not in self._busy]
         soonest: float | None = None
         warn_at = self._warn_at(entry)
@@ -369,7 +378,7 @@ class QueueRunner(Service):
 
         await self.blocking(self.queue.update, entry_id, change)
 
-    def _log_notice(self, entry: QueueEntry, recipients: list[Any], state: str) -> None:
+    def _log_notice(self, entry: QueueEntry, recipients: list[RecipientState], state: str) -> None:
         for r in recipients:
             log.info("mailguard outbound: id={queue_id} to=<{recipient}> state={state} relay={relay} "
                      "reply={reply}", queue_id=entry.id, recipient=r.address, state=state,

@@ -1,0 +1,48 @@
+"""The transport as mailguard's protocols use it.
+
+Twisted types ``Protocol.transport`` as ``ITransport | None``, but a mail session uses
+more of it than ``ITransport`` declares: ``startTLS`` (``ITLSTransport``),
+``abortConnection`` (``ITCPTransport``), ``registerProducer`` (``IConsumer``) and
+``pauseProducing`` (``IPushProducer``).  Every transport a listener or a client
+connection hands over (TCP, TLS, and ``StringTransport`` in the tests) provides all of
+them; no single Twisted interface names that union, so :class:`Connection` does.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Protocol, cast
+
+from twisted.internet.interfaces import IAddress, IProducer, ITransport
+
+
+class Connection(Protocol):
+    """A connected, TLS-capable, flow-controlled byte stream."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def writeSequence(self, data: Iterable[bytes]) -> None: ...
+
+    def loseConnection(self) -> None: ...
+
+    def abortConnection(self) -> None: ...
+
+    def getPeer(self) -> IAddress: ...
+
+    def getHost(self) -> IAddress: ...
+
+    def startTLS(self, contextFactory: object) -> None: ...
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None: ...
+
+    def unregisterProducer(self) -> None: ...
+
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
+
+
+def connection(transport: ITransport | None) -> Connection:
+    """``transport`` as a :class:`Connection`; a protocol asks only while connected."""
+    if transport is None:
+        raise RuntimeError("the protocol is not connected")
+    return cast(Connection, transport)
