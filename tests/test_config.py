@@ -78,6 +78,13 @@ BROKEN = [
     ("outbound.retry_schedule", "[outbound]\nretry_schedule = [300, -1]\n"),
     ("directory.backend", '[directory]\nbackend = "mysql"\n'),
     ("submission.enforce_sender", '[submission]\nenforce_sender = "no"\n'),
+    ("filters.milters", '[filters]\nmilters = ["127.0.0.1:11332"]\n'),
+    ("filters.milters", '[filters]\nmilters = ["inet:127.0.0.1:0"]\n'),
+    ("filters.milters", '[filters]\nmilters = "inet:127.0.0.1:11332"\n'),
+    ("filters.milter_default_action", '[filters]\nmilter_default_action = "discard"\n'),
+    ("filters.milter_timeout", "[filters]\nmilter_timeout = 0\n"),
+    ("filters.for_trusted", '[filters]\nfor_trusted = "yes"\n'),
+    ("filters.milter", '[filters]\nmilter = ["inet:127.0.0.1:11332"]\n'),
 ]
 
 

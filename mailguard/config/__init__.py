@@ -4,7 +4,7 @@ Format
 ======
 ``etc/mailguard.toml`` (see the shipped file for every key with its default).
 Sections: ``[server] [tls] [listen] [domains."name"] [relay] [replies] [limits]
-[submission] [outbound] [directory]``.  Unknown keys are an error.  Relative paths
+[submission] [outbound] [directory] [filters]``.  Unknown keys are an error.  Relative paths
 are relative to the configuration file's folder (or, for the built-in defaults, to
 the current directory).
 
@@ -29,6 +29,8 @@ from typing import Any, Mapping
 from mailguard.config import dkim as dkim_section
 from mailguard.core import replies
 from mailguard.core.address import AddressError, normalize_domain
+from mailguard.config import filters as filters_mod
+from mailguard.config.filters import FiltersConfig
 
 from mailguard.config.reader import (ConfigError, IPAddress, IPNetwork, Reader, host_port, network as _network,
                                      path_in as _path)
@@ -143,6 +145,7 @@ class Config:
     outbound: OutboundConfig
     directory: DirectoryConfig
     dkim: dkim_section.DKIMConfig = field(default_factory=dkim_section.DKIMConfig)
+    filters: FiltersConfig = field(default_factory=FiltersConfig)
 
     def route_for(self, domain: str) -> DomainRoute | None:
         """The configured route for a (normalised) domain, or None when it is remote."""
@@ -212,6 +215,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "directory": {"backend": "sqlite", "path": ""},
     "dkim": dkim_section.DEFAULTS,
+    "filters": filters_mod.DEFAULTS,
 }
 DEFAULT_DOMAINS: dict[str, dict[str, Any]] = {"localhost": {"route": "inbound"}}
 
@@ -322,9 +326,11 @@ def parse(data: Mapping[str, Any], source: str, base: Path) -> Config:
     if server.postmaster and "@" not in server.postmaster:
         raise srv.fail("postmaster", f"must be a mailbox address (local@domain), not {server.postmaster!r}")
 
+    filters = filters_mod.parse(r["filters"])
+
     return Config(source, server, tls, listen, MappingProxyType(domains), relay, reply_cfg,
                   limits, sub, outbound, directory,
-                  dkim=dkim_section.parse(r["dkim"], base, server.data_dir))
+                  dkim=dkim_section.parse(r["dkim"], base, server.data_dir), filters=filters)
 
 
 def _domains(source: str, table: Any) -> dict[str, DomainRoute]:
