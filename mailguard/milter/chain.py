@@ -70,15 +70,15 @@ class MilterChain:
         kind, where, port = codec.parse_address(address)
         endpoint: Any
         if kind == "unix":
-            endpoint = endpoints.UNIXClientEndpoint(self.reactor, where, timeout=self.timeout)  # type: ignore[no-untyped-call]
+            endpoint = endpoints.UNIXClientEndpoint(self.reactor, where, timeout=self.timeout)
         elif ":" in where:
-            endpoint = endpoints.TCP6ClientEndpoint(self.reactor, where, port, timeout=self.timeout)  # type: ignore[no-untyped-call]
+            endpoint = endpoints.TCP6ClientEndpoint(self.reactor, where, port, timeout=self.timeout)
         elif where.replace(".", "").isdigit():
             endpoint = endpoints.TCP4ClientEndpoint(self.reactor, where, port, timeout=self.timeout)
         else:
             endpoint = endpoints.HostnameEndpoint(self.reactor, where, port, timeout=self.timeout)
         conn = MilterConnection(self.reactor, self.timeout)
-        return endpoints.connectProtocol(endpoint, conn)  # type: ignore[no-untyped-call,no-any-return]
+        return endpoints.connectProtocol(endpoint, conn)  # type: ignore[no-any-return]
 
     def check(self, facts: Facts, message: bytes) -> defer.Deferred[Outcome]:
         """Run the chain for one message (CRLF, this host's ``Received:`` first)."""

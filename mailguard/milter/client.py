@@ -113,7 +113,7 @@ class MilterConnection(protocol.Protocol):
         if self._packets:
             result: Any = self._packets.popleft()
         elif self._error is not None:
-            result = Failure(self._error)  # type: ignore[no-untyped-call]
+            result = Failure(self._error)
         else:
             return
         if self._timer is not None and self._timer.active():
