@@ -246,8 +246,8 @@ def main() -> int:
         "limits": {"max_connections": 5000, "max_connections_per_ip": 1000, "max_recipients": 1000,
                    "idle_timeout": 600, "session_timeout": 3600, "login_failures": 1000},
     }, hostname="mx.bench.example")
-    from mailguard.directory.sqlite import Directory  # the admin CLI's own store, without 50 process starts
-    gal = Directory(server.data_dir / "directory.sqlite")
+    from mailguard.directory.sqlite import SQLiteStore  # the admin CLI's own store, without 50 process starts
+    gal = SQLiteStore(server.data_dir / "directory.sqlite")
     for box in mailboxes:
         gal.add_mailbox(box, PASSWORD)
     gal.close()

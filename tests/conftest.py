@@ -23,7 +23,8 @@ from zope.interface import directlyProvides
 
 from mailguard import config
 from mailguard.auth.authenticator import PopBeforeSmtp
-from mailguard.directory.sqlite import DirectoryError, Expansion
+from mailguard.directory.base import DirectoryError
+from mailguard.core.entries import Expansion
 
 settings.register_profile("mailguard", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("mailguard")
@@ -79,10 +80,12 @@ def office_cfg() -> config.Config:
 
 
 class FakeDirectory:
-    """An in-memory GAL with the lookup methods the policy and the SMTP server use.
+    """An in-memory GAL implementing the Directory interface (Deferreds fired at once).
 
     ``entries`` maps an address to an Expansion; ``owned`` maps a mailbox to its own
-    addresses; ``broken`` makes every lookup raise DirectoryError.
+    addresses; ``broken`` makes every lookup fail with DirectoryError; ``hold`` keeps
+    each expand() Deferred in ``held`` for the test to fire.  ``lookup`` is the
+    blocking form (for :func:`mailguard.core.policy.settle`).
     """
 
     def __init__(self, entries: dict[str, Expansion] | None = None,
@@ -90,6 +93,8 @@ class FakeDirectory:
         self.entries = entries if entries is not None else {}
         self.owned = owned if owned is not None else {}
         self.broken = False
+        self.hold = False
+        self.held: list[defer.Deferred[Expansion | None]] = []
         self.lookups: list[str] = []
 
     def add_mailbox(self, address: str, *aliases: str) -> None:
@@ -98,16 +103,29 @@ class FakeDirectory:
             self.entries[alias] = Expansion(mailboxes=(address,))
         self.owned[address] = {address, *aliases}
 
-    def expand(self, address: str) -> Expansion | None:
+    def lookup(self, address: str) -> Expansion | None:
         self.lookups.append(address)
         if self.broken:
             raise DirectoryError("directory locked")
         return self.entries.get(address.lower())
 
-    def addresses_of(self, mailbox: str) -> set[str]:
+    def expand(self, address: str) -> defer.Deferred[Expansion | None]:
+        if self.hold:
+            d: defer.Deferred[Expansion | None] = defer.Deferred()
+            self.held.append(d)
+            return d
+        return defer.maybeDeferred(self.lookup, address)
+
+    def verify_password(self, login: str, password: str) -> defer.Deferred[str | None]:
+        return defer.succeed(None)
+
+    def addresses_of(self, mailbox: str) -> defer.Deferred[frozenset[str]]:
         if self.broken:
-            raise DirectoryError("directory locked")
-        return set(self.owned.get(mailbox, {mailbox}))
+            return defer.fail(DirectoryError("directory locked"))
+        return defer.succeed(frozenset(self.owned.get(mailbox, {mailbox})))
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass

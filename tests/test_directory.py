@@ -2,29 +2,35 @@
 
 from __future__ import annotations
 
+import queue
 import sqlite3
+import threading
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 from passlib.context import CryptContext
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
 from mailguard.directory import sqlite as directory_mod
-from mailguard.directory.sqlite import Directory, DirectoryError, EntryError, Expansion
+from mailguard.directory.sqlite import DirectoryError, EntryError, Expansion, SQLiteDirectory, SQLiteStore
 
 CHEAP = CryptContext(schemes=["sha256_crypt"], sha256_crypt__default_rounds=1000)
 
 
 @pytest.fixture
-def gal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Directory]:
+def gal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SQLiteStore]:
     """A fresh directory with a cheap hash scheme (argon2 is tested once on its own)."""
     monkeypatch.setattr(directory_mod, "HASHES", CHEAP)
-    d = Directory(tmp_path / "var" / "directory.sqlite")
+    d = SQLiteStore(tmp_path / "var" / "directory.sqlite")
     yield d
     d.close()
 
 
-def test_mailbox_crud(gal: Directory) -> None:
+def test_mailbox_crud(gal: SQLiteStore) -> None:
     """Mailboxes are created lower-cased, listed, and deleted; a second create is refused."""
     gal.add_mailbox("Alice@Office.Example", "pw1")
     gal.add_mailbox("bob@office.example", "pw2")
@@ -38,7 +44,7 @@ def test_mailbox_crud(gal: Directory) -> None:
         gal.delete_mailbox("bob@office.example")
 
 
-def test_alias_crud(gal: Directory) -> None:
+def test_alias_crud(gal: SQLiteStore) -> None:
     """An alias points at a target; it cannot shadow another entry or point at itself."""
     gal.add_mailbox("alice@office.example", "pw")
     gal.add_alias("A.Smith@office.example", "Alice@office.example")
@@ -54,7 +60,7 @@ def test_alias_crud(gal: Directory) -> None:
         gal.delete_alias("a.smith@office.example")
 
 
-def test_list_crud(gal: Directory) -> None:
+def test_list_crud(gal: SQLiteStore) -> None:
     """Lists gain and lose members; deleting without members removes the list."""
     gal.add_mailbox("alice@office.example", "pw")
     gal.add_list_members("staff@office.example", ["alice@office.example", "Partner@Remote.Example"])
@@ -71,7 +77,7 @@ def test_list_crud(gal: Directory) -> None:
         gal.add_list_members("alice@office.example", ["x@y.example"])
 
 
-def test_contact_crud(gal: Directory) -> None:
+def test_contact_crud(gal: SQLiteStore) -> None:
     """A contact forwards to its remote address."""
     gal.add_contact("Vendor@office.example", "Sales@Vendor.Example")
     assert gal.expand("vendor@office.example") == Expansion(others=("sales@vendor.example",))
@@ -83,12 +89,12 @@ def test_contact_crud(gal: Directory) -> None:
         gal.delete_contact("vendor@office.example")
 
 
-def test_unknown_address_expands_to_none(gal: Directory) -> None:
+def test_unknown_address_expands_to_none(gal: SQLiteStore) -> None:
     """An address not in the directory is None (the policy answers unknown_recipient)."""
     assert gal.expand("nobody@office.example") is None
 
 
-def test_nested_expansion_dedupes_and_stops_at_loops(gal: Directory) -> None:
+def test_nested_expansion_dedupes_and_stops_at_loops(gal: SQLiteStore) -> None:
     """Lists inside lists and aliases are followed; each mailbox appears once; loops end."""
     for m in ("alice", "bob", "carol"):
         gal.add_mailbox(f"{m}@office.example", "pw")
@@ -107,14 +113,14 @@ def test_nested_expansion_dedupes_and_stops_at_loops(gal: Directory) -> None:
     assert team is not None and sorted(team.mailboxes) == sorted(exp.mailboxes)
 
 
-def test_alias_loop_expands_to_nothing(gal: Directory) -> None:
+def test_alias_loop_expands_to_nothing(gal: SQLiteStore) -> None:
     """a -> b -> a ends where it closes: no mailbox, no endless walk."""
     gal.add_alias("a@office.example", "b@office.example")
     gal.add_alias("b@office.example", "a@office.example")
     assert gal.expand("a@office.example") == Expansion()
 
 
-def test_deep_nesting_is_bounded(gal: Directory) -> None:
+def test_deep_nesting_is_bounded(gal: SQLiteStore) -> None:
     """A chain deeper than MAX_DEPTH stops; the rest is left to the router as an address."""
     gal.add_mailbox("end@office.example", "pw")
     n = directory_mod.MAX_DEPTH + 3
@@ -124,7 +130,7 @@ def test_deep_nesting_is_bounded(gal: Directory) -> None:
     assert exp is not None and exp.mailboxes == () and len(exp.others) == 1
 
 
-def test_verify_password(gal: Directory) -> None:
+def test_verify_password(gal: SQLiteStore) -> None:
     """The right password gives the mailbox (also via a sole alias, any case); wrong or unknown gives None."""
     gal.add_mailbox("alice@office.example", "correct horse")
     gal.add_alias("a.smith@office.example", "alice@office.example")
@@ -136,7 +142,7 @@ def test_verify_password(gal: Directory) -> None:
     assert gal.verify_password("nobody@office.example", "correct horse") is None
 
 
-def test_list_and_contact_cannot_log_in(gal: Directory) -> None:
+def test_list_and_contact_cannot_log_in(gal: SQLiteStore) -> None:
     """Only mailboxes (and aliases of exactly one mailbox) have passwords."""
     gal.add_mailbox("alice@office.example", "pw")
     gal.add_mailbox("bob@office.example", "pw")
@@ -147,7 +153,7 @@ def test_list_and_contact_cannot_log_in(gal: Directory) -> None:
         assert gal.verify_password(login, "pw") is None, login
 
 
-def test_set_password(gal: Directory) -> None:
+def test_set_password(gal: SQLiteStore) -> None:
     """passwd replaces the hash; the old password stops working."""
     gal.add_mailbox("alice@office.example", "old")
     gal.set_password("alice@office.example", "new")
@@ -159,7 +165,7 @@ def test_set_password(gal: Directory) -> None:
 
 def test_passwords_are_stored_hashed(tmp_path: Path) -> None:
     """With the shipped context the stored password is an argon2 hash, never the password."""
-    d = Directory(tmp_path / "d.sqlite")
+    d = SQLiteStore(tmp_path / "d.sqlite")
     d.add_mailbox("alice@office.example", "s3cret-pass")
     d.close()
     db = sqlite3.connect(tmp_path / "d.sqlite")
@@ -170,7 +176,7 @@ def test_passwords_are_stored_hashed(tmp_path: Path) -> None:
     assert d.verify_password("alice@office.example", "s3cret-pasS") is None
 
 
-def test_addresses_of(gal: Directory) -> None:
+def test_addresses_of(gal: SQLiteStore) -> None:
     """A mailbox owns its address and every alias chain that leads to it, nothing else."""
     gal.add_mailbox("alice@office.example", "pw")
     gal.add_mailbox("bob@office.example", "pw")
@@ -182,16 +188,16 @@ def test_addresses_of(gal: Directory) -> None:
         "alice@office.example", "a.smith@office.example", "smithy@office.example"}
 
 
-def test_changes_from_another_process_are_seen_at_once(gal: Directory, tmp_path: Path) -> None:
-    """The server's Directory sees an entry another connection (the CLI) just added."""
+def test_changes_from_another_process_are_seen_at_once(gal: SQLiteStore, tmp_path: Path) -> None:
+    """The server's SQLiteStore sees an entry another connection (the CLI) just added."""
     assert gal.expand("new@office.example") is None
-    cli = Directory(gal.path)
+    cli = SQLiteStore(gal.path)
     cli.add_mailbox("new@office.example", "pw")
     cli.close()
     assert gal.expand("new@office.example") == Expansion(mailboxes=("new@office.example",))
 
 
-def test_locked_database_raises_directory_error(gal: Directory) -> None:
+def test_locked_database_raises_directory_error(gal: SQLiteStore) -> None:
     """A database held exclusively by another process is a DirectoryError (a 4xx), not a crash."""
     gal.add_mailbox("alice@office.example", "pw")
     gal.close()
@@ -214,7 +220,7 @@ def test_unreadable_database_raises_directory_error(tmp_path: Path) -> None:
     """A file that is not a database gives DirectoryError on lookup."""
     path = tmp_path / "directory.sqlite"
     path.write_bytes(b"this is not sqlite" * 100)
-    d = Directory(path, create=False)
+    d = SQLiteStore(path, create=False)
     with pytest.raises(DirectoryError):
         d.expand("alice@office.example")
     with pytest.raises(DirectoryError):
@@ -224,6 +230,84 @@ def test_unreadable_database_raises_directory_error(tmp_path: Path) -> None:
 def test_missing_tables_raise_directory_error(tmp_path: Path) -> None:
     """A directory file replaced by an empty database answers DirectoryError, not 'unknown user'."""
     path = tmp_path / "directory.sqlite"
-    d = Directory(path, create=False)
+    d = SQLiteStore(path, create=False)
     with pytest.raises(DirectoryError):
         d.kind("alice@office.example")
+
+
+# -- SQLiteDirectory: the server's asynchronous face --------------------------------------------------
+
+
+class ThreadReactor:
+    """The one reactor method deferToThreadPool uses: results queue up until the test drains them."""
+
+    def __init__(self) -> None:
+        self.calls: queue.Queue[tuple[Callable[..., object], tuple[object, ...]]] = queue.Queue()
+
+    def callFromThread(self, f: Callable[..., object], *args: object) -> None:
+        self.calls.put((f, args))
+
+    def result(self, d: Deferred[Any], deadline: float = 10.0) -> Any:
+        """Run what the threads handed back until ``d`` has fired (or the deadline passes)."""
+        out: list[Any] = []
+        d.addBoth(out.append)
+        end = time.monotonic() + deadline
+        while not out:
+            f, args = self.calls.get(timeout=max(0.0, end - time.monotonic()))
+            f(*args)
+        return out[0]
+
+
+@pytest.fixture
+def async_gal(gal: SQLiteStore) -> Iterator[tuple[SQLiteDirectory, ThreadReactor]]:
+    """A SQLiteDirectory over the test store, and the reactor stand-in its results come back through."""
+    reactor = ThreadReactor()
+    hashes = ThreadPool(minthreads=0, maxthreads=1, name="test-hash")
+    hashes.start()
+    d = SQLiteDirectory(gal, reactor, hashes)      # type: ignore[arg-type]
+    yield d, reactor
+    d.close()
+    hashes.stop()
+
+
+def test_sqlite_directory_answers_as_the_store(gal: SQLiteStore,
+                                               async_gal: tuple[SQLiteDirectory, ThreadReactor]) -> None:
+    """expand, addresses_of and verify_password give the store's answers, as Deferreds."""
+    d, reactor = async_gal
+    gal.add_mailbox("alice@office.example", "pw")
+    gal.add_alias("a.smith@office.example", "alice@office.example")
+    assert reactor.result(d.expand("A.Smith@office.example")) == Expansion(mailboxes=("alice@office.example",))
+    assert reactor.result(d.expand("nobody@office.example")) is None
+    assert reactor.result(d.addresses_of("alice@office.example")) == \
+        frozenset({"alice@office.example", "a.smith@office.example"})
+    assert reactor.result(d.verify_password("a.smith@office.example", "pw")) == "alice@office.example"
+    assert reactor.result(d.verify_password("alice@office.example", "wrong")) is None
+
+
+def test_sqlite_directory_queries_off_the_calling_thread(gal: SQLiteStore,
+                                                         async_gal: tuple[SQLiteDirectory, ThreadReactor]) -> None:
+    """Every lookup runs on another thread: a database locked by another process leaves the
+    caller (the reactor) free at once, and the lookup then fails with DirectoryError (a 4xx)."""
+    d, reactor = async_gal
+    gal.add_mailbox("alice@office.example", "pw")
+    gal.close()
+    threads: list[int] = []
+    expand = gal.expand
+    gal.expand = lambda address: threads.append(threading.get_ident()) or expand(address)  # type: ignore[method-assign]
+    holder = sqlite3.connect(gal.path, isolation_level=None)
+    try:
+        holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        holder.execute("INSERT INTO contacts VALUES ('x@office.example', 'y@remote.example')")
+        pending = d.expand("alice@office.example")
+        owned = d.addresses_of("alice@office.example")
+        assert not pending.called and not owned.called       # nothing ran on this thread
+        failure = reactor.result(pending)
+        assert isinstance(failure, Failure) and failure.check(DirectoryError), failure
+        failure = reactor.result(owned)
+        assert isinstance(failure, Failure) and failure.check(DirectoryError), failure
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert threads and threading.get_ident() not in threads
+    assert reactor.result(d.expand("alice@office.example")) == Expansion(mailboxes=("alice@office.example",))

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from mailguard import config
 from mailguard.core import policy
-from mailguard.directory.sqlite import Expansion
+from mailguard.core.entries import Expansion
+from mailguard.directory.base import DirectoryError
 
 from conftest import FakeDirectory, make_config
 from conftest import office_config as office
@@ -39,7 +40,12 @@ def gal() -> FakeDirectory:
 
 
 def decide(cfg: config.Config, gal: FakeDirectory, rcpt: str, ip: str = OUTSIDER, **kw: Any) -> policy.Decision:
-    return policy.decide(cfg, gal.expand, policy.client(ip, **kw), rcpt)
+    """The decision once every fact it asks for is looked up (a DirectoryError: directory_failure)."""
+    who = policy.client(ip, **kw)
+    try:
+        return policy.settle(lambda facts: policy.decide(cfg, facts, who, rcpt), gal.lookup)
+    except DirectoryError:
+        return policy.directory_failure(cfg, rcpt)
 
 
 # -- the rule table ---------------------------------------------------------------------------
@@ -204,6 +210,70 @@ def test_recipient_that_delivers_nowhere_is_not_accepted(office_cfg: config.Conf
         assert d.reply.code == 550 and d.rule == "unknown_recipient"
 
 
+def chain_config(hops: int, last: str = "office.example") -> config.Config:
+    """d0.example -> d1.example -> ... -> d<hops-1>.example -> ``last``: a reroute chain of ``hops`` hops."""
+    domains = {f"d{i}.example": {"route": "reroute", "to": f"d{i + 1}.example"} for i in range(hops - 1)}
+    domains[f"d{hops - 1}.example"] = {"route": "reroute", "to": last}
+    return office(domains=domains)
+
+
+def test_long_reroute_chain_to_inbound_is_followed_to_its_end(gal: FakeDirectory) -> None:
+    """Ten reroute hops ending in an inbound domain: the directory decides, from any client.
+    A chain cut short would leave joe@d<k> routed as remote mail, queued for anyone (an open relay)."""
+    cfg = chain_config(10)
+    d = decide(cfg, gal, "<alice@d0.example>", OUTSIDER)
+    assert (d.rule, d.recipient, d.mailboxes, d.remote) == \
+        ("reroute", "alice@office.example", ("alice@office.example",), ())
+    d = decide(cfg, gal, "<nobody@d0.example>", OUTSIDER)
+    assert (d.reply, d.rule, d.remote) == (cfg.replies.unknown_recipient, "unknown_recipient", ())
+
+
+def test_long_reroute_chain_in_a_list_member_is_followed(gal: FakeDirectory) -> None:
+    """A list member behind ten reroute hops lands in its mailbox, not in the outbound queue."""
+    cfg = chain_config(12)
+    gal.entries["crew@office.example"] = Expansion(others=("alice@d0.example", "ghost@d3.example"))
+    d = decide(cfg, gal, "<crew@office.example>", OUTSIDER)
+    assert (d.mailboxes, d.remote) == (("alice@office.example",), ())
+
+
+def test_a_reroute_loop_is_refused_at_load() -> None:
+    """A loop of reroutes is a configuration error naming the key, never a routing hang."""
+    with pytest.raises(config.ConfigError) as e:
+        office(domains={"x.example": {"route": "reroute", "to": "y.example"},
+                        "y.example": {"route": "reroute", "to": "x.example"}})
+    assert str(e.value).endswith(': domains."x.example".to: reroute loop')
+
+
+# -- facts: the policy asks, the adapter fetches ---------------------------------------------------
+
+
+def test_decide_names_the_fact_it_needs(office_cfg: config.Config) -> None:
+    """Without the directory's answer an inbound recipient is Missing(key); with it, decided.
+    A remote recipient needs no fact at all."""
+    who = policy.client(OUTSIDER)
+    assert policy.decide(office_cfg, {}, who, "<Alice@Office.example>") == policy.Missing("alice@office.example")
+    facts = {"alice@office.example": Expansion(mailboxes=("alice@office.example",))}
+    d = policy.decide(office_cfg, facts, who, "<Alice@Office.example>")
+    assert isinstance(d, policy.Decision) and d.mailboxes == ("alice@office.example",)
+    d = policy.decide(office_cfg, {}, who, "<x@remote.example>")
+    assert isinstance(d, policy.Decision) and d.reply == office_cfg.replies.relay_denied
+
+
+def test_resolve_targets_asks_for_each_inbound_member(office_cfg: config.Config, gal: FakeDirectory) -> None:
+    """resolve_targets asks for inbound addresses one by one; remote ones need nothing."""
+    found = Expansion(others=("joe@dec.example", "x@remote.example"))
+    assert policy.resolve_targets(office_cfg, {}, found) == policy.Missing("joe@compaq.example")
+    assert policy.settle(lambda facts: policy.resolve_targets(office_cfg, facts, found), gal.lookup) == \
+        (("joe@compaq.example",), ("x@remote.example",))
+
+
+def test_directory_failure_names_the_recipient(office_cfg: config.Config) -> None:
+    """The directory_failure decision carries the routed recipient key and the configured 4xx."""
+    d = policy.directory_failure(office_cfg, "<Alice@Office.example>")
+    assert (d.reply, d.rule, d.recipient, d.accepted) == \
+        (office_cfg.replies.directory_failure, "directory_failure", "alice@office.example", False)
+
+
 # -- replies: configured, soft_bounce, directory failure ---------------------------------------------
 
 
@@ -335,7 +405,7 @@ def test_unrouted_domain_accepted_only_with_relay_permission(cfg: config.Config,
     gal = FakeDirectory({k: Expansion(others=("someone@remote.example",)) if k.startswith("list")
                          else Expansion(mailboxes=(k,)) for k in known})
     who = policy.client(ip, local_ip, auth, pop)
-    d = policy.decide(cfg, gal.expand, who, rcpt)
+    d = policy.settle(lambda facts: policy.decide(cfg, facts, who, rcpt), gal.lookup)
     from mailguard.core.address import AddressError, parse_path
     try:
         addr = parse_path(rcpt, bare_ok=frozenset({"postmaster"}))

@@ -10,6 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.logger import capturedLogs, formatEvent
 
+from mailguard.core import replies
+from mailguard.core.entries import Expansion
+from mailguard.directory.base import DirectoryError
 from mailguard.smtp import server as smtp
 from mailguard.auth.authenticator import Throttled
 
@@ -180,6 +183,32 @@ def test_directory_failure_at_rcpt_is_451(mailhost: FakeMailhost) -> None:
     ehlo(s)
     s.cmd("MAIL FROM:<joe@sender.example>")
     assert s.cmd("RCPT TO:<alice@office.example>") == ["451 4.3.0 Directory temporarily unavailable"]
+
+
+def test_rcpt_waits_for_the_directory_and_pipelined_commands_wait_too(mailhost: FakeMailhost) -> None:
+    """The directory answers later (a thread, a network backend): RCPT's reply, and the replies to
+    everything pipelined behind it, go out only then and in order (RFC 2920)."""
+    s = Session(mailhost)
+    ehlo(s)
+    s.cmd("MAIL FROM:<joe@sender.example>")
+    mailhost.directory.hold = True
+    s.send("RCPT TO:<alice@office.example>\r\nRCPT TO:<friend@remote.example>\r\nNOOP\r\n")
+    assert s.new_lines() == []
+    assert len(mailhost.directory.held) == 1
+    mailhost.directory.held.pop().callback(Expansion(mailboxes=("alice@office.example",)))
+    assert s.new_lines() == [str(replies.RECIPIENT_OK), str(mailhost.cfg.replies.relay_denied),
+                             str(replies.NOOP_OK)]
+
+
+def test_directory_failure_after_a_wait_is_451(mailhost: FakeMailhost) -> None:
+    """A lookup that fails later still gives the configured 4xx, and the session goes on."""
+    s = Session(mailhost)
+    ehlo(s)
+    s.cmd("MAIL FROM:<joe@sender.example>")
+    mailhost.directory.hold = True
+    s.send("RCPT TO:<alice@office.example>\r\nRSET\r\n")
+    mailhost.directory.held.pop().errback(DirectoryError("locked"))
+    assert s.new_lines() == [str(mailhost.cfg.replies.directory_failure), str(replies.RESET_OK)]
 
 
 def test_mail_sequence_errors(session_factory: Open) -> None:

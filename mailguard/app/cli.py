@@ -17,7 +17,7 @@ from mailguard import config
 from mailguard.app import cli_dns
 from mailguard.core import policy
 from mailguard.core.address import AddressError, parse_path
-from mailguard.directory.sqlite import Directory, DirectoryError, EntryError
+from mailguard.directory.sqlite import DirectoryError, EntryError, SQLiteStore
 
 
 class CommandError(Exception):
@@ -45,8 +45,8 @@ def _read_password(args: argparse.Namespace) -> str:
     return password
 
 
-def _directory(cfg: config.Config) -> Directory:
-    return Directory(cfg.directory.path)
+def _directory(cfg: config.Config) -> SQLiteStore:
+    return SQLiteStore(cfg.directory.path)
 
 
 def cmd_user(cfg: config.Config, args: argparse.Namespace) -> int:
@@ -79,7 +79,7 @@ def _check_local_domain(cfg: config.Config, address: str) -> None:
 
 
 def _pointer(cfg: config.Config, args: argparse.Namespace, kind: str, name: str, target: str | None,
-             add: Callable[[Directory, str, str], None], delete: Callable[[Directory, str], None]) -> int:
+             add: Callable[[SQLiteStore, str, str], None], delete: Callable[[SQLiteStore, str], None]) -> int:
     """``alias``/``contact``: an entry that points at another address."""
     d = _directory(cfg)
     address = _address(name)
@@ -96,7 +96,7 @@ def _pointer(cfg: config.Config, args: argparse.Namespace, kind: str, name: str,
 
 
 def cmd_alias(cfg: config.Config, args: argparse.Namespace) -> int:
-    return _pointer(cfg, args, "alias", args.alias, args.target, Directory.add_alias, Directory.delete_alias)
+    return _pointer(cfg, args, "alias", args.alias, args.target, SQLiteStore.add_alias, SQLiteStore.delete_alias)
 
 
 def cmd_list(cfg: config.Config, args: argparse.Namespace) -> int:
@@ -117,7 +117,7 @@ def cmd_list(cfg: config.Config, args: argparse.Namespace) -> int:
 
 def cmd_contact(cfg: config.Config, args: argparse.Namespace) -> int:
     return _pointer(cfg, args, "contact", args.address, args.remote,
-                    Directory.add_contact, Directory.delete_contact)
+                    SQLiteStore.add_contact, SQLiteStore.delete_contact)
 
 
 def cmd_check_config(cfg: config.Config, args: argparse.Namespace) -> int:
@@ -140,7 +140,10 @@ def cmd_explain(cfg: config.Config, args: argparse.Namespace) -> int:
         except AddressError as e:
             raise CommandError(f"--from {args.sender!r}: {e}") from None
     for rcpt in args.rcpt:
-        decision = policy.decide(cfg, d.expand, who, rcpt)
+        try:
+            decision = policy.settle(lambda facts: policy.decide(cfg, facts, who, rcpt), d.expand)
+        except DirectoryError:
+            decision = policy.directory_failure(cfg, rcpt)
         print(policy.explain_line(decision, rcpt, args.verbose))
     return 0
 

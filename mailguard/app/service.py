@@ -7,14 +7,13 @@ POP-before-SMTP record, TLS, connection limits, queue runner) and is a twisted
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import sys
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import endpoints, interfaces, threads
+from twisted.internet import endpoints, interfaces
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -23,7 +22,8 @@ from twisted.python.threadpool import ThreadPool
 from mailguard.auth import authenticator as auth
 from mailguard.storage import delivery
 from mailguard.config import Config
-from mailguard.directory.sqlite import Directory
+from mailguard.directory.base import Directory
+from mailguard.directory.sqlite import SQLiteDirectory, SQLiteStore
 from mailguard.storage.groupcommit import GroupCommit
 from mailguard.storage.queue import Queue
 from mailguard.app.limits import ConnectionLimiter
@@ -81,22 +81,17 @@ class Mailhost(service.MultiService):
         self.reactor = reactor
         self.clock: interfaces.IReactorTime = reactor
         cfg.server.data_dir.mkdir(parents=True, exist_ok=True)
-        self.directory = self._open_directory(cfg)
-        # twistd may fork to daemonize after this: no SQLite connection may cross it.
-        self.directory.close()
-        if not self.directory.ready:
-            log.error("mailguard directory: {path} cannot be opened now (locked?); recipients get "
-                      "the directory_failure reply until it can", path=str(cfg.directory.path))
-        self.queue = Queue(cfg.queue_dir)
-        self.tls = TLSContext(cfg)
-        self.limiter = ConnectionLimiter(cfg.limits.max_connections, cfg.limits.max_connections_per_ip)
         # Password hashes run on their own two threads: argon2 allocates 19 MiB per check,
         # and each thread's allocator keeps what it once held, so the general pool (20
         # threads) would keep up to 20 times that after a login storm.
         self.hash_pool = ThreadPool(minthreads=0, maxthreads=auth.MAX_PARALLEL_CHECKS, name="mailguard-hash")
-        self.authenticator = auth.Authenticator(
-            self.directory.verify_password, reactor, cfg.limits,
-            run_in_thread=functools.partial(threads.deferToThreadPool, reactor, self.hash_pool))
+        self.directory = self._open_directory(cfg)
+        # twistd may fork to daemonize after this: no SQLite connection may cross it.
+        self.directory.close()
+        self.queue = Queue(cfg.queue_dir)
+        self.tls = TLSContext(cfg)
+        self.limiter = ConnectionLimiter(cfg.limits.max_connections, cfg.limits.max_connections_per_ip)
+        self.authenticator = auth.Authenticator(self.directory.verify_password, reactor, cfg.limits)
         self.pop_before_smtp = auth.PopBeforeSmtp(reactor, cfg.relay.pop_before_smtp)
         self.runner = self._queue_runner()
         cfg.mail_dir.mkdir(parents=True, exist_ok=True)
@@ -106,9 +101,19 @@ class Mailhost(service.MultiService):
             self.runner.setServiceParent(self)
         self._listen()
 
+    def _open_directory(self, cfg: Config) -> Directory:
+        """The directory backend named by ``[directory] backend``."""
+        if cfg.directory.backend == "sqlite":
+            store = self._open_sqlite(cfg)
+            if not store.ready:
+                log.error("mailguard directory: {path} cannot be opened now (locked?); recipients get "
+                          "the directory_failure reply until it can", path=str(cfg.directory.path))
+            return SQLiteDirectory(store, self.reactor, self.hash_pool)
+        raise ValueError(f"directory.backend: unknown backend {cfg.directory.backend!r}")
+
     @staticmethod
-    def _open_directory(cfg: Config) -> Directory:
-        """The directory; an empty one is made only for a new installation.
+    def _open_sqlite(cfg: Config) -> SQLiteStore:
+        """The SQLite store; an empty one is made only for a new installation.
 
         When ``directory.sqlite`` is missing but mailboxes exist on disk, the file was
         lost: making an empty one would bounce every local user's mail with 550.  The
@@ -119,8 +124,8 @@ class Mailhost(service.MultiService):
         if not path.exists() and cfg.mail_dir.is_dir() and any(cfg.mail_dir.iterdir()):
             log.error("mailguard directory: {path} is missing but {mail} holds mailboxes; answering "
                       "directory_failure until it is restored", path=str(path), mail=str(cfg.mail_dir))
-            return Directory(path, create=False)
-        return Directory(path)
+            return SQLiteStore(path, create=False)
+        return SQLiteStore(path)
 
     def _queue_runner(self) -> Any:
         from mailguard.outbound.runner import QueueRunner
@@ -158,5 +163,6 @@ class Mailhost(service.MultiService):
     def stopService(self) -> Deferred | None:
         d = super().stopService()
         self.commit.stop()
+        self.directory.close()
         self.hash_pool.stop()
         return d

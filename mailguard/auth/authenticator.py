@@ -1,7 +1,7 @@
 """Credential checks shared by SMTP AUTH and POP3, with throttling of password guessing.
 
-:class:`Authenticator` checks a login against the directory's password hashes in a
-thread (hashing never runs on the reactor) and slows down guessing:
+:class:`Authenticator` checks a login through the directory's ``verify_password``
+(which hashes in a thread, never on the reactor) and slows down guessing:
 
 - failures are counted per client IP and per account over a sliding window of
   ``[limits] login_lockout`` seconds;
@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable
 
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 
 from mailguard.app import maillog
@@ -64,20 +64,23 @@ class _Window:
                 self.count(k)
 
 
-Verify = Callable[[str, str], "str | None"]
+Verify = Callable[[str, str], "defer.Deferred[str | None] | str | None"]
 
 
 class Authenticator:
     """Checks logins; see the module docstring for the throttling rules."""
 
     def __init__(self, verify: Verify, clock: IReactorTime, limits: LimitsConfig,
-                 run_in_thread: Callable[..., defer.Deferred] = threads.deferToThread) -> None:
+                 run_in_thread: Callable[..., defer.Deferred] | None = None) -> None:
+        """``verify(login, password)`` gives the mailbox or None, as a Deferred (a
+        :class:`~mailguard.directory.base.Directory`'s ``verify_password``); a blocking
+        ``verify`` is given with the ``run_in_thread`` that runs it off the reactor."""
         self.verify = verify
         self.clock = clock
         self.threshold = limits.login_failures
         self.by_ip = _Window(clock, max(limits.login_lockout, 1))
         self.by_account = _Window(clock, max(limits.login_lockout, 1))
-        self.run_in_thread = run_in_thread
+        self.run_in_thread = run_in_thread or defer.maybeDeferred
         self._in_flight: dict[str, int] = {}       # checks under way per IP
         # Each argon2 check holds ~19 MiB and a core: run at most this many at once, so a
         # login storm queues instead of multiplying memory by the thread pool's size.

@@ -23,25 +23,69 @@ A recipient is judged at RCPT time, never accepted and bounced later
 
 Replies come from ``[replies]``; with ``soft_bounce`` every 5xx policy reply is
 sent as its 4xx twin.  A directory that cannot answer gives ``directory_failure``
-(always 4xx).
+(always 4xx): the adapter that asked the directory says so with
+:func:`directory_failure`.
 
-This module imports nothing from Twisted.
+Facts, not calls
+================
+The policy never asks the directory.  :func:`decide` and :func:`resolve_targets`
+take ``facts``, a mapping from a lower-case address to its :class:`Expansion` (None:
+not in the directory).  When they need an address that is not in ``facts`` they
+return :class:`Missing` naming it; the caller fetches it (the SMTP adapter
+asynchronously, the CLI synchronously, see :func:`settle`) and calls again.  The
+answer for the same facts is always the same.
+
+This module imports only the standard library (and the pure config values).
 """
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping, TypeVar
 
 from mailguard.core import replies
 from mailguard.core.address import Address, AddressError, parse_path
 from mailguard.config import Config, IPAddress
 from mailguard.core.entries import Expansion
-from mailguard.directory.base import DirectoryError
 
-Expand = Callable[[str], "Expansion | None"]
-MAX_REROUTES = 8
+Facts = Mapping[str, "Expansion | None"]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Missing:
+    """The policy needs the directory's answer for ``key`` (a lower-case address) first."""
+
+    key: str
+
+
+class _Need(Exception):
+    """Raised inside the rules when a fact is missing; the public functions return it."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _look(facts: Facts, key: str) -> Expansion | None:
+    if key not in facts:
+        raise _Need(key)
+    return facts[key]
+
+
+def settle(step: Callable[[Facts], "T | Missing"], lookup: Callable[[str], "Expansion | None"]) -> T:
+    """Run ``step`` until it stops asking, answering each :class:`Missing` with ``lookup``.
+
+    For callers that may block (the CLI); the servers fetch facts asynchronously.
+    Whatever ``lookup`` raises (a directory error) propagates.
+    """
+    facts: dict[str, Expansion | None] = {}
+    while True:
+        result = step(facts)
+        if not isinstance(result, Missing):
+            return result
+        facts[result.key] = lookup(result.key)
 
 
 @dataclass(frozen=True)
@@ -105,8 +149,8 @@ def relay_permission(cfg: Config, who: Client) -> tuple[bool, str]:
     return False, "relay_denied"
 
 
-def decide(cfg: Config, expand: Expand, who: Client, text: str) -> Decision:
-    """Judge the forward-path ``text`` (as given after ``RCPT TO:``) for this client."""
+def _recipient(cfg: Config, text: str) -> Address | Decision:
+    """The recipient address of ``text`` (bare postmaster made local), or the refusal."""
     try:
         addr = parse_path(text, bare_ok=frozenset({"postmaster"}))
     except AddressError as e:
@@ -117,34 +161,70 @@ def decide(cfg: Config, expand: Expand, who: Client, text: str) -> Decision:
             return _refuse(cfg, replies.RELAY_TRICK, "relay_trick", shown)
         return Decision(replies.BAD_RCPT_SYNTAX, "syntax", shown)
     assert addr is not None
-    return decide_address(cfg, expand, who, addr)
-
-
-def decide_address(cfg: Config, expand: Expand, who: Client, addr: Address) -> Decision:
-    """Judge a parsed recipient address for this client."""
     if not addr.domain:                       # bare "postmaster"
         inbound = cfg.inbound_domains()
         if not inbound:
             return _refuse(cfg, cfg.replies.unknown_recipient, "unknown_recipient", str(addr))
         addr = addr.with_domain(inbound[0])
+    return addr
+
+
+def decide(cfg: Config, facts: Facts, who: Client, text: str) -> Decision | Missing:
+    """Judge the forward-path ``text`` (as given after ``RCPT TO:``) for this client.
+
+    Returns :class:`Missing` while ``facts`` lacks an expansion the rules need.
+    """
+    addr = _recipient(cfg, text)
+    if isinstance(addr, Decision):
+        return addr
     try:
-        return _route(cfg, expand, who, addr, 0)
-    except DirectoryError:
-        return Decision(cfg.replies.directory_failure, "directory_failure", addr.key)
+        return _route(cfg, facts, who, addr)
+    except _Need as need:
+        return Missing(need.key)
 
 
-def _route(cfg: Config, expand: Expand, who: Client, addr: Address, hops: int) -> Decision:
+def directory_failure(cfg: Config, text: str) -> Decision:
+    """The decision for ``text`` when the directory could not answer: always 4xx."""
+    addr = _recipient(cfg, text)
+    key = addr.recipient if isinstance(addr, Decision) else addr.key
+    return Decision(cfg.replies.directory_failure, "directory_failure", key)
+
+
+def final_domain(cfg: Config, addr: Address) -> tuple[Address, int]:
+    """Follow every reroute of ``addr``'s domain: the final address and the number of hops.
+
+    The configuration refuses reroute loops, so the chain ends; it is followed to its
+    end however long (a chain cut short would route mail as if for a remote domain).
+    """
+    hops = 0
+    while not addr.is_literal:
+        route = cfg.route_for(addr.domain)
+        if route is None or route.route != "reroute":
+            break
+        hops += 1
+        if hops > len(cfg.domains):
+            raise ValueError(f"reroute loop at {addr.domain} (the configuration should refuse it)")
+        addr = addr.with_domain(route.to)
+    return addr, hops
+
+
+def _route(cfg: Config, facts: Facts, who: Client, addr: Address) -> Decision:
+    addr, hops = final_domain(cfg, addr)
+    d = _route_final(cfg, facts, who, addr, rerouted=hops > 0)
+    if hops and d.accepted:
+        return Decision(d.reply, "reroute", d.recipient, d.mailboxes, d.remote)
+    return d
+
+
+def _route_final(cfg: Config, facts: Facts, who: Client, addr: Address, rerouted: bool) -> Decision:
     route = None if addr.is_literal else cfg.route_for(addr.domain)
-    if route is not None and route.route == "reroute" and hops < MAX_REROUTES:
-        d = _route(cfg, expand, who, addr.with_domain(route.to), hops + 1)
-        return Decision(d.reply, "reroute" if d.accepted else d.rule, d.recipient, d.mailboxes, d.remote)
     if route is not None and route.route == "inbound":
-        return _inbound(cfg, expand, addr)
+        return _inbound(cfg, facts, addr)
     if route is not None and route.route == "relay":
         if any(who.ip in net for net in cfg.relay.never):
             return _refuse(cfg, cfg.replies.never_host, "never", addr.key)
         return Decision(replies.RECIPIENT_OK, "relay_domain", str(addr), remote=(str(addr),))
-    if hops:                                  # a reroute to a remote domain: carried for anyone
+    if rerouted:                              # a reroute to a remote domain: carried for anyone
         return Decision(replies.RECIPIENT_OK, "reroute", str(addr), remote=(str(addr),))
     allowed, rule = relay_permission(cfg, who)
     if allowed:
@@ -153,15 +233,15 @@ def _route(cfg: Config, expand: Expand, who: Client, addr: Address, hops: int) -
     return _refuse(cfg, reply, rule, addr.key)
 
 
-def _inbound(cfg: Config, expand: Expand, addr: Address) -> Decision:
+def _inbound(cfg: Config, facts: Facts, addr: Address) -> Decision:
     key = addr.key
-    found = expand(key)
+    found = _look(facts, key)
     if found is None:
         if addr.local.lower() != "postmaster":
             return _refuse(cfg, cfg.replies.unknown_recipient, "unknown_recipient", key)
-        mailbox = cfg.server.postmaster or key
-        found = expand(mailbox) or Expansion(mailboxes=(mailbox,))
-    mailboxes, remote = resolve_targets(cfg, expand, found)
+        mailbox = (cfg.server.postmaster or key).lower()
+        found = _look(facts, mailbox) or Expansion(mailboxes=(mailbox,))
+    mailboxes, remote = _targets(cfg, facts, found)
     if not mailboxes and not remote:
         # An alias loop, a dangling alias, a list of stale members: a 250 here would
         # accept mail that is then stored nowhere.
@@ -169,13 +249,23 @@ def _inbound(cfg: Config, expand: Expand, addr: Address) -> Decision:
     return Decision(replies.RECIPIENT_OK, "inbound", key, mailboxes, remote)
 
 
-def resolve_targets(cfg: Config, expand: Expand, found: Expansion) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Route the addresses an expansion left outside the directory.
+Targets = tuple[tuple[str, ...], tuple[str, ...]]
+
+
+def resolve_targets(cfg: Config, facts: Facts, found: Expansion) -> Targets | Missing:
+    """Route the addresses an expansion left outside the directory: (mailboxes, remote).
 
     Remote ones (and those in relay domains) go to the queue; those in an inbound
     domain are expanded once more, or dropped when unknown (a stale list member);
-    reroutes are followed.
+    reroutes are followed.  Returns :class:`Missing` while ``facts`` lacks an expansion.
     """
+    try:
+        return _targets(cfg, facts, found)
+    except _Need as need:
+        return Missing(need.key)
+
+
+def _targets(cfg: Config, facts: Facts, found: Expansion) -> Targets:
     mailboxes = dict.fromkeys(found.mailboxes)
     remote: dict[str, None] = {}
     pending = list(found.others)
@@ -186,17 +276,14 @@ def resolve_targets(cfg: Config, expand: Expand, found: Expansion) -> tuple[tupl
             continue
         seen.add(text)
         try:
-            addr = parse_path(text)
+            parsed = parse_path(text)
         except AddressError:
             continue
-        assert addr is not None
-        for _ in range(MAX_REROUTES):
-            route = None if addr.is_literal else cfg.route_for(addr.domain)
-            if route is None or route.route != "reroute":
-                break
-            addr = addr.with_domain(route.to)
+        assert parsed is not None
+        addr, _ = final_domain(cfg, parsed)
+        route = None if addr.is_literal else cfg.route_for(addr.domain)
         if route is not None and route.route == "inbound":
-            sub = expand(addr.key)
+            sub = _look(facts, addr.key)
             if sub is not None:
                 mailboxes.update(dict.fromkeys(sub.mailboxes))
                 pending.extend(sub.others)

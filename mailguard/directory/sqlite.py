@@ -11,13 +11,18 @@ Format
 - ``contacts(address, remote)``: a custom recipient that forwards to a remote address.
 
 An address is at most one kind of entry.  The server queries the file for every
-lookup, so changes made by the CLI (another process) are seen at once.  Lookups are
-indexed point queries (tens of microseconds) and run on the caller's thread; a
-locked or unreadable database raises :class:`DirectoryError`, which the SMTP side
-answers with the configured 4xx ``directory_failure`` reply.
+lookup, so changes made by the CLI (another process) are seen at once.
 
-Password checks cost tens of milliseconds of CPU: callers run
-:meth:`Directory.verify_password` in a thread.
+Two faces
+=========
+:class:`SQLiteStore` is the blocking store: lookups and the administrative changes
+the CLI makes, run on the caller's thread.  A locked or unreadable database raises
+:class:`DirectoryError`.
+
+:class:`SQLiteDirectory` is the server's :class:`~mailguard.directory.base.Directory`:
+it runs every store call in a small dedicated thread pool (a locked database waits
+there for its busy timeout, never on the reactor), and password checks, which cost
+tens of milliseconds of CPU, on the pool it is given for hashing.
 """
 
 from __future__ import annotations
@@ -27,12 +32,18 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from passlib.context import CryptContext
 
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
 from mailguard.directory.base import DirectoryError, EntryError, Expansion
 
-__all__ = ["Directory", "DirectoryError", "EntryError", "Expansion", "HASHES"]
+__all__ = ["SQLiteStore", "SQLiteDirectory", "DirectoryError", "EntryError", "Expansion", "HASHES"]
 
 # argon2id with OWASP's recommended minimum (19 MiB, 2 passes, 1 lane): about 20-40 ms
 # of one core per check here, instead of libpass's default 64 MiB x 3 x 4 lanes, which
@@ -65,8 +76,8 @@ class _Walk:
     seen: set[str] = field(default_factory=set)
 
 
-class Directory:
-    """The GAL over one SQLite file; safe to use from several threads."""
+class SQLiteStore:
+    """The GAL over one SQLite file, blocking; safe to use from several threads."""
 
     def __init__(self, path: Path, *, create: bool = True, timeout: float = 0.25) -> None:
         self.path = Path(path)
@@ -306,3 +317,52 @@ class Directory:
         rows += [(n, "list", ", ".join(m)) for n, m in lists.items()]
         rows += [(str(a), "contact", str(r)) for a, r in self._query("SELECT address, remote FROM contacts")]
         return sorted(rows)
+
+
+T = TypeVar("T")
+QUERY_THREADS = 4      # concurrent SQLite lookups; more would only wait on the same file lock
+
+
+class SQLiteDirectory:
+    """The :class:`~mailguard.directory.base.Directory` over a :class:`SQLiteStore`.
+
+    Lookups run on a pool of :data:`QUERY_THREADS` threads of its own, started at the
+    first lookup (after twistd has forked) and stopped by :meth:`close`; password
+    checks run on ``hash_pool`` (the caller starts and stops it).
+    """
+
+    def __init__(self, store: SQLiteStore, reactor: IReactorFromThreads, hash_pool: ThreadPool) -> None:
+        self.store = store
+        self.reactor = reactor
+        self.hash_pool = hash_pool
+        self._pool: ThreadPool | None = None
+
+    @property
+    def ready(self) -> bool:
+        """False while the file could not be opened (the server answers 4xx meanwhile)."""
+        return self.store.ready
+
+    def _run(self, pool: ThreadPool, f: Callable[..., T], *args: object) -> Deferred[T]:
+        return deferToThreadPool(self.reactor, pool, f, *args)
+
+    def _lookups(self) -> ThreadPool:
+        if self._pool is None:
+            self._pool = ThreadPool(minthreads=0, maxthreads=QUERY_THREADS, name="mailguard-directory")
+            self._pool.start()
+        return self._pool
+
+    def expand(self, address: str) -> Deferred[Expansion | None]:
+        return self._run(self._lookups(), self.store.expand, address)
+
+    def verify_password(self, login: str, password: str) -> Deferred[str | None]:
+        return self._run(self.hash_pool, self.store.verify_password, login, password)
+
+    def addresses_of(self, mailbox: str) -> Deferred[frozenset[str]]:
+        return self._run(self._lookups(), lambda: frozenset(self.store.addresses_of(mailbox)))
+
+    def close(self) -> None:
+        """Stop the lookup threads (their connections go with them) and close this thread's."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.stop()
+        self.store.close()

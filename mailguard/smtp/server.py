@@ -47,7 +47,8 @@ from mailguard.core import policy, replies
 from mailguard.smtp._twistedmail import smtp as twsmtp
 from mailguard.core.address import AddressError, parse_mail_arg, parse_path
 from mailguard.auth.authenticator import Throttled
-from mailguard.directory.sqlite import DirectoryError
+from mailguard.directory.base import DirectoryError
+from mailguard.directory.facts import gather
 
 if TYPE_CHECKING:
     from mailguard.app.service import Mailhost
@@ -96,6 +97,7 @@ class SMTPServer(twsmtp.ESMTP):
         self._buf = bytearray()
         self._mode = "command"                  # command | data | auth | closed
         self._paused = False
+        self._processing = False
         self._helo: str | None = None
         self._esmtp = False
         self._authenticated: str | None = None
@@ -190,6 +192,15 @@ class SMTPServer(twsmtp.ESMTP):
         self._process()
 
     def _process(self) -> None:
+        if self._processing:                    # resumed from inside the loop: it goes on
+            return
+        self._processing = True
+        try:
+            self._process_buffer()
+        finally:
+            self._processing = False
+
+    def _process_buffer(self) -> None:
         while not self._paused and self._mode != "closed" and self._buf:
             if self._mode == "data":
                 if not self._data_input():
@@ -460,18 +471,27 @@ class SMTPServer(twsmtp.ESMTP):
             return
         sender_text = str(sender) if sender is not None else ""
         if self._authenticated and sender is not None and self.cfg.submission.enforce_sender:
-            try:
-                owned = self.mailhost.directory.addresses_of(self._authenticated)
-            except DirectoryError:
-                self.reply(self.cfg.replies.directory_failure)
-                return
-            if sender.key not in owned:
-                maillog.event("smtp", "sender-refused", self.client_ip, user=self._authenticated,
-                              sender=sender_text)
-                self.reply(replies.SENDER_NOT_OWNED)
-                return
+            self._pause()
+            d = self.mailhost.directory.addresses_of(self._authenticated)
+            d.addCallbacks(self._sender_owned, self._lookup_failed, callbackArgs=(sender.key, sender_text, size))
+            d.addBoth(lambda _: self._resume())
+            return
         self._envelope = Envelope(sender=sender_text, declared_size=size)
         self.reply(replies.SENDER_OK)
+
+    def _sender_owned(self, owned: frozenset[str], key: str, sender_text: str, size: int) -> None:
+        if key not in owned:
+            maillog.event("smtp", "sender-refused", self.client_ip, user=self._authenticated, sender=sender_text)
+            self.reply(replies.SENDER_NOT_OWNED)
+            return
+        self._envelope = Envelope(sender=sender_text, declared_size=size)
+        self.reply(replies.SENDER_OK)
+
+    def _lookup_failed(self, f: Failure) -> None:
+        """A directory lookup for MAIL failed: 4xx, never a pass."""
+        if not f.check(DirectoryError):
+            maillog.log.failure("mailguard smtp directory lookup error", f)
+        self.reply(self.cfg.replies.directory_failure)
 
     def smtp_RCPT(self, arg: str) -> None:
         env = self._envelope
@@ -491,8 +511,20 @@ class SMTPServer(twsmtp.ESMTP):
             return
         who = policy.Client(self._client_ip_obj, self._local_ip_obj, self._authenticated,
                             self.mailhost.pop_before_smtp.allowed(self.client_ip))
-        decision = policy.decide(self.cfg, self.mailhost.directory.expand, who, path)
-        maillog.decision(self.client_ip, self.local_ip, self._helo or "", env.sender, decision.recipient,
+        self._pause()
+        d = gather(lambda facts: policy.decide(self.cfg, facts, who, path), self.mailhost.directory)
+        d.addErrback(self._decision_failed, path)
+        d.addCallback(self._decided, env)
+        d.addBoth(lambda _: self._resume())
+
+    def _decision_failed(self, f: Failure, path: str) -> policy.Decision:
+        """The directory could not answer for this recipient: 4xx (directory_failure)."""
+        if not f.check(DirectoryError):
+            maillog.log.failure("mailguard smtp directory lookup error", f)
+        return policy.directory_failure(self.cfg, path)
+
+    def _decided(self, decision: policy.Decision, env: Envelope) -> None:
+        maillog.decision(self.client_ip, self.local_ip, self._helo or "", env.sender or "", decision.recipient,
                          decision.rule, decision.reply)
         if decision.accepted:
             env.decisions.append(decision)

@@ -22,7 +22,8 @@ from mailguard.storage import maildir
 from mailguard.core import policy
 from mailguard.config import Config
 from mailguard.core.entries import Expansion
-from mailguard.directory.sqlite import Directory
+from mailguard.directory.base import Directory
+from mailguard.directory.facts import gather
 from mailguard.storage.groupcommit import GroupCommit
 from mailguard.storage.queue import Queue
 
@@ -66,11 +67,13 @@ class Store:
         """Deliver a message made here (a bounce) to addresses routed like local mail.
 
         Inbound recipients are expanded through the directory (unknown ones dropped);
-        every other one is queued.  ``message`` is complete, CRLF line endings.
+        every other one is queued.  ``message`` is complete, CRLF line endings.  A
+        directory that cannot answer fails the Deferred (DirectoryError): nothing written.
         """
-        mailboxes, remote = policy.resolve_targets(self.cfg, self.directory.expand,
-                                                   Expansion(others=tuple(r.lower() for r in recipients)))
-        return self._write(sender, list(mailboxes), list(remote), b"", message)
+        found = Expansion(others=tuple(r.lower() for r in recipients))
+        d = gather(lambda facts: policy.resolve_targets(self.cfg, facts, found), self.directory)
+        return d.addCallback(lambda targets: self._write(sender, list(targets[0]), list(targets[1]), b"",
+                                                         message))
 
     def _write(self, sender: str, mailboxes: list[str], remote: list[str],
                received: bytes, message: bytes) -> defer.Deferred[str | None]:

@@ -1,0 +1,71 @@
+"""Tests for Store.inject: bounces routed through the directory like local mail."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from mailguard.directory.base import DirectoryError
+from mailguard.storage import maildir
+from mailguard.storage.delivery import Store
+from mailguard.storage.queue import Queue
+
+from conftest import OFFICE, FakeDirectory, make_config
+
+DSN = b"From: MAILER-DAEMON@mx.office.example\r\nSubject: Undelivered\r\n\r\nSorry.\r\n"
+
+
+def sync(f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+    return defer.maybeDeferred(f, *args)
+
+
+class Commit:
+    """Stands in for GroupCommit: records each local delivery (maildir paths, message)."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[tuple[list[str], bytes]] = []
+
+    def deliver(self, paths: list[str], message: bytes) -> defer.Deferred[None]:
+        self.deliveries.append((list(paths), message))
+        return defer.succeed(None)
+
+
+def setup(tmp_path: Path) -> tuple[Store, FakeDirectory, Queue, Commit]:
+    cfg = make_config(tmp_path, **{**OFFICE, "server": {"hostname": "mx.office.example", "data_dir": "data"}})
+    gal = FakeDirectory()
+    gal.add_mailbox("joe@compaq.example")
+    queue = Queue(cfg.queue_dir)
+    commit = Commit()
+    store = Store(cfg, gal, queue, run_in_thread=sync, commit=commit)  # type: ignore[arg-type]
+    return store, gal, queue, commit
+
+
+def result(d: defer.Deferred[Any]) -> Any:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "inject did not finish"
+    return out[0]
+
+
+def test_inject_routes_through_the_directory(tmp_path: Path) -> None:
+    """A bounce to a rerouted local address lands in the mailbox; a remote one is queued."""
+    store, gal, queue, commit = setup(tmp_path)
+    assert not isinstance(result(store.inject("", ["Joe@DEC.example", "x@remote.example"], DSN)), Failure)
+    [(paths, message)] = commit.deliveries
+    assert paths == [str(maildir.maildir_path(store.cfg.mail_dir, "joe@compaq.example"))]
+    assert message == b"Return-Path: <>\r\n" + DSN
+    [entry] = queue.list()
+    assert [r.address for r in entry.recipients] == ["x@remote.example"]
+
+
+def test_inject_with_the_directory_down_fails_and_writes_nothing(tmp_path: Path) -> None:
+    """The directory cannot answer: the Deferred fails with DirectoryError, nothing is stored
+    (the bounce stays with the queue runner, which retries)."""
+    store, gal, queue, commit = setup(tmp_path)
+    gal.broken = True
+    failure = result(store.inject("", ["joe@compaq.example", "x@remote.example"], DSN))
+    assert isinstance(failure, Failure) and failure.check(DirectoryError)
+    assert queue.list() == [] and commit.deliveries == []
