@@ -684,3 +684,29 @@ def test_a_damaged_entry_is_logged_once_and_left_alone(tmp_path: Path) -> None:
     assert damaged[0].startswith(f"mailguard outbound: id={entry_id} is damaged and stays queued undelivered: "
                                  "unreadable envelope: JSONDecodeError: ")
     assert u.queue.envelope_path(entry_id).exists() and u.courier.calls == []
+
+
+def test_held_entry_waits_until_released_then_delivers_locally_and_remotely(tmp_path: Path) -> None:
+    """A held entry is neither tried nor expired; once released its remote recipients go out
+    and its local mailboxes go to the local delivery."""
+    local_calls: list[tuple[str, list[str], bytes]] = []
+
+    def local(sender: str, mailboxes: list[str], message: bytes) -> defer.Deferred[None]:
+        local_calls.append((sender, mailboxes, message))
+        return defer.succeed(None)
+
+    u = Unit(tmp_path, max_queue_time=60)
+    u.runner.local = local
+    entry_id = u.queue.enqueue("joe@here.test", ["a@x.test"], MESSAGE, held="spam", local=["bob@here.test"])
+    u.start()
+    u.clock.advance(3600)
+    u.runner.wake()
+    u.clock.advance(0)
+    assert u.courier.calls == [] and local_calls == []
+    assert u.states(entry_id) == {"a@x.test": "pending", "bob@here.test": "pending"}
+    assert u.queue.release(entry_id)
+    u.runner.wake()
+    u.clock.advance(0)
+    assert u.courier.calls == [("joe@here.test", "x.test", ["a@x.test"])]
+    assert local_calls == [("joe@here.test", ["bob@here.test"], MESSAGE)]
+    assert u.queue.ids() == []

@@ -166,3 +166,40 @@ def test_queue_list_shows_damaged_entries_with_the_reason(tmp_path: Path, capsys
     assert lines[1].startswith(f"{garbled} DAMAGED unreadable envelope: JSONDecodeError: ")
     assert lines[2] == f"{lost} DAMAGED message file missing"
     assert [e.id for e in q.list()] == [good]           # the runner still skips them
+
+
+def test_held_entry_keeps_its_reason_and_local_mailboxes(tmp_path: Path) -> None:
+    """A quarantined message is stored held, with local mailboxes marked; the listing says HELD(reason)."""
+    q = Queue(tmp_path)
+    entry_id = q.enqueue("joe@here.example", ["a@r.example"], MESSAGE, held="virus  found",
+                         local=["bob@here.example"])
+    entry = q.load(entry_id)
+    assert entry.held == "virus  found"
+    assert [(r.address, r.local) for r in entry.recipients] == [("a@r.example", False), ("bob@here.example", True)]
+    line = format_entry(entry, now=entry.queued_at)
+    assert line == f"{entry_id} 0m00s <joe@here.example> HELD(virus found) a@r.example=pending bob@here.example=pending"
+
+
+def test_release_empties_held_once(tmp_path: Path) -> None:
+    """release() clears the hold (and restarts the queue clock); a second release, or a missing id, is False."""
+    now = [1000.0]
+    q = Queue(tmp_path, clock=lambda: now[0])
+    entry_id = q.enqueue("", [], MESSAGE, held="spam", local=["bob@here.example"])
+    now[0] = 5000.0
+    assert q.release(entry_id) is True
+    entry = q.load(entry_id)
+    assert entry.held == "" and entry.queued_at == 5000.0
+    assert q.release(entry_id) is False
+    assert q.release("0" * 21) is False
+
+
+def test_old_envelopes_without_held_still_load(tmp_path: Path) -> None:
+    """Envelopes written before the hold existed load as not held, recipients not local."""
+    q = Queue(tmp_path)
+    entry_id = q.enqueue("joe@here.example", ["a@r.example"], MESSAGE)
+    env = json.loads(q.envelope_path(entry_id).read_text())
+    del env["held"]
+    del env["recipients"][0]["local"]
+    q.envelope_path(entry_id).write_text(json.dumps(env))
+    entry = q.load(entry_id)
+    assert entry.held == "" and not entry.recipients[0].local

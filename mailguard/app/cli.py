@@ -159,6 +159,17 @@ def cmd_queue(cfg: config.Config, args: argparse.Namespace) -> int:
     elif args.action == "flush":
         q.request_flush()
         print("flush requested")
+    elif args.action == "release":
+        if not args.id:
+            raise CommandError("queue release needs an ID")
+        try:
+            released = q.release(args.id)
+        except queue_mod.QueueError as e:
+            raise CommandError(str(e)) from None
+        if not released:
+            raise CommandError(f"no held message {args.id}")
+        q.request_flush()
+        print(f"released {args.id}")
     else:
         if not args.id:
             raise CommandError("queue delete needs an ID")
@@ -221,7 +232,7 @@ def parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_explain)
 
     q = sub.add_parser("queue", help="the outbound queue")
-    q.add_argument("action", choices=["list", "flush", "delete"])
+    q.add_argument("action", choices=["list", "flush", "delete", "release"])
     q.add_argument("id", nargs="?")
     q.set_defaults(func=cmd_queue)
 

@@ -129,10 +129,13 @@ class Mailhost(service.MultiService):
 
     def _queue_runner(self) -> Any:
         from mailguard.outbound.runner import QueueRunner
-        return QueueRunner(self.cfg, self.queue, self.reactor, self._inject)
+        return QueueRunner(self.cfg, self.queue, self.reactor, self._inject, local=self._deliver_local)
 
     def _inject(self, sender: str, recipients: list[str], message: bytes) -> Deferred:
         return self.store.inject(sender, recipients, message)
+
+    def _deliver_local(self, sender: str, mailboxes: list[str], message: bytes) -> Deferred:
+        return self.store.deliver_local(sender, mailboxes, message)
 
     def _wake(self) -> None:
         if self.runner is not None:

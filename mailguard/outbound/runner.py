@@ -39,11 +39,12 @@ from mailguard.config import Config
 
 from mailguard.outbound import mx
 from mailguard.core.dsn import FailedRecipient, build_dsn
-from mailguard.storage.queue import DEFERRED, FAILED, Damaged, Queue, QueueEntry, QueueError, RecipientState
+from mailguard.storage.queue import DELIVERED, DEFERRED, FAILED, Damaged, Queue, QueueEntry, QueueError, RecipientState
 from mailguard.outbound.client import ClientConnection, Outcome, SessionError, SessionOptions, tls_options, transact
 
 log = Logger(namespace="mailguard.outbound.runner")
 
+LOCAL = "\0local"  # the delivery group of a queue entry's local mailboxes (a held message)
 MAX_HOSTS = 5  # MX hosts (addresses) tried in one attempt, like Postfix's smtp_mx_address_limit
 
 
@@ -133,6 +134,8 @@ class QueueRunner(Service):
     :param courier: replaces SMTP delivery (tests): ``await courier(sender, domain,
         recipients, message) -> {recipient: Outcome}``.
     :param blocking: runs blocking queue I/O; default ``deferToThread``.
+    :param local: ``local(sender, mailboxes, message) -> Deferred``: stores a released
+        held message into local maildirs (recipients marked ``local`` in the queue).
     """
 
     FLUSH_POLL = 2.0
@@ -141,8 +144,10 @@ class QueueRunner(Service):
     def __init__(self, config: Config, queue: Queue, reactor: IReactorTime,
                  inject: Callable[[str, list[str], bytes], defer.Deferred[Any]],
                  resolver: IResolver | None = None, *, courier: Courier | None = None,
-                 blocking: Callable[..., defer.Deferred[Any]] = threads.deferToThread) -> None:
+                 blocking: Callable[..., defer.Deferred[Any]] = threads.deferToThread,
+                 local: Callable[[str, list[str], bytes], defer.Deferred[Any]] | None = None) -> None:
         self.config = config
+        self.local = local
         self.queue = queue
         self.reactor = reactor
         self.inject = inject
@@ -266,6 +271,8 @@ class QueueRunner(Service):
 
     async def _consider(self, entry: QueueEntry, now: float, flush: bool) -> float | None:
         """Start what is due for one entry; the next time it needs a look, if any."""
+        if entry.held:
+            return None             # quarantined: waits for `mailguard queue release`
         deadline = entry.queued_at + self.config.outbound.max_queue_time
         free = [r for r in entry.recipients if (entry.id, r.address) not in self._busy]
         expired = [r.address for r in free if r.waiting and now >= deadline]
@@ -292,7 +299,7 @@ class QueueRunner(Service):
         due: dict[str, list[str]] = defaultdict(list)
         for r in free:
             if r.due(now) or (flush and r.waiting):
-                due[domain_of(r.address)].append(r.address)
+                due[LOCAL if r.local else domain_of(r.address)].append(r.address)
             elif r.waiting and r.next_attempt is not None:
                 when = min(r.next_attempt, deadline)
                 soonest = when if soonest is None else min(soonest, when)
@@ -310,8 +317,11 @@ class QueueRunner(Service):
             except QueueError:
                 return  # deleted meanwhile (queue delete)
             try:
-                outcomes = await self._limit.run(
-                    lambda: defer.ensureDeferred(self.courier(entry.sender, domain, rcpts, message)))
+                if domain == LOCAL:
+                    outcomes = await self._deliver_local(entry.sender, rcpts, message)
+                else:
+                    outcomes = await self._limit.run(
+                        lambda: defer.ensureDeferred(self.courier(entry.sender, domain, rcpts, message)))
             except Exception as e:
                 log.failure("mailguard outbound: id={queue_id} delivery to {domain} crashed",
                             queue_id=entry.id, domain=domain)
@@ -323,6 +333,16 @@ class QueueRunner(Service):
             if self._bounce_after.get(entry.id, 0.0) <= self.reactor.seconds():
                 await self._bounce(entry.id)
         self.wake()
+
+    async def _deliver_local(self, sender: str, mailboxes: list[str], message: bytes) -> dict[str, Outcome]:
+        """Store a released message into this host's maildirs."""
+        if self.local is None:
+            return {m: Outcome(DEFERRED, "451 4.3.0 local delivery not available") for m in mailboxes}
+        try:
+            await self.local(sender, mailboxes, message)
+        except Exception as e:
+            return {m: Outcome(DEFERRED, f"451 4.3.0 local delivery failed: {type(e).__name__}") for m in mailboxes}
+        return {m: Outcome(DELIVERED, "250 2.0.0 stored in the mailbox", "local") for m in mailboxes}
 
     async def _record(self, entry_id: str, outcomes: dict[str, Outcome], now: float,
                       expired: bool = False) -> QueueEntry | None:

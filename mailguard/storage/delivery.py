@@ -53,15 +53,26 @@ class Store:
         self._maildirs: dict[str, str] = {}
 
     def store(self, msg_id: str, sender: str, decisions: Sequence[policy.Decision],
-              received: bytes, message: bytes) -> defer.Deferred[str | None]:
+              received: bytes, message: bytes, held: str = "") -> defer.Deferred[str | None]:
         """Store one message for the accepted recipients' decisions.
 
         :param message: the message as received, CRLF line endings, dot-stuffing removed.
+        :param held: a quarantine reason: the message, local mailboxes included, waits in
+            the queue (held) until ``mailguard queue release``.
         :returns: a Deferred firing with the queue id (or None) once all is on disk.
         """
         mailboxes = list(dict.fromkeys(m for d in decisions for m in d.mailboxes))
         remote = list(dict.fromkeys(r for d in decisions for r in d.remote))
+        if held:
+            held_id: defer.Deferred[str | None] = self.run_in_thread(
+                self.queue.enqueue, sender, remote, received + message, held=held, local=mailboxes)
+            return held_id
         return self._write(sender, mailboxes, remote, received, message)
+
+    def deliver_local(self, sender: str, mailboxes: list[str], message: bytes) -> defer.Deferred[list[str]]:
+        """Store a released held message (``Received:`` included) into local mailboxes."""
+        return_path = f"Return-Path: <{sender}>\r\n".encode("utf-8", "replace")
+        return self._local([self._maildir(m) for m in mailboxes], return_path + message)
 
     def inject(self, sender: str, recipients: Iterable[str], message: bytes) -> defer.Deferred[str | None]:
         """Deliver a message made here (a bounce) to addresses routed like local mail.

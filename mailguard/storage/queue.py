@@ -18,12 +18,17 @@ Everything lives in one folder (``cfg.queue_dir``, normally ``data_dir/queue``):
            {"address": "ann@remote.example", "state": "deferred",
             "attempts": 1, "next_attempt": 1764420300.25,
             "last_reply": "451 4.3.0 try later", "relay": "mx1.remote.example",
-            "notified": false}]}
+            "notified": false, "local": false}],
+         "held": ""}
 
     ``sender`` is ``""`` for the null sender ``<>``.  ``state`` is ``pending``
     (never tried), ``deferred`` (a temporary failure; ``next_attempt`` is when to try
     again, seconds since the epoch), ``delivered`` or ``failed``.  ``notified`` is
     true once the delivery status notification for a failed recipient was handed on.
+    ``held`` is not empty for a message a content filter quarantined: the reason.  A
+    held entry is not delivered (and does not expire) until ``mailguard queue release
+    ID`` empties it.  A ``local`` recipient is a mailbox of this host: a held message
+    for local mailboxes waits here too, and goes into the maildir when released.
 ``.tmp-*``
     A file being written.  Leftovers from a crash are removed by :meth:`Queue.cleanup`.
 ``flush``
@@ -49,7 +54,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 PENDING = "pending"
 DEFERRED = "deferred"
@@ -89,6 +94,7 @@ class RecipientState:
     relay: str = ""
     notified: bool = False
     warned: bool = False          # a delay warning was sent for it
+    local: bool = False           # a local mailbox (of a held message): delivered to its maildir
 
     @property
     def waiting(self) -> bool:
@@ -109,6 +115,7 @@ class QueueEntry:
     sender: str
     queued_at: float
     recipients: list[RecipientState] = field(default_factory=list)
+    held: str = ""                # the quarantine reason; "" = deliver
 
     @property
     def finished(self) -> bool:
@@ -117,7 +124,7 @@ class QueueEntry:
 
     def to_json(self) -> bytes:
         data = {"version": 1, "id": self.id, "sender": self.sender, "queued_at": self.queued_at,
-                "recipients": [asdict(r) for r in self.recipients]}
+                "recipients": [asdict(r) for r in self.recipients], "held": self.held}
         return json.dumps(data, indent=1).encode("utf-8") + b"\n"
 
     @classmethod
@@ -129,7 +136,8 @@ class QueueEntry:
         for r in rcpts:
             if r.state not in STATES:
                 raise QueueError(f"unknown recipient state {r.state!r}")
-        return cls(str(data["id"]), str(data["sender"]), float(data["queued_at"]), rcpts)
+        return cls(str(data["id"]), str(data["sender"]), float(data["queued_at"]), rcpts,
+                   str(data.get("held", "")))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -188,19 +196,23 @@ class Queue:
 
     # -- the contract --------------------------------------------------------
 
-    def enqueue(self, sender: str, recipients: list[str], message: bytes) -> str:
+    def enqueue(self, sender: str, recipients: builtins.list[str], message: bytes, *, held: str = "",
+                local: Sequence[str] = ()) -> str:
         """Store a message durably for delivery to ``recipients``; returns its queue id.
 
         Blocking; on return the entry survives a crash.  ``sender`` is "" for ``<>``.
+        ``held``: the quarantine reason (the entry waits for ``release``); ``local``:
+        mailboxes of this host that get the message when it is released.
         """
-        if not recipients:
+        if not recipients and not local:
             raise ValueError("a queued message needs at least one recipient")
         self.root.mkdir(parents=True, exist_ok=True)
         now = self.clock()
         entry_id = f"{int(now * 1_000_000) & (16**13 - 1):013x}{secrets.token_hex(4)}"
         self._write(self.message_path(entry_id), message)
-        unique = list(dict.fromkeys(recipients))
-        entry = QueueEntry(entry_id, sender, now, [RecipientState(r) for r in unique])
+        unique = builtins.list(dict.fromkeys(recipients))
+        entry = QueueEntry(entry_id, sender, now, [RecipientState(r) for r in unique]
+                           + [RecipientState(m, local=True) for m in dict.fromkeys(local)], held)
         self._write(self.envelope_path(entry_id), entry.to_json())
         return entry_id
 
@@ -285,6 +297,18 @@ class Queue:
                 return entry
             return entry if self._save(entry) else None
 
+    def release(self, entry_id: str) -> bool:
+        """Deliver a held entry from now on; False when there is no such held entry."""
+        released = False
+
+        def change(entry: QueueEntry) -> None:
+            nonlocal released
+            released, entry.held = bool(entry.held), ""
+            if released:
+                entry.queued_at = self.clock()   # max_queue_time counts from the release
+
+        return self.update(entry_id, change) is not None and released
+
     def delete(self, entry_id: str) -> bool:
         """Remove an entry (envelope first, so it stops being live at once); False when absent."""
         with self._lock:
@@ -342,6 +366,8 @@ def format_entry(entry: QueueEntry, now: float | None = None) -> str:
     """One line for ``mailguard queue list``: id, age, sender, then each recipient.
 
     ``0123abcd... 2h05m <joe@example.com> ann@x.example=deferred(451 4.3.0 later) bob@y.example=delivered``
+
+    A quarantined entry shows ``HELD(<reason>)`` after the sender.
     """
     age = max(0, int((time.time() if now is None else now) - entry.queued_at))
     days, rest = divmod(age, 86400)
@@ -354,6 +380,8 @@ def format_entry(entry: QueueEntry, now: float | None = None) -> str:
     else:
         age_text = f"{minutes}m{seconds:02d}s"
     parts = [entry.id, age_text, f"<{entry.sender}>"]
+    if entry.held:
+        parts.append(f"HELD({' '.join(entry.held.split())})")
     for r in entry.recipients:
         text = f"{r.address}={r.state}"
         if r.last_reply and r.state != DELIVERED:
