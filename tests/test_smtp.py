@@ -211,6 +211,24 @@ def test_directory_failure_after_a_wait_is_451(mailhost: FakeMailhost) -> None:
     assert s.new_lines() == [str(mailhost.cfg.replies.directory_failure), str(replies.RESET_OK)]
 
 
+def test_list_member_that_is_no_address_is_logged_and_dropped(mailhost: FakeMailhost, logs: LogCapture) -> None:
+    """A list in the directory holding a member that does not parse: the other members get the
+    mail, and the bad one is named in one mail-log line (not dropped silently)."""
+    mailhost.directory.entries["staff@office.example"] = Expansion(
+        mailboxes=("alice@office.example",), others=("bob", "joe@compaq.example"))
+    s = Session(mailhost)
+    ehlo(s)
+    s.cmd("MAIL FROM:<joe@sender.example>")
+    assert s.cmd("RCPT TO:<staff@office.example>") == [str(replies.RECIPIENT_OK)]
+    assert s.cmd("DATA")[0].startswith("354 ")
+    s.send("Subject: hi\r\n\r\nhello\r\n.\r\n")
+    [call] = mailhost.store.calls
+    assert [d.mailboxes for d in call.decisions] == [("alice@office.example", "joe@compaq.example")]
+    assert logs.matching("mailguard directory") == [
+        "mailguard directory unusable-address: expanding=staff@office.example address=bob "
+        "reason=address must be fully qualified (local@domain)"]
+
+
 def test_mail_sequence_errors(session_factory: Open) -> None:
     """RCPT before MAIL, a second MAIL, DATA without MAIL or without recipients: 503 each."""
     s = session_factory()

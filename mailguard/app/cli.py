@@ -102,7 +102,10 @@ def cmd_alias(cfg: config.Config, args: argparse.Namespace) -> int:
 def cmd_list(cfg: config.Config, args: argparse.Namespace) -> int:
     d = _directory(cfg)
     name = _address(args.name)
-    members = [_address(m) for m in args.members]
+    try:
+        members = [_address(m) for m in args.members]
+    except CommandError as e:
+        raise CommandError(f"list {name}: member {e}") from None
     if args.action == "add":
         if not members:
             raise CommandError("list add needs LIST MEMBER...")

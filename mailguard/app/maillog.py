@@ -41,3 +41,9 @@ def event(service: str, what: str, client: str, **fields: object) -> None:
 def auth_failure(service: str, client: str, user: str) -> None:
     """Log a failed login in the line the fail2ban filter matches."""
     log.warn("{line}", line=f"mailguard auth failure: service={service} client={client} user={clean(user)}")
+
+
+def directory_entry(what: str, **fields: object) -> None:
+    """Log a directory entry that cannot be used: ``mailguard directory <what>: k=v ...``."""
+    extra = " ".join(f"{k}={clean(v)}" for k, v in fields.items())
+    log.warn("{line}", line=f"mailguard directory {what}: {extra}")

@@ -41,6 +41,7 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from mailguard.core.address import AddressError, parse_path
 from mailguard.directory.base import DirectoryError, EntryError, Expansion
 
 __all__ = ["SQLiteStore", "SQLiteDirectory", "DirectoryError", "EntryError", "Expansion", "HASHES"]
@@ -276,8 +277,14 @@ class SQLiteStore:
             raise EntryError(f"no alias {alias}")
 
     def add_list_members(self, name: str, members: list[str]) -> None:
-        """Create a list, or add members to it."""
+        """Create a list, or add members to it; a member that is not a mail address is refused."""
         name = name.lower()
+        for m in members:
+            try:
+                if parse_path(m) is None:
+                    raise AddressError("empty address")
+            except AddressError as e:
+                raise EntryError(f"list {name}: member {m!r} is not a mail address: {e}") from None
         kind = self.kind(name)
         if kind not in (None, "list"):
             raise EntryError(f"{name} exists already (a {kind})")
