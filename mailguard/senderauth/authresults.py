@@ -57,7 +57,8 @@ def header(hostname: str, spf: SPFResult | None = None, dkim: Sequence[DKIMResul
         if dmarc.requested:
             applied = f" applied={dmarc.policy}" if dmarc.policy != dmarc.requested else ""
             policy = f" (p={dmarc.requested}{applied})"
-        parts.append(f"dmarc={dmarc.result}{policy} header.from={_value(dmarc.domain)}")
+        author = f" header.from={_value(dmarc.domain)}" if dmarc.domain else ""
+        parts.append(f"dmarc={dmarc.result}{policy}{author}")
     body = ";\r\n\t".join([hostname] + (parts or ["none"]))
     return f"Authentication-Results: {body}\r\n".encode("utf-8", "replace")
 
