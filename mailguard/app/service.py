@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 from twisted.application import service
-from twisted.internet import endpoints, interfaces
+from twisted.internet import endpoints
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore, IReactorThreads, IReactorTime
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
@@ -30,56 +32,63 @@ from mailguard.app.limits import ConnectionLimiter
 from mailguard.smtp.server import SMTPFactory
 from mailguard.app.tls import TLSContext
 
+if TYPE_CHECKING:
+    from mailguard.outbound.runner import QueueRunner
+    from mailguard.pop3.server import POP3Factory
+
 log = Logger(namespace="mailguard")
 
 
 class ListenerService(service.Service):
     """Listens on one endpoint description; ``ssl:`` ones get mailguard's certificate."""
 
-    def __init__(self, reactor: Any, description: str, factory: Any, tls: TLSContext | None) -> None:
+    def __init__(self, reactor: IReactorCore, description: str, factory: IProtocolFactory,
+                 tls: TLSContext | None) -> None:
         self.reactor = reactor
         self.description = description
         self.factory = factory
         self.tls = tls
-        self.port: Any = None
+        self.port: IListeningPort | None = None
 
     def startService(self) -> None:
-        super().startService()
+        service.Service.startService(self)
         desc, factory = self.description, self.factory
         if desc.startswith("ssl:"):
             if self.tls is None:
                 raise RuntimeError("ssl: listener without TLS")
             desc = "tcp:" + desc[4:]
             factory = TLSMemoryBIOFactory(self.tls, False, factory)
-        d: Deferred = endpoints.serverFromString(self.reactor, desc).listen(factory)
+        d: Deferred[IListeningPort] = endpoints.serverFromString(self.reactor, desc).listen(factory)
         d.addCallbacks(self._listening, self._failed)
 
-    def _listening(self, port: Any) -> None:
+    def _listening(self, port: IListeningPort) -> None:
         self.port = port
         log.info("mailguard listening: {desc}", desc=self.description)
 
-    def _failed(self, failure: Any) -> None:
+    def _failed(self, failure: Failure) -> None:
         sys.stderr.write(f"mailguard: cannot listen on {self.description}: {failure.getErrorMessage()}\n")
         sys.stderr.flush()
         sys.stdout.flush()
         os._exit(1)
 
-    def stopService(self) -> Deferred | None:
-        super().stopService()
+    def stopService(self) -> Deferred[None] | None:
+        service.Service.stopService(self)
         if self.port is not None:
             port, self.port = self.port, None
-            return port.stopListening()
+            stopped: Deferred[None] | None = port.stopListening()
+            return stopped
         return None
 
 
 class Mailhost(service.MultiService):
     """Everything the listeners share; start it and mail flows."""
 
-    def __init__(self, cfg: Config, reactor: Any) -> None:
-        super().__init__()
+    def __init__(self, cfg: Config, reactor: IReactorCore) -> None:
+        service.MultiService.__init__(self)
         self.cfg = cfg
         self.reactor = reactor
-        self.clock: interfaces.IReactorTime = reactor
+        self.clock = IReactorTime(reactor)
+        self.threads = IReactorThreads(reactor)
         cfg.server.data_dir.mkdir(parents=True, exist_ok=True)
         # Password hashes run on their own two threads: argon2 allocates 19 MiB per check,
         # and each thread's allocator keeps what it once held, so the general pool (20
@@ -91,14 +100,14 @@ class Mailhost(service.MultiService):
         self.queue = Queue(cfg.queue_dir)
         self.tls = TLSContext(cfg)
         self.limiter = ConnectionLimiter(cfg.limits.max_connections, cfg.limits.max_connections_per_ip)
-        self.authenticator = auth.Authenticator(self.directory.verify_password, reactor, cfg.limits)
-        self.pop_before_smtp = auth.PopBeforeSmtp(reactor, cfg.relay.pop_before_smtp)
+        self.authenticator = auth.Authenticator(self.directory.verify_password, self.clock, cfg.limits)
+        self.pop_before_smtp = auth.PopBeforeSmtp(self.clock, cfg.relay.pop_before_smtp)
         self.runner = self._queue_runner()
         cfg.mail_dir.mkdir(parents=True, exist_ok=True)
-        self.commit = GroupCommit(reactor, cfg.mail_dir)
+        self.commit = GroupCommit(self.threads, cfg.mail_dir)
         self.store = delivery.Store(cfg, self.directory, self.queue, wake=self._wake, commit=self.commit)
         if self.runner is not None:
-            self.runner.setServiceParent(self)
+            service.Service.setServiceParent(self.runner, self)
         self._listen()
 
     def _open_directory(self, cfg: Config) -> Directory:
@@ -108,7 +117,7 @@ class Mailhost(service.MultiService):
             if not store.ready:
                 log.error("mailguard directory: {path} cannot be opened now (locked?); recipients get "
                           "the directory_failure reply until it can", path=str(cfg.directory.path))
-            return SQLiteDirectory(store, self.reactor, self.hash_pool)
+            return SQLiteDirectory(store, self.threads, self.hash_pool)
         raise ValueError(f"directory.backend: unknown backend {cfg.directory.backend!r}")
 
     @staticmethod
@@ -127,14 +136,14 @@ class Mailhost(service.MultiService):
             return SQLiteStore(path, create=False)
         return SQLiteStore(path)
 
-    def _queue_runner(self) -> Any:
+    def _queue_runner(self) -> QueueRunner:
         from mailguard.outbound.runner import QueueRunner
-        return QueueRunner(self.cfg, self.queue, self.reactor, self._inject, local=self._deliver_local)
+        return QueueRunner(self.cfg, self.queue, self.clock, self._inject, local=self._deliver_local)
 
-    def _inject(self, sender: str, recipients: list[str], message: bytes) -> Deferred:
+    def _inject(self, sender: str, recipients: list[str], message: bytes) -> Deferred[str | None]:
         return self.store.inject(sender, recipients, message)
 
-    def _deliver_local(self, sender: str, mailboxes: list[str], message: bytes) -> Deferred:
+    def _deliver_local(self, sender: str, mailboxes: list[str], message: bytes) -> Deferred[list[str]]:
         return self.store.deliver_local(sender, mailboxes, message)
 
     def _wake(self) -> None:
@@ -145,26 +154,28 @@ class Mailhost(service.MultiService):
         listen = self.cfg.listen
         for kind in ("smtp", "submission", "submissions"):
             for desc in getattr(listen, kind):
-                ListenerService(self.reactor, desc, SMTPFactory(self, kind), self.tls).setServiceParent(self)
+                listener = ListenerService(self.reactor, desc, SMTPFactory(self, kind), self.tls)
+                service.Service.setServiceParent(listener, self)
         pop3_factory = self._pop3_factory()
         for desc in listen.pop3 + listen.pop3s:
-            ListenerService(self.reactor, desc, pop3_factory, self.tls).setServiceParent(self)
+            listener = ListenerService(self.reactor, desc, pop3_factory, self.tls)
+            service.Service.setServiceParent(listener, self)
 
-    def _pop3_factory(self) -> Any:
+    def _pop3_factory(self) -> POP3Factory:
         from mailguard.pop3.server import POP3Factory
-        return POP3Factory(self.cfg, self.authenticator, self.pop_before_smtp, self.tls, clock=self.reactor)
+        return POP3Factory(self.cfg, self.authenticator, self.pop_before_smtp, self.tls, clock=self.clock)
 
     def startService(self) -> None:
         if hasattr(signal, "SIGHUP"):
-            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.tls.reload))
-        self.reactor.suggestThreadPoolSize(20)
+            signal.signal(signal.SIGHUP, lambda *_: self.threads.callFromThread(self.tls.reload))
+        self.threads.suggestThreadPoolSize(20)
         self.hash_pool.start()
         log.info("mailguard starting: hostname={host} data_dir={data}",
                  host=self.cfg.server.hostname, data=str(self.cfg.server.data_dir))
-        super().startService()
+        service.MultiService.startService(self)
 
-    def stopService(self) -> Deferred | None:
-        d = super().stopService()
+    def stopService(self) -> Deferred[None] | None:
+        d: Deferred[None] | None = service.MultiService.stopService(self)
         self.commit.stop()
         self.directory.close()
         self.hash_pool.stop()
