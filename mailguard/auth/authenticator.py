@@ -24,6 +24,7 @@ from typing import Callable
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from mailguard.app import maillog
 from mailguard.config import LimitsConfig
@@ -71,7 +72,7 @@ class Authenticator:
     """Checks logins; see the module docstring for the throttling rules."""
 
     def __init__(self, verify: Verify, clock: IReactorTime, limits: LimitsConfig,
-                 run_in_thread: Callable[..., defer.Deferred] | None = None) -> None:
+                 run_in_thread: Callable[..., defer.Deferred[str | None]] | None = None) -> None:
         """``verify(login, password)`` gives the mailbox or None, as a Deferred (a
         :class:`~mailguard.directory.base.Directory`'s ``verify_password``); a blocking
         ``verify`` is given with the ``run_in_thread`` that runs it off the reactor."""
@@ -105,7 +106,7 @@ class Authenticator:
                 delay = max(delay, min(0.5 * (n_acct - self.threshold + 1), MAX_ACCOUNT_DELAY))
         return delay
 
-    def check(self, login: str, password: str, client_ip: str, service: str) -> defer.Deferred:
+    def check(self, login: str, password: str, client_ip: str, service: str) -> defer.Deferred[str | None]:
         """Fire with the mailbox address, or None for bad credentials; errback Throttled."""
         login = login.strip().lower()
         try:
@@ -114,9 +115,10 @@ class Authenticator:
             maillog.auth_failure(service, client_ip, login)
             return defer.fail(e)
         self._in_flight[client_ip] = self._in_flight.get(client_ip, 0) + 1
-        d = task.deferLater(self.clock, delay, self._slots.run, self.run_in_thread, self.verify, login, password)
+        d = task.deferLater(self.clock, delay).addCallback(
+            lambda _: self._slots.run(self.run_in_thread, self.verify, login, password))
 
-        def settled(result: object) -> object:
+        def settled(result: str | None | Failure) -> str | None | Failure:
             n = self._in_flight.get(client_ip, 1) - 1
             if n:
                 self._in_flight[client_ip] = n

@@ -14,7 +14,7 @@ import sys
 
 if "twisted.mail.smtp" not in sys.modules:
     _getfqdn = socket.getfqdn
-    socket.getfqdn = lambda name="": socket.gethostname()  # type: ignore[assignment]
+    socket.getfqdn = lambda name="": socket.gethostname()
     try:
         from twisted.mail import smtp  # noqa: F401
     finally:
