@@ -3,13 +3,16 @@ altered messages, missing keys and DNS trouble give the RFC 8601 results."""
 
 from __future__ import annotations
 
+import base64
 import threading
 from pathlib import Path
 from typing import Any, Callable
 
+import dkim
 import pytest_twisted
 from dkim_doubles import MESSAGE, key_pair, sign_dkimpy, sign_perl
 from senderauth_doubles import FakeLookup, run
+from nacl.signing import SigningKey
 from twisted.internet import defer
 
 from mailguard.senderauth import dkimverify
@@ -110,3 +113,17 @@ def test_crypto_runs_in_a_thread(monkeypatch: Any) -> Any:
     results = yield defer.ensureDeferred(dkimverify.verify(zone(), sign_dkimpy(MESSAGE)))
     assert [r.result for r in results] == ["pass"]
     assert seen and seen[0] is not threading.main_thread()
+
+
+def test_ed25519_signature_passes() -> None:
+    """An Ed25519 signature (RFC 8463, as mailguard's own signer adds beside RSA) verifies."""
+    seed = SigningKey.generate()
+    private = base64.b64encode(bytes(seed))
+    public = base64.b64encode(bytes(seed.verify_key))
+    signed = dkim.sign(MESSAGE, b"ed", b"example.org", private, signature_algorithm=b"ed25519-sha256",
+                       include_headers=[b"from", b"to", b"subject", b"date"]) + MESSAGE
+    lookup = FakeLookup({"ed._domainkey.example.org": [("TXT", b"v=DKIM1; k=ed25519; p=" + public)]})
+    (r,) = verify(signed, lookup)
+    assert (r.result, r.algorithm, r.selector) == ("pass", "ed25519-sha256", "ed")
+    (r,) = verify(signed.replace(b"quarterly", b"annual"), lookup)
+    assert r.result == "fail"
