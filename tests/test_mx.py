@@ -82,12 +82,11 @@ def test_mx_without_address_is_permanent(resolver: Any) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
-def test_dns_timeout_is_temporary(monkeypatch: pytest.MonkeyPatch) -> Any:
+def test_dns_timeout_is_temporary() -> Any:
     """A DNS server that never answers gives a temporary failure (retry), not a bounce."""
-    monkeypatch.setattr(mx, "DNS_TIMEOUT", (0.2,))
     silent = reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1")
     try:
-        res = mx.make_resolver([("127.0.0.1", silent.getHost().port)], reactor)
+        res = mx.make_resolver([("127.0.0.1", silent.getHost().port)], reactor, timeout=0.2)
         with pytest.raises(RouteError) as e:
             yield route(res, "remote.test")
         assert not e.value.permanent and e.value.reply().startswith("451 4.4.3")

@@ -26,6 +26,7 @@ from mailguard.storage import delivery
 from mailguard.config import Config
 from mailguard.directory.base import Directory
 from mailguard.directory.sqlite import SQLiteDirectory, SQLiteStore
+from mailguard.dns import resolver as dns_resolver
 from mailguard.storage.groupcommit import GroupCommit
 from mailguard.storage.queue import Queue
 from mailguard.app.limits import ConnectionLimiter
@@ -102,6 +103,8 @@ class Mailhost(service.MultiService):
         self.limiter = ConnectionLimiter(cfg.limits.max_connections, cfg.limits.max_connections_per_ip)
         self.authenticator = auth.Authenticator(self.directory.verify_password, self.clock, cfg.limits)
         self.pop_before_smtp = auth.PopBeforeSmtp(self.clock, cfg.relay.pop_before_smtp)
+        # One resolver and one cache for every lookup: outbound MX and the inbound checks.
+        self.resolver = dns_resolver.from_config(cfg.dns.servers, cfg.dns.timeout, reactor)
         self.runner = self._queue_runner()
         cfg.mail_dir.mkdir(parents=True, exist_ok=True)
         self.commit = GroupCommit(self.threads, cfg.mail_dir)
@@ -138,7 +141,8 @@ class Mailhost(service.MultiService):
 
     def _queue_runner(self) -> QueueRunner:
         from mailguard.outbound.runner import QueueRunner
-        return QueueRunner(self.cfg, self.queue, self.clock, self._inject, local=self._deliver_local)
+        return QueueRunner(self.cfg, self.queue, self.clock, self._inject, self.resolver,
+                           local=self._deliver_local)
 
     def _inject(self, sender: str, recipients: list[str], message: bytes) -> Deferred[str | None]:
         return self.store.inject(sender, recipients, message)

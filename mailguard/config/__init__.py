@@ -31,6 +31,8 @@ from mailguard.core import replies
 from mailguard.core.address import AddressError, normalize_domain
 from mailguard.config import filters as filters_mod
 from mailguard.config.filters import FiltersConfig
+from mailguard.config import checks as checks_cfg
+from mailguard.config import dns as dns_cfg
 
 from mailguard.config.reader import (ConfigError, IPAddress, IPNetwork, Reader, host_port, network as _network,
                                      path_in as _path)
@@ -146,6 +148,8 @@ class Config:
     directory: DirectoryConfig
     dkim: dkim_section.DKIMConfig = field(default_factory=dkim_section.DKIMConfig)
     filters: FiltersConfig = field(default_factory=FiltersConfig)
+    dns: dns_cfg.DNSConfig = dns_cfg.DNSConfig()
+    checks: checks_cfg.ChecksConfig = checks_cfg.OFF
 
     def route_for(self, domain: str) -> DomainRoute | None:
         """The configured route for a (normalised) domain, or None when it is remote."""
@@ -188,6 +192,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "never_host": "550 5.7.1 Relaying prohibited for this host",
         "directory_failure": "451 4.3.0 Directory temporarily unavailable",
         "soft_bounce": False,
+        **checks_cfg.REPLY_DEFAULTS,
     },
     "limits": {
         "max_message_size": 26214400,
@@ -198,6 +203,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "session_timeout": 1800,
         "login_failures": 5,
         "login_lockout": 300,
+        **checks_cfg.LIMIT_DEFAULTS,
     },
     "submission": {"enforce_sender": True},
     "outbound": {
@@ -216,6 +222,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "directory": {"backend": "sqlite", "path": ""},
     "dkim": dkim_section.DEFAULTS,
     "filters": filters_mod.DEFAULTS,
+    "dns": dns_cfg.DEFAULTS,
+    "checks": checks_cfg.DEFAULTS,
 }
 DEFAULT_DOMAINS: dict[str, dict[str, Any]] = {"localhost": {"route": "inbound"}}
 
@@ -327,10 +335,13 @@ def parse(data: Mapping[str, Any], source: str, base: Path) -> Config:
         raise srv.fail("postmaster", f"must be a mailbox address (local@domain), not {server.postmaster!r}")
 
     filters = filters_mod.parse(r["filters"])
+    dns = dns_cfg.parse(r["dns"], outbound.dns_servers)
+    checks = checks_cfg.parse(r["checks"], r["limits"], r["replies"])
 
     return Config(source, server, tls, listen, MappingProxyType(domains), relay, reply_cfg,
                   limits, sub, outbound, directory,
-                  dkim=dkim_section.parse(r["dkim"], base, server.data_dir), filters=filters)
+                  dkim=dkim_section.parse(r["dkim"], base, server.data_dir), filters=filters, dns=dns,
+                  checks=checks)
 
 
 def _domains(source: str, table: Any) -> dict[str, DomainRoute]:

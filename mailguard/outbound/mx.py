@@ -16,25 +16,23 @@ The smarthost (``[outbound] smarthost = "host:port"``) replaces all of this: eve
 domain goes to that one host (its name looked up with the same resolver unless it is
 an IP address).
 
-:func:`make_resolver` builds the ``twisted.names`` resolver from ``[outbound]
-dns_servers`` (empty: ``/etc/hosts``, then the servers in ``/etc/resolv.conf``).
+Every lookup goes through the shared cached resolver (:mod:`mailguard.dns`), whose
+:class:`~mailguard.dns.resolver.TemporaryDNSError` is the temporary failure here.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Any, Sequence, cast
+from typing import Any, Sequence
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorUDP, IResolver
-from twisted.names import client, dns, error
-from twisted.python.failure import Failure
 
 from mailguard.config import host_port
+from mailguard.dns.resolver import Lookup, Resolver, TemporaryDNSError, from_config
 
-# Per-query retransmission timeouts (seconds): at most 6 s for one lookup.
-DNS_TIMEOUT = (1, 2, 3)
+# Seconds one lookup may take when no [dns] timeout is given.
+DNS_TIMEOUT = 5.0
 
 
 class RouteError(Exception):
@@ -64,27 +62,9 @@ class Relay:
         return f"{self.host}[{self.address}]:{self.port}"
 
 
-def make_resolver(dns_servers: Sequence[tuple[str, int]], reactor: IReactorUDP) -> IResolver:
-    """A ``twisted.names`` resolver for ``[outbound] dns_servers`` ([]: /etc/resolv.conf)."""
-    resolver: IResolver
-    if dns_servers:
-        resolver = client.Resolver(servers=list(dns_servers), reactor=reactor)
-    else:
-        # /etc/hosts first, then the servers in /etc/resolv.conf.
-        resolver = client.createResolver()
-    return resolver
-
-
-Records = tuple[list[dns.RRHeader], list[dns.RRHeader], list[dns.RRHeader]]
-
-
-def _records(lookup: defer.Deferred[Any]) -> defer.Deferred[Records]:
-    """An ``IResolver`` lookup as what it fires with: answer, authority and additional lists.
-
-    Twisted annotates the lookups as firing with three ``RRHeader``; they fire with three
-    lists of them (see docs/twisted.rst).
-    """
-    return cast("defer.Deferred[Records]", lookup)
+def make_resolver(dns_servers: Sequence[tuple[str, int]], reactor: Any, timeout: float = DNS_TIMEOUT) -> Resolver:
+    """A resolver of its own for these servers ([]: /etc/resolv.conf); the server shares one instead."""
+    return from_config(dns_servers, timeout, reactor)
 
 
 def split_host_port(text: str, default_port: int) -> tuple[str, int]:
@@ -113,41 +93,33 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _temporary(f: Failure) -> bool:
-    return not f.check(error.DNSNameError)
-
-
-async def _addresses(resolver: IResolver, host: str) -> list[str]:
+async def _addresses(resolver: Lookup, host: str) -> list[str]:
     """IPv4 then IPv6 addresses of ``host``; [] when it has none.
 
     :raises RouteError: the name does not exist (permanent) or DNS failed (temporary).
     """
     results = await defer.DeferredList(
-        [_records(resolver.lookupAddress(host, DNS_TIMEOUT)),
-         _records(resolver.lookupIPV6Address(host, DNS_TIMEOUT))],
+        [defer.ensureDeferred(resolver.lookup(host, "A")), defer.ensureDeferred(resolver.lookup(host, "AAAA"))],
         consumeErrors=True)
     out: list[str] = []
-    failures: list[Failure] = []
-    for _ok, value in results:
-        if isinstance(value, Failure):
-            failures.append(value)
-            continue
-        answers = value[0]
-        for rr in answers:
-            if isinstance(rr.payload, dns.Record_A):
-                out.append(rr.payload.dottedQuad())
-            elif isinstance(rr.payload, dns.Record_AAAA):
-                out.append(str(ipaddress.ip_address(rr.payload.address)))
+    temporary = nxdomain = False
+    for ok, value in results:
+        if not ok:
+            temporary = True
+        elif value.nxdomain:
+            nxdomain = True
+        else:
+            out.extend(value.records)
     if out:
         return out
-    if failures and all(not _temporary(f) for f in failures):
-        raise RouteError(True, "5.1.2", f"Host or domain name not found: {host}")
-    if any(_temporary(f) for f in failures):
+    if temporary:
         raise RouteError(False, "4.4.3", f"DNS lookup failed for {host}")
+    if nxdomain:
+        raise RouteError(True, "5.1.2", f"Host or domain name not found: {host}")
     return out
 
 
-async def resolve_mx(resolver: IResolver, domain: str, port: int) -> list[Relay]:
+async def resolve_mx(resolver: Lookup, domain: str, port: int) -> list[Relay]:
     """The hosts that take mail for ``domain``, in the order to try them.
 
     :raises RouteError: see the module docstring.
@@ -156,17 +128,14 @@ async def resolve_mx(resolver: IResolver, domain: str, port: int) -> list[Relay]
     if literal is not None:
         return [Relay(literal, literal, port)]
     try:
-        answers, _auth, _add = await _records(resolver.lookupMailExchange(domain, DNS_TIMEOUT))
-    except error.DNSNameError:
-        raise RouteError(True, "5.1.2", f"Domain not found: {domain}") from None
-    except Exception as e:
-        raise RouteError(False, "4.4.3", f"DNS lookup of MX for {domain} failed: {type(e).__name__}") from None
-    mxs: list[dns.Record_MX] = []
-    for rr in answers:
-        if isinstance(rr.payload, dns.Record_MX):
-            mxs.append(rr.payload)
+        answer = await resolver.lookup(domain, "MX")
+    except TemporaryDNSError as e:
+        raise RouteError(False, "4.4.3", f"DNS lookup of MX for {domain} failed: {e.reason}") from None
+    if answer.nxdomain:
+        raise RouteError(True, "5.1.2", f"Domain not found: {domain}")
+    mxs = list(answer.records)
     # RFC 7505 section 3: a single MX with preference 0 and the root as exchange.
-    if any(str(mx.name) in ("", ".") for mx in mxs):
+    if any(mx.exchange in ("", ".") for mx in mxs):
         raise RouteError(True, "5.1.10", f"Domain {domain} does not accept mail (null MX, RFC 7505)")
     if not mxs:
         addresses = await _addresses(resolver, domain)
@@ -176,7 +145,7 @@ async def resolve_mx(resolver: IResolver, domain: str, port: int) -> list[Relay]
     relays: list[Relay] = []
     temporary: RouteError | None = None
     for mx in sorted(mxs, key=lambda m: m.preference):
-        host = str(mx.name).rstrip(".")
+        host = mx.exchange
         try:
             addresses = [host] if _is_ip(host) else await _addresses(resolver, host)
         except RouteError as e:
@@ -191,7 +160,7 @@ async def resolve_mx(resolver: IResolver, domain: str, port: int) -> list[Relay]
     return relays
 
 
-async def route(resolver: IResolver, domain: str, port: int, smarthost: str = "") -> list[Relay]:
+async def route(resolver: Lookup, domain: str, port: int, smarthost: str = "") -> list[Relay]:
     """The relays for ``domain``: the smarthost when configured, otherwise its MX hosts."""
     if smarthost:
         host, shport = split_host_port(smarthost, 25)

@@ -30,12 +30,13 @@ from typing import Any, Callable, Coroutine, Sequence
 
 from twisted.application.service import Service
 from twisted.internet import defer, endpoints, task, threads
-from twisted.internet.interfaces import (IDelayedCall, IReactorTCP, IReactorTime, IReactorUDP, IResolver,
+from twisted.internet.interfaces import (IDelayedCall, IReactorTCP, IReactorTime,
                                          IStreamClientEndpoint)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailguard.config import Config
+from mailguard.dns.resolver import Lookup
 
 from mailguard.outbound import mx
 from mailguard.core.dsn import FailedRecipient, build_dsn
@@ -73,7 +74,7 @@ class SMTPCourier:
     the connect / command timeouts; ``cfg.server.hostname`` is the EHLO name.
     """
 
-    def __init__(self, config: Config, reactor: IReactorTCP, resolver: IResolver) -> None:
+    def __init__(self, config: Config, reactor: IReactorTCP, resolver: Lookup) -> None:
         self.out = config.outbound
         self.reactor = reactor
         self.clock = IReactorTime(reactor)
@@ -130,7 +131,7 @@ class QueueRunner(Service):
     :param config: uses ``config.server.hostname`` and ``config.outbound``.
     :param reactor: ``IReactorTime`` (+ ``IReactorTCP`` for the default courier).
     :param inject: ``inject(sender, recipients, message) -> Deferred``; takes bounces.
-    :param resolver: a ``twisted.names`` resolver; default from ``[outbound] dns_servers``.
+    :param resolver: the shared :class:`mailguard.dns.Resolver`; default: one of its own from ``[dns]``.
     :param courier: replaces SMTP delivery (tests): ``await courier(sender, domain,
         recipients, message) -> {recipient: Outcome}``.
     :param blocking: runs blocking queue I/O; default ``deferToThread``.
@@ -143,7 +144,7 @@ class QueueRunner(Service):
 
     def __init__(self, config: Config, queue: Queue, reactor: IReactorTime,
                  inject: Callable[[str, list[str], bytes], defer.Deferred[Any]],
-                 resolver: IResolver | None = None, *, courier: Courier | None = None,
+                 resolver: Lookup | None = None, *, courier: Courier | None = None,
                  blocking: Callable[..., defer.Deferred[Any]] = threads.deferToThread,
                  local: Callable[[str, list[str], bytes], defer.Deferred[Any]] | None = None) -> None:
         self.config = config
@@ -154,7 +155,7 @@ class QueueRunner(Service):
         self.blocking = blocking
         if courier is None:
             if resolver is None:
-                resolver = mx.make_resolver(config.outbound.dns_servers, IReactorUDP(reactor))
+                resolver = mx.make_resolver(config.dns.servers, reactor, config.dns.timeout)
             courier = SMTPCourier(config, IReactorTCP(reactor), resolver)
         self.courier = courier
         self._busy: set[tuple[str, str]] = set()
