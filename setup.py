@@ -24,6 +24,7 @@ setup(
         "test": [
             "pytest",
             "pytest-twisted",
+            "trustme",          # throw-away CAs for the TLS verification tests
             "hypothesis",
             "mypy",
             "mypy-zope",

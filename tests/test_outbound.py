@@ -8,7 +8,6 @@ against a DNS server (twisted.names, in-memory zone) and an SMTP sink written he
 from __future__ import annotations
 
 import base64
-import datetime
 import email
 import email.policy
 from pathlib import Path
@@ -16,10 +15,9 @@ from typing import Any, Callable
 
 import pytest
 import pytest_twisted
+import trustme
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from dns_doubles import MemoryAuthority
 from twisted.internet import defer, protocol, reactor, ssl, task
 from twisted.names import dns, server
@@ -289,20 +287,26 @@ ZONE = {
     b"nullmx.test": [dns.Record_MX(0, b"")],
 }
 
+#: A throw-away certificate authority; the sinks' certificates name 127.0.0.1 and sink.test.
+CA = trustme.CA()
 _TLS: list[ssl.CertificateOptions] = []
 
 
 def self_signed() -> ssl.CertificateOptions:
-    """TLS options for the sink: a self-signed certificate made here with ``cryptography``."""
+    """TLS options for the sink: a certificate from :data:`CA` (unknown to the system store)."""
     if not _TLS:
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sink.test")])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-                .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+        issued = CA.issue_cert("127.0.0.1", "sink.test")
+        key = serialization.load_pem_private_key(issued.private_key_pem.bytes(), None)
+        cert = x509.load_pem_x509_certificate(issued.cert_chain_pems[0].bytes())
         _TLS.append(ssl.CertificateOptions(privateKey=key, certificate=cert))
     return _TLS[0]
+
+
+def ca_file(tmp_path: Path) -> str:
+    """:data:`CA`'s certificate as a PEM file, for ``[outbound] tls_ca_file``."""
+    path = tmp_path / "ca.pem"
+    CA.cert_pem.write_to_path(str(path))
+    return str(path)
 
 
 class Sink(protocol.Factory):
@@ -535,11 +539,16 @@ async def test_loopback_null_mx_fails_permanently(tmp_path: Path) -> None:
         await lo.close()
 
 
-def starttls_smarthost_runner(tmp_path: Path, lo: Loopback, password: str) -> QueueRunner:
-    """A runner sending everything through the loopback sink as smarthost: STARTTLS, AUTH office@isp.test."""
+def starttls_smarthost_runner(tmp_path: Path, lo: Loopback, password: str, **extra: Any) -> QueueRunner:
+    """A runner sending everything through the loopback sink as smarthost: STARTTLS, AUTH office@isp.test.
+
+    The sink's certificate is verified against the test CA (``extra`` may change that).
+    """
+    settings: dict[str, Any] = {"tls_ca_file": ca_file(tmp_path), **extra}
     return QueueRunner(make_config(tmp_path, smarthost=f"127.0.0.1:{lo.smtp_port.getHost().port}",
                                    smarthost_tls="starttls", smarthost_user="office@isp.test",
-                                   smarthost_password=password, connect_timeout=3, command_timeout=3),
+                                   smarthost_password=password, connect_timeout=3, command_timeout=3,
+                                   **settings),
                        lo.queue, reactor, lo.inject)
 
 
@@ -556,6 +565,40 @@ async def test_loopback_smarthost_auth_over_starttls(tmp_path: Path) -> None:
         assert sink.messages == [("joe@here.test", ["ann@anywhere.example"], MESSAGE)]
         verbs = [c.split()[0] for c in sink.commands]
         assert verbs[:5] == [b"EHLO", b"STARTTLS", b"EHLO", b"AUTH", b"MAIL"]
+    finally:
+        await lo.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_loopback_smarthost_unknown_ca_keeps_mail_and_password(tmp_path: Path) -> None:
+    """A smarthost whose certificate does not verify gets no AUTH; the mail stays queued with why."""
+    sink = Sink(auth=("office@isp.test", "s3cret"))
+    lo = Loopback(tmp_path, sink)
+    lo.runner = starttls_smarthost_runner(tmp_path, lo, "s3cret", tls_ca_file="")
+    try:
+        lo.runner.startService()
+        entry_id = await lo.enqueue("joe@here.test", ["ann@anywhere.example"])
+        await lo.until(lambda: lo.queue.load(entry_id).recipients[0].attempts == 1)
+        r = lo.queue.load(entry_id).recipients[0]
+        assert r.state == DEFERRED
+        assert r.last_reply.startswith("451 4.7.5 ") and "certificate verify failed" in r.last_reply
+        assert [c.split()[0] for c in sink.commands] == [b"EHLO", b"STARTTLS"]
+        assert sink.messages == []
+    finally:
+        await lo.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_loopback_smarthost_unverified_when_configured(tmp_path: Path) -> None:
+    """smarthost_tls_verify = false: the admin's choice, delivered over unverified TLS."""
+    sink = Sink(auth=("office@isp.test", "s3cret"))
+    lo = Loopback(tmp_path, sink)
+    lo.runner = starttls_smarthost_runner(tmp_path, lo, "s3cret", tls_ca_file="", smarthost_tls_verify=False)
+    try:
+        lo.runner.startService()
+        await lo.enqueue("joe@here.test", ["ann@anywhere.example"])
+        await lo.until(lambda: bool(sink.messages) and not lo.queue.ids())
+        assert [c.split()[0] for c in sink.commands][:4] == [b"EHLO", b"STARTTLS", b"EHLO", b"AUTH"]
     finally:
         await lo.close()
 
@@ -622,7 +665,8 @@ async def test_loopback_smarthost_implicit_tls(tmp_path: Path) -> None:
     tls_port = reactor.listenSSL(0, sink, self_signed(), interface="127.0.0.1")
     lo = Loopback(tmp_path, Sink())
     lo.runner = QueueRunner(make_config(tmp_path, smarthost=f"127.0.0.1:{tls_port.getHost().port}",
-                                        smarthost_tls="tls", connect_timeout=3, command_timeout=3),
+                                        smarthost_tls="tls", connect_timeout=3, command_timeout=3,
+                                        tls_ca_file=ca_file(tmp_path)),
                             lo.queue, reactor, lo.inject)
     try:
         lo.runner.startService()

@@ -208,10 +208,22 @@ def test_no_credentials_over_cleartext() -> None:
     assert b"AUTH" not in written
 
 
-def test_auth_login_when_tls_none() -> None:
-    """smarthost_tls = none with credentials: AUTH LOGIN sends base64 user and password."""
+def test_no_credentials_when_tls_none() -> None:
+    """smarthost_tls = none with credentials: the password is never sent in cleartext."""
     p = Peer()
-    p.start(opts(tls="none", user="u@isp.example", password="pw"), ["a@r.example"])
+    d = p.start(opts(tls="none", user="u", password="secret"), ["a@r.example"])
+    p.reply("220 hi")
+    written = p.reply("250-mx\n250 AUTH PLAIN LOGIN")
+    with pytest.raises(SessionError) as e:
+        result(d)
+    assert "4.7.4" in e.value.reply
+    assert b"AUTH" not in written and b"secret" not in p.transport.value()
+
+
+def test_auth_login_over_tls() -> None:
+    """Over implicit TLS, AUTH LOGIN sends base64 user and password."""
+    p = Peer()
+    p.start(opts(tls="tls", user="u@isp.example", password="pw"), ["a@r.example"])
     p.reply("220 hi")
     assert p.reply("250-mx\n250 AUTH LOGIN") == b"AUTH LOGIN\r\n"
     assert p.reply("334 VXNlcm5hbWU6") == base64.b64encode(b"u@isp.example") + b"\r\n"
@@ -222,7 +234,7 @@ def test_auth_login_when_tls_none() -> None:
 def test_auth_plain_refused_is_temporary() -> None:
     """A 535 to AUTH PLAIN defers (a wrong password must not bounce the office's mail)."""
     p = Peer()
-    d = p.start(opts(tls="none", user="u", password="pw"), ["a@r.example"])
+    d = p.start(opts(tls="tls", user="u", password="pw"), ["a@r.example"])
     p.reply("220 hi")
     assert p.reply("250-mx\n250 AUTH PLAIN LOGIN") == b"AUTH PLAIN " + base64.b64encode(b"\0u\0pw") + b"\r\n"
     p.reply("535 5.7.8 bad credentials")

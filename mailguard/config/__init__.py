@@ -123,6 +123,8 @@ class OutboundConfig:
     connect_timeout: int
     command_timeout: int
     delay_warning: int
+    smarthost_tls_verify: bool = True
+    tls_ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -218,6 +220,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "connect_timeout": 30,
         "command_timeout": 300,
         "delay_warning": 0,
+        "smarthost_tls_verify": True,
+        "tls_ca_file": "",
     },
     "directory": {"backend": "sqlite", "path": ""},
     "dkim": dkim_section.DEFAULTS,
@@ -322,7 +326,13 @@ def parse(data: Mapping[str, Any], source: str, base: Path) -> Config:
         connect_timeout=ob.integer("connect_timeout", 1),
         command_timeout=ob.integer("command_timeout", 1),
         delay_warning=ob.integer("delay_warning", 0),
+        smarthost_tls_verify=ob.boolean("smarthost_tls_verify"),
+        tls_ca_file=_path(base, ob.string("tls_ca_file")) if ob.string("tls_ca_file") else None,
     )
+    if outbound.tls_ca_file is not None and not outbound.tls_ca_file.is_file():
+        raise ob.fail("tls_ca_file", f"no such file: {outbound.tls_ca_file}")
+    if outbound.smarthost_user and smarthost_tls == "none":
+        raise ob.fail("smarthost_user", 'needs TLS: smarthost_tls = "none" would send the password in cleartext')
 
     dr = r["directory"]
     backend = dr.string("backend")

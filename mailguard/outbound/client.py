@@ -17,9 +17,13 @@ Every failure is classified at this boundary: :class:`SessionError` when the who
 transaction failed (``permanent`` or not, and whether another host may be tried), or
 a per-recipient :class:`Outcome` (delivered / deferred / failed with the reply).
 
-TLS: no certificate is verified, neither for MX hosts (like Postfix's default
-``smtp_tls_security_level = may``) nor for the smarthost.  Credentials are never sent
-over a cleartext channel unless ``smarthost_tls = "none"`` says so.
+TLS: a peer's certificate is verified (chain against the system store plus
+``[outbound] tls_ca_file``, and the name) when :attr:`SessionOptions.verify_name` is
+set, which the courier does for the smarthost unless ``smarthost_tls_verify =
+false``; a failed verification ends the session before anything else is said, so
+credentials never reach an impostor.  MX hosts get opportunistic, unverified TLS
+(RFC 7435; Postfix's ``smtp_tls_security_level = may``).  Credentials are never sent
+over a cleartext channel.
 """
 
 from __future__ import annotations
@@ -27,7 +31,14 @@ from __future__ import annotations
 import base64
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from OpenSSL import SSL
+
 from twisted.internet import defer, error, interfaces, ssl
+# The interface optionsForClientTLS documents for trustRoot; Twisted exports no public name for it.
+from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -115,11 +126,43 @@ class SessionOptions:
     user: str = ""
     password: str = ""
     command_timeout: float = 300.0
+    verify_name: str = ""          # verify the peer's certificate for this name; "" = do not verify
+    ca_file: Path | None = None    # CA certificates trusted besides the system store
+
+    def tls_creator(self) -> Any:
+        """The client TLS settings for this peer (see the module docstring)."""
+        return tls_options(self.verify_name, self.ca_file)
 
 
-def tls_options() -> ssl.CertificateOptions:
-    """Client TLS settings: no certificate verification (see the module docstring)."""
-    return ssl.CertificateOptions(verify=False)
+@implementer(IOpenSSLTrustRoot)
+class _TrustRoot:
+    """The system's trust store, plus the CA certificates of one PEM file."""
+
+    def __init__(self, ca_file: Path | None) -> None:
+        self.ca_file = ca_file
+
+    def _addCACertsToContext(self, context: SSL.Context) -> None:
+        context.set_default_verify_paths()
+        if self.ca_file is not None:
+            context.load_verify_locations(str(self.ca_file))
+
+
+def tls_options(verify_name: str = "", ca_file: Path | None = None) -> Any:
+    """Client TLS settings: verified for ``verify_name`` when given, else unverified."""
+    if not verify_name:
+        return ssl.CertificateOptions(verify=False)
+    return ssl.optionsForClientTLS(verify_name, trustRoot=_TrustRoot(ca_file))
+
+
+def tls_failure(exc: BaseException) -> str | None:
+    """Why a TLS handshake failed, for the queue and the log; None when ``exc`` is not one."""
+    if isinstance(exc, SSL.Error):
+        reasons = [r[2] for r in exc.args[0] if isinstance(r, tuple) and len(r) == 3] if exc.args and \
+            isinstance(exc.args[0], list) else []
+        return ", ".join(str(r) for r in reasons if r) or "TLS handshake failed"
+    if type(exc).__module__.startswith("service_identity"):
+        return f"certificate name mismatch: {exc}"
+    return None
 
 
 @implementer(interfaces.IPullProducer)
@@ -249,7 +292,7 @@ class ClientConnection(LineReceiver):
         conn.registerProducer(_MessageProducer(conn, message, done), False)
         return done.addCallback(lambda _: self.read_reply())
 
-    def start_tls(self) -> None:
+    def start_tls(self, creator: Any = None) -> None:
         """Switch to TLS after the peer's 220 to STARTTLS.
 
         Refuses (and drops the connection) when the peer sent more after its 220: bytes
@@ -259,7 +302,7 @@ class ClientConnection(LineReceiver):
             exc = SessionError("451 4.7.0 peer sent data after its 220 to STARTTLS (injection attempt)")
             self._abort(exc)
             raise exc
-        connection(self.transport).startTLS(tls_options())
+        connection(self.transport).startTLS(creator if creator is not None else tls_options())
         self.tls = True
 
     def close(self) -> None:
@@ -330,7 +373,7 @@ async def transact(conn: ClientConnection, opts: SessionOptions, sender: str,
             stage = "STARTTLS"
             reply = await conn.command(b"STARTTLS")
             if reply.code == 220:
-                conn.start_tls()
+                conn.start_tls(opts.tls_creator())
                 tls = True
                 stage = "EHLO after STARTTLS"
                 caps = await _hello(conn, opts)
@@ -339,7 +382,7 @@ async def transact(conn: ClientConnection, opts: SessionOptions, sender: str,
         if opts.tls == "starttls" and not tls:
             raise SessionError("451 4.7.4 TLS is required but the peer does not offer STARTTLS")
         if opts.user:
-            if not tls and opts.tls != "none":
+            if not tls:
                 raise SessionError("451 4.7.4 will not send credentials over a cleartext connection")
             stage = "AUTH"
             await _authenticate(conn, caps, opts)
@@ -385,8 +428,11 @@ async def transact(conn: ClientConnection, opts: SessionOptions, sender: str,
             if rcpt not in results:
                 results[rcpt] = Outcome(FAILED if e.permanent else DEFERRED, e.reply, relay)
     except Exception as e:
+        tls_reason = tls_failure(e)
         reason = e.args[0] if isinstance(e, ReplyTimeout) else f"connection lost ({type(e).__name__})"
         text = f"451 4.4.2 {relay or 'peer'}: {reason} during {stage}"
+        if tls_reason is not None:
+            text = f"451 4.7.5 {relay or 'peer'}: TLS certificate not accepted: {tls_reason}"
         if stage == "QUIT":
             pass
         elif not results and not accepted:

@@ -38,10 +38,11 @@ from twisted.python.failure import Failure
 from mailguard.config import Config
 from mailguard.dns.resolver import Lookup
 
+from mailguard.config import host_port
 from mailguard.outbound import mx
 from mailguard.core.dsn import FailedRecipient, build_dsn
 from mailguard.storage.queue import DELIVERED, DEFERRED, FAILED, Damaged, Queue, QueueEntry, QueueError, RecipientState
-from mailguard.outbound.client import ClientConnection, Outcome, SessionError, SessionOptions, tls_options, transact
+from mailguard.outbound.client import ClientConnection, Outcome, SessionError, SessionOptions, transact
 
 log = Logger(namespace="mailguard.outbound.runner")
 
@@ -86,6 +87,8 @@ class SMTPCourier:
             user=self.out.smarthost_user if smarthost else "",
             password=self.out.smarthost_password if smarthost else "",
             command_timeout=float(self.out.command_timeout),
+            verify_name=host_port(self.out.smarthost, 25)[0] if smarthost and self.out.smarthost_tls_verify else "",
+            ca_file=self.out.tls_ca_file,
         )
 
     def _connect(self, relay: mx.Relay) -> defer.Deferred[ClientConnection]:
@@ -93,7 +96,7 @@ class SMTPCourier:
         endpoint: IStreamClientEndpoint = kind(self.reactor, relay.address, relay.port,
                                                timeout=self.out.connect_timeout)
         if self.options.tls == "tls":
-            endpoint = endpoints.wrapClientTLS(tls_options(), endpoint)
+            endpoint = endpoints.wrapClientTLS(self.options.tls_creator(), endpoint)
         conn = ClientConnection(self.clock, self.options.command_timeout)
         connected: defer.Deferred[ClientConnection] = endpoints.connectProtocol(endpoint, conn)
         return connected

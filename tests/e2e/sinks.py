@@ -20,7 +20,6 @@ dot, like any MTA: a client that goes away before that answer did not deliver.
 from __future__ import annotations
 
 import base64
-import datetime
 import select
 import socket
 import socketserver
@@ -32,10 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+import trustme
 from twisted.names import dns
 
 #: A zone record: ("MX", (preference, exchange)), ("A", "127.0.0.1"), ("AAAA", "::1") or
@@ -152,26 +148,25 @@ class DNSServer:
 # --------------------------------------------------------------------------- TLS
 
 
-def self_signed_pair(folder: Path, name: str = "sink.example") -> tuple[Path, Path]:
-    """A self-signed certificate and key (PEM files in ``folder``), made with ``cryptography``."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
+#: The throw-away certificate authority that signs every sink's certificate.  It is in no
+#: trust store: a client verifies a sink only when told to trust this CA
+#: (``[outbound] tls_ca_file`` = :func:`ca_file`).
+TEST_CA = trustme.CA()
+
+
+def ca_file(folder: Path) -> Path:
+    """:data:`TEST_CA`'s certificate as a PEM file in ``folder``."""
+    path = folder / "test-ca.pem"
+    TEST_CA.cert_pem.write_to_path(str(path))
+    return path
+
+
+def issued_pair(folder: Path, names: Iterable[str]) -> tuple[Path, Path]:
+    """A certificate for ``names`` (host names or IP addresses) signed by :data:`TEST_CA`."""
+    issued = TEST_CA.issue_cert(*names)
     cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    issued.cert_chain_pems[0].write_to_path(str(cert_path))
+    issued.private_key_pem.write_to_path(str(key_path))
     return cert_path, key_path
 
 
@@ -256,6 +251,8 @@ class SMTPSink:
     :param auth: ``(user, password)``: AUTH PLAIN/LOGIN is offered once the channel is
         encrypted, and MAIL is refused (530) until the client authenticated with these.
     :param name: the host name in the banner and the EHLO answer.
+    :param cert_names: the names in its certificate (signed by :data:`TEST_CA`); by default
+        ``name`` and ``127.0.0.1``.
 
     Scripts (:meth:`script_rcpt`) decide the answer to RCPT for an address; by default
     every recipient gets ``250``.  :meth:`hold` makes the sink keep the answer to the
@@ -263,7 +260,8 @@ class SMTPSink:
     """
 
     def __init__(self, tls: bool = False, auth: tuple[str, str] | None = None,
-                 name: str = "sink.example", size: int = 10_000_000) -> None:
+                 name: str = "sink.example", size: int = 10_000_000,
+                 cert_names: tuple[str, ...] | None = None) -> None:
         self.name = name
         self.size = size
         self.auth = auth
@@ -279,7 +277,7 @@ class SMTPSink:
         self._tmp = tempfile.TemporaryDirectory(prefix="e2e-sink-")
         self._context: ssl.SSLContext | None = None
         if tls or auth:
-            cert, key = self_signed_pair(Path(self._tmp.name), name)
+            cert, key = issued_pair(Path(self._tmp.name), cert_names or (name, "127.0.0.1"))
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(str(cert), str(key))
             self._context = context

@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 
 from .conftest import HOSTNAME, OUTSIDER, ServerFactory
-from .harness import MailguardServer, header_names, make_message
-from .sinks import DNSServer, SMTPSink, received_prefix_and_rest, wait_until
+from .harness import MailguardServer, header_names, make_message, toml_dumps
+from .sinks import DNSServer, SMTPSink, ca_file, received_prefix_and_rest, wait_until
 
 DOMAIN = "realdomain.example"
 ALICE = f"alice@{DOMAIN}"
@@ -479,10 +479,68 @@ def smart_sink() -> Iterator[SMTPSink]:
 def via_smarthost(server_factory: ServerFactory, dns_server: DNSServer, mx_sink: SMTPSink,
                   smart_sink: SMTPSink) -> MailguardServer:
     """A server that sends all remote mail through ``smart_sink`` with AUTH over STARTTLS."""
-    return server_factory("smarthost", outbound_config(
+    server = server_factory("smarthost", outbound_config(
         dns_server, mx_sink,
         smarthost=smart_sink.address, smarthost_tls="starttls",
-        smarthost_user=SMARTHOST_USER, smarthost_password=SMARTHOST_PASSWORD))
+        smarthost_user=SMARTHOST_USER, smarthost_password=SMARTHOST_PASSWORD), start=False)
+    server.config["outbound"]["tls_ca_file"] = str(ca_file(server.root))
+    server.config_path.write_text(toml_dumps(server.config), encoding="utf-8")
+    return server.start()
+
+
+def smarthost_server(factory: ServerFactory, name: str, dns_server: DNSServer, mx_sink: SMTPSink,
+                     sink: SMTPSink, trust_ca: bool, **outbound: Any) -> MailguardServer:
+    """A server sending through ``sink`` by its name smtp.isp.example (served by ``dns_server``)."""
+    dns_server.set("smtp.isp.example", [("A", "127.0.0.1")])
+    server = factory(name, outbound_config(
+        dns_server, mx_sink, smarthost=f"smtp.isp.example:{sink.port}", smarthost_tls="starttls",
+        smarthost_user=SMARTHOST_USER, smarthost_password=SMARTHOST_PASSWORD, **outbound), start=False)
+    if trust_ca:
+        server.config["outbound"]["tls_ca_file"] = str(ca_file(server.root))
+        server.config_path.write_text(toml_dumps(server.config), encoding="utf-8")
+    return server.start()
+
+
+@pytest.mark.parametrize(("case", "cert_names", "trust_ca", "reason"), [
+    ("unknown-ca", ("smtp.isp.example",), False, "certificate verify failed"),
+    ("wrong-name", ("mitm.example",), True, "certificate name mismatch"),
+])
+def test_smarthost_certificate_not_verified(fresh_server_factory: ServerFactory, dns_server: DNSServer,
+                                            mx_sink: SMTPSink, case: str, cert_names: tuple[str, ...],
+                                            trust_ca: bool, reason: str) -> None:
+    """A smarthost that cannot prove its name gets no AUTH and no mail; queue list says why."""
+    impostor = SMTPSink(tls=True, auth=(SMARTHOST_USER, SMARTHOST_PASSWORD), name="smtp.isp.example",
+                        cert_names=cert_names)
+    try:
+        server = smarthost_server(fresh_server_factory, f"verify-{case}", dns_server, mx_sink, impostor, trust_ca)
+        tag = marker()
+        rcpt = f"ann-{tag}@remote.example"
+        relay_send(server, "sender@outside.example", [rcpt], make_message("sender@outside.example", rcpt, tag))
+        line = wait_deferred(server, rcpt)
+        assert "4.7.5" in line and reason in line, line
+        assert impostor.messages_for(rcpt) == []
+        commands = impostor.commands()
+        assert not any(c.upper().startswith("AUTH") for c in commands), commands
+        assert not any(SMARTHOST_PASSWORD in c for c in commands)
+    finally:
+        impostor.close()
+
+
+def test_smarthost_verification_can_be_turned_off(fresh_server_factory: ServerFactory, dns_server: DNSServer,
+                                                  mx_sink: SMTPSink) -> None:
+    """smarthost_tls_verify = false: the admin accepts any certificate, and mail flows with AUTH."""
+    sink = SMTPSink(tls=True, auth=(SMARTHOST_USER, SMARTHOST_PASSWORD), name="smtp.isp.example",
+                    cert_names=("mitm.example",))
+    try:
+        server = smarthost_server(fresh_server_factory, "verify-off", dns_server, mx_sink, sink, False,
+                                  smarthost_tls_verify=False)
+        tag = marker()
+        rcpt = f"ann-{tag}@remote.example"
+        relay_send(server, "sender@outside.example", [rcpt], make_message("sender@outside.example", rcpt, tag))
+        (got,) = sink.wait_for_messages(rcpt, timeout=DELIVERY_TIMEOUT)
+        assert got.tls and got.auth_user == SMARTHOST_USER
+    finally:
+        sink.close()
 
 
 def test_smarthost_auth_over_starttls(via_smarthost: MailguardServer, smart_sink: SMTPSink,
