@@ -30,6 +30,7 @@ from mailguard.dns import resolver as dns_resolver
 from mailguard.storage.groupcommit import GroupCommit
 from mailguard.storage.queue import Queue
 from mailguard.app.limits import ConnectionLimiter
+from mailguard.milter.chain import MilterChain
 from mailguard.smtp.server import SMTPFactory
 from mailguard.app.tls import TLSContext
 
@@ -108,6 +109,9 @@ class Mailhost(service.MultiService):
         self.runner = self._queue_runner()
         cfg.mail_dir.mkdir(parents=True, exist_ok=True)
         self.commit = GroupCommit(self.threads, cfg.mail_dir)
+        filters = cfg.filters
+        self.milters = MilterChain(reactor, filters.milters, filters.milter_default_action,
+                                   float(filters.milter_timeout))
         self.store = delivery.Store(cfg, self.directory, self.queue, wake=self._wake, commit=self.commit)
         if self.runner is not None:
             service.Service.setServiceParent(self.runner, self)

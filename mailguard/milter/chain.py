@@ -27,7 +27,8 @@ from twisted.internet import defer, endpoints, error
 from mailguard.app import maillog
 from mailguard.core.replies import Reply
 from mailguard.milter import codec
-from mailguard.milter.client import REJECT_REPLY, TEMPFAIL_REPLY, Facts, MilterConnection, MilterGone
+from mailguard.core.replies import MILTER_REJECTED, MILTER_TEMPFAIL
+from mailguard.milter.client import Facts, MilterConnection, MilterGone
 from mailguard.milter.client import MilterTimeout, converse
 
 Connect = Callable[[str], "defer.Deferred[MilterConnection]"]
@@ -120,7 +121,7 @@ class MilterChain:
                       error=f"{type(e).__name__}: {what}", action=self.default_action)
         if self.default_action == "accept":
             return None
-        reply = TEMPFAIL_REPLY if self.default_action == "tempfail" else REJECT_REPLY
+        reply = MILTER_TEMPFAIL if self.default_action == "tempfail" else MILTER_REJECTED
         return Outcome(self.default_action, b"", facts.sender, [], reply, milter=address)
 
     @staticmethod

@@ -26,12 +26,10 @@ from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from mailguard.core.replies import MILTER_REJECTED as REJECT_REPLY
+from mailguard.core.replies import MILTER_TEMPFAIL as TEMPFAIL_REPLY
 from mailguard.core.replies import Reply
 from mailguard.milter import codec, edit
-
-#: Postfix's replies for a milter's plain reject and tempfail.
-REJECT_REPLY = Reply(550, "5.7.1", "Command rejected")
-TEMPFAIL_REPLY = Reply(451, "4.7.1", "Service unavailable - try again later")
 
 
 class MilterTimeout(Exception):

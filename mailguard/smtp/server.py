@@ -38,6 +38,7 @@ from email.utils import formatdate
 from typing import TYPE_CHECKING, Callable
 
 from twisted.internet import interfaces, protocol
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
@@ -49,6 +50,8 @@ from mailguard.core.address import AddressError, parse_mail_arg, parse_path
 from mailguard.auth.authenticator import Throttled
 from mailguard.directory.base import DirectoryError
 from mailguard.directory.facts import gather
+from mailguard.milter import filtering
+from mailguard.milter.client import Facts
 
 if TYPE_CHECKING:
     from mailguard.app.service import Mailhost
@@ -509,8 +512,7 @@ class SMTPServer(twsmtp.ESMTP):
         if len(env.decisions) >= self.cfg.limits.max_recipients:
             self.reply(replies.TOO_MANY_RCPT)
             return
-        who = policy.Client(self._client_ip_obj, self._local_ip_obj, self._authenticated,
-                            self.mailhost.pop_before_smtp.allowed(self.client_ip))
+        who = self._client()
         self._pause()
         d = gather(lambda facts: policy.decide(self.cfg, facts, who, path), self.mailhost.directory)
         d.addErrback(self._decision_failed, path)
@@ -600,6 +602,10 @@ class SMTPServer(twsmtp.ESMTP):
         msg_id = make_id(self.clock)
         received = self._received(msg_id, env)
         self._pause()
+        if filtering.applies(self.cfg, self._client()):
+            filtered = Deferred.fromCoroutine(self._filter_and_store(msg_id, env, received, message))
+            filtered.addErrback(self._filter_failed, msg_id).addBoth(lambda _: self._resume())
+            return
         d = self.mailhost.store.store(msg_id, env.sender or "", env.decisions, received, message)
 
         def stored(_: object) -> None:
@@ -613,6 +619,39 @@ class SMTPServer(twsmtp.ESMTP):
             self.reply(replies.STORE_FAILED)
 
         d.addCallbacks(stored, failed).addBoth(lambda _: self._resume())
+
+    def _client(self) -> policy.Client:
+        return policy.Client(self._client_ip_obj, self._local_ip_obj, self._authenticated,
+                             self.mailhost.pop_before_smtp.allowed(self.client_ip))
+
+    async def _filter_and_store(self, msg_id: str, env: Envelope, received: bytes, message: bytes) -> None:
+        """Run the milters ([filters]), then store what they left, held if they quarantined it."""
+        peer, local = self.transport.getPeer(), self.transport.getHost()
+        facts = Facts(hostname=self.cfg.server.hostname, daemon_name=self.kind, client_addr=self.client_ip,
+                      client_port=getattr(peer, "port", 0), client_name="unknown", local_addr=self.local_ip,
+                      local_port=getattr(local, "port", 0), helo=self._helo or "", sender=env.sender or "",
+                      recipients=list(dict.fromkeys(d.recipient for d in env.decisions)), queue_id=msg_id,
+                      auth_authen=self._authenticated or "", tls_version=filtering.tls_version(self.transport))
+        result = await filtering.filter_transaction(self.cfg, self.mailhost.milters, self.mailhost.directory,
+                                                    facts, env.decisions, received, message)
+        if result.action == "refuse":
+            assert result.reply is not None
+            self.reply(result.reply)
+            return
+        if result.action == "store":
+            await self.mailhost.store.store(msg_id, result.sender, result.decisions, b"", result.message,
+                                            held=result.held)
+            maillog.event("smtp", "held" if result.held else "stored", self.client_ip, id=msg_id,
+                          sender=result.sender, rcpts=len(result.decisions), size=len(result.message))
+        self._junk = 0
+        self.reply(replies.QUEUED, msg_id)
+
+    def _filter_failed(self, f: Failure, msg_id: str) -> None:
+        if f.check(DirectoryError):
+            self.reply(self.cfg.replies.directory_failure)
+            return
+        maillog.log.failure("mailguard smtp filtering or store failed for {id}", f, id=msg_id)
+        self.reply(replies.STORE_FAILED)
 
     def _received(self, msg_id: str, env: Envelope) -> bytes:
         """The Received: header (RFC 5321 section 4.4; RFC 3848 protocol names)."""

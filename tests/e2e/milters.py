@@ -1,0 +1,73 @@
+"""Real milters for the end-to-end tests: the pymilter test milter, rspamd, clamav-milter.
+
+pymilter (Debian ``python3-milter``, Sendmail's libmilter underneath) is installed for
+the system Python, which may not be the Python running the tests, so the test milter
+runs as a ``/usr/bin/python3`` subprocess.  A missing program fails the test.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from .harness import REPO, free_port, port_accepts
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+ACTION_MILTER = REPO / "tests" / "milters" / "action_milter.py"
+
+
+class Process:
+    """A helper process listening on a loopback port; stopped by :meth:`stop`."""
+
+    def __init__(self, argv: list[str], port: int, log: Path, cwd: Path | None = None,
+                 timeout: float = 30.0) -> None:
+        self.port = port
+        self.log_path = log
+        self._log = open(log, "ab")
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                        cwd=cwd)
+        deadline = time.monotonic() + timeout
+        while not port_accepts("127.0.0.1", port):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"{argv[0]} did not listen on {port}:\n{self.log_text()}")
+            time.sleep(0.1)
+
+    @property
+    def address(self) -> str:
+        """The milter address for ``[filters] milters``."""
+        return f"inet:127.0.0.1:{self.port}"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self._log.close()
+
+
+def action_milter(folder: Path, *flags: str) -> Process:
+    """The pymilter test milter (``tests/milters/action_milter.py``) on a free port."""
+    assert Path(SYSTEM_PYTHON).exists(), f"{SYSTEM_PYTHON} is missing"
+    check = subprocess.run([SYSTEM_PYTHON, "-c", "import Milter"], capture_output=True, text=True)
+    assert check.returncode == 0, f"pymilter (Debian python3-milter) is not installed: {check.stderr}"
+    port = free_port()
+    name = "action-milter" + "".join(flags).replace("-", "_")
+    return Process([SYSTEM_PYTHON, str(ACTION_MILTER), f"inet:{port}@127.0.0.1", *flags], port,
+                   folder / f"{name}.log")
+
+
+def require(program: str) -> str:
+    """The path of a program the test needs; fails the test when it is not installed."""
+    found = shutil.which(program) or next(
+        (str(p) for p in (Path("/usr/sbin") / program, Path("/usr/bin") / program) if p.exists()), None)
+    assert found is not None, f"{program} is not installed (see .ci/run)"
+    return found
