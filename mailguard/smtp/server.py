@@ -35,7 +35,7 @@ import itertools
 import os
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet import interfaces, protocol
 from twisted.internet.defer import Deferred
@@ -626,7 +626,8 @@ class SMTPServer(twsmtp.ESMTP):
 
     async def _filter_and_store(self, msg_id: str, env: Envelope, received: bytes, message: bytes) -> None:
         """Run the milters ([filters]), then store what they left, held if they quarantined it."""
-        peer, local = self.transport.getPeer(), self.transport.getHost()
+        transport: Any = self.transport
+        peer, local = transport.getPeer(), transport.getHost()
         facts = Facts(hostname=self.cfg.server.hostname, daemon_name=self.kind, client_addr=self.client_ip,
                       client_port=getattr(peer, "port", 0), client_name="unknown", local_addr=self.local_ip,
                       local_port=getattr(local, "port", 0), helo=self._helo or "", sender=env.sender or "",
