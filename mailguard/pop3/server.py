@@ -45,15 +45,17 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailguard.app import maillog
-from mailguard.auth.authenticator import Throttled
+from mailguard.app.connection import connection
+from mailguard.app.tls import TLSContext
+from mailguard.auth.authenticator import Authenticator, PopBeforeSmtp, Throttled
 from mailguard.config import Config
 from mailguard.core.dotstuff import DotStuffer
 from mailguard.app.limits import ConnectionLimiter
-from mailguard.storage.maildir import LockTable, Mailbox, MailboxLocked, maildir_path
+from mailguard.storage.maildir import CommitResult, LockTable, Mailbox, MailboxLocked, maildir_path
 
 log = Logger(namespace="mailguard")
 
-RunInThread = Callable[..., defer.Deferred]
+RunInThread = Callable[..., defer.Deferred[Any]]
 
 AUTHORIZATION, TRANSACTION, UPDATE = "AUTHORIZATION", "TRANSACTION", "UPDATE"
 
@@ -122,18 +124,18 @@ class _MessageSender:
     def resumeProducing(self) -> None:
         if self.fh.closed:
             return
-        self.server.resetTimeout()
+        policies.TimeoutMixin.resetTimeout(self.server)
         try:
             data = self.fh.read(self.CHUNK)
         except OSError:
             # "+OK <size> octets" is already sent: closing is the only honest end of a cut message.
             self._close()
-            self.server.transport.loseConnection()
+            connection(self.server.transport).loseConnection()
             return
         if data:
-            self.server.transport.write(self.stuffer.feed(data))
+            connection(self.server.transport).write(self.stuffer.feed(data))
             return
-        self.server.transport.write(self.stuffer.finish())
+        connection(self.server.transport).write(self.stuffer.finish())
         self._close()
         self.done.callback(None)
 
@@ -143,7 +145,7 @@ class _MessageSender:
     def _close(self) -> None:
         if not self.fh.closed:
             self.fh.close()
-            self.server.transport.unregisterProducer()
+            connection(self.server.transport).unregisterProducer()
 
 
 class POP3Server(protocol.Protocol, policies.TimeoutMixin):
@@ -171,17 +173,20 @@ class POP3Server(protocol.Protocol, policies.TimeoutMixin):
 
     # -- connection ------------------------------------------------------------------
 
+    def callLater(self, period: float, func: Callable[[], object]) -> interfaces.IDelayedCall:
+        """The idle timer of ``TimeoutMixin``, on the factory's clock (``task.Clock`` in tests)."""
+        return self.factory.clock.callLater(period, func)
+
     def connectionMade(self) -> None:
         f = self.factory
-        self.callLater = f.clock.callLater
-        self.peer = getattr(self.transport.getPeer(), "host", "unknown")
+        self.peer = getattr(connection(self.transport).getPeer(), "host", "unknown")
         if not f.admit(self.peer):
             self._counted = False
             self._send(ERR_TOO_MANY)
             self._close()
             return
         self._counted = True
-        self.setTimeout(f.config.limits.idle_timeout)
+        policies.TimeoutMixin.setTimeout(self, f.config.limits.idle_timeout)
         # The whole-session deadline ([limits] session_timeout) also ends busy clients
         # that never go idle, such as a slow drip of NOOPs.
         self._deadline = f.clock.callLater(f.config.limits.session_timeout, self.timeoutConnection)
@@ -189,7 +194,7 @@ class POP3Server(protocol.Protocol, policies.TimeoutMixin):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._gone = True
-        self.setTimeout(None)
+        policies.TimeoutMixin.setTimeout(self, None)
         deadline = getattr(self, "_deadline", None)
         if deadline is not None and deadline.active():
             deadline.cancel()
@@ -210,7 +215,7 @@ class POP3Server(protocol.Protocol, policies.TimeoutMixin):
     def _close(self) -> None:
         self._gone = True
         self._buffer.clear()
-        self.transport.loseConnection()
+        connection(self.transport).loseConnection()
 
     def _release(self) -> None:
         if self._locked is not None:
@@ -250,7 +255,7 @@ class POP3Server(protocol.Protocol, policies.TimeoutMixin):
                 del self._buffer[:end + 1]
                 if line.endswith(b"\r"):
                     line = line[:-1]
-                self.resetTimeout()
+                policies.TimeoutMixin.resetTimeout(self)
                 self._line(line)
         finally:
             self._draining = False
@@ -263,10 +268,10 @@ class POP3Server(protocol.Protocol, policies.TimeoutMixin):
         backlog = len(self._buffer) > self.MAX_PIPELINE
         if backlog and not self._reading_paused:
             self._reading_paused = True
-            self.transport.pauseProducing()
+            connection(self.transport).pauseProducing()
         elif not backlog and self._reading_paused:
             self._reading_paused = False
-            self.transport.resumeProducing()
+            connection(self.transport).resumeProducing()
 
     def _line(self, line: bytes) -> None:
         if self._sasl_pending:
@@ -309,11 +314,11 @@ class POP3Server(protocol.Protocol, policies.TimeoutMixin):
     # -- output ----------------------------------------------------------------------
 
     def _send(self, line: bytes) -> None:
-        self.transport.write(line + b"\r\n")
+        connection(self.transport).write(line + b"\r\n")
 
     def _multiline(self, first: bytes, lines: list[bytes]) -> None:
         body = b"".join(line + b"\r\n" for line in lines)
-        self.transport.write(first + b"\r\n" + body + b".\r\n")
+        connection(self.transport).write(first + b"\r\n" + body + b".\r\n")
 
     # -- AUTHORIZATION ---------------------------------------------------------------
 
@@ -344,7 +349,7 @@ class POP3Server(protocol.Protocol, policies.TimeoutMixin):
             # RFC 2595 section 4: nothing sent in the clear after STLS may be acted on.
             self._buffer.clear()
             self._user = None
-            self.transport.startTLS(self.factory.tls_context.options())
+            connection(self.transport).startTLS(self.factory.tls_context.options())
             self._tls_started = True
 
     def _credentials_accepted(self) -> bool:
@@ -535,7 +540,7 @@ class POP3Server(protocol.Protocol, policies.TimeoutMixin):
             with fh:
                 data = fh.read()
             stuffer = DotStuffer()
-            self.transport.write(stuffer.feed(data) + stuffer.finish())
+            connection(self.transport).write(stuffer.feed(data) + stuffer.finish())
             self.mailbox.mark_retrieved(n)
             return
         mailbox = self.mailbox
@@ -547,24 +552,25 @@ class POP3Server(protocol.Protocol, policies.TimeoutMixin):
         sender.done.addCallback(sent)
         self._wait(sender.done)
         # A non-streaming producer: the transport pulls a chunk whenever its buffer drains.
-        self.transport.registerProducer(sender, False)
+        connection(self.transport).registerProducer(sender, False)
 
     def do_TOP(self, rest: bytes) -> None:
         args = rest.split(b" ")
-        if len(args) != 2 or _number(args[1]) is None:
+        lines = _number(args[1]) if len(args) == 2 else None
+        if lines is None:
             self._send(ERR_SYNTAX)
             return
         n = self._message_arg(args[0])
         if n is None:
             return
         assert self.mailbox is not None
-        d = self.factory.run_in_thread(self.mailbox.top, n, _number(args[1]))
+        d = self.factory.run_in_thread(self.mailbox.top, n, lines)
 
         def send(data: bytes) -> None:
             if self._gone:
                 return
             s = DotStuffer()
-            self.transport.write(b"+OK Top of message follows\r\n" + s.feed(data) + s.finish())
+            connection(self.transport).write(b"+OK Top of message follows\r\n" + s.feed(data) + s.finish())
 
         def vanished(failure: Failure) -> None:
             failure.trap(OSError)
@@ -602,7 +608,7 @@ class POP3Server(protocol.Protocol, policies.TimeoutMixin):
         mailbox, address = self.mailbox, self.mailbox_address
         d = self.factory.run_in_thread(mailbox.commit)
 
-        def committed(result: Any) -> None:
+        def committed(result: CommitResult) -> None:
             maillog.event("pop3", "commit", self.peer, user=address, deleted=result.deleted,
                           failed=result.failed)
             self._release()
@@ -636,7 +642,7 @@ class POP3Server(protocol.Protocol, policies.TimeoutMixin):
 PROCESS_LOCKS = LockTable()
 
 
-class POP3Factory(protocol.ServerFactory):
+class POP3Factory(protocol.ServerFactory[POP3Server]):
     """Builds :class:`POP3Server` sessions sharing one lock table and connection counts.
 
     :param authenticator: ``check(login, password, client_ip, service) -> Deferred[str | None]``
@@ -651,17 +657,18 @@ class POP3Factory(protocol.ServerFactory):
     protocol = POP3Server
     noisy = False
 
-    def __init__(self, config: Config, authenticator: Any, pop_before_smtp: Any, tls_context: Any,
-                 clock: IReactorTime | None = None, run_in_thread: RunInThread | None = None,
-                 locks: LockTable | None = None) -> None:
+    def __init__(self, config: Config, authenticator: Authenticator, pop_before_smtp: PopBeforeSmtp,
+                 tls_context: TLSContext | None, clock: IReactorTime | None = None,
+                 run_in_thread: RunInThread | None = None, locks: LockTable | None = None) -> None:
         if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
+            from twisted.internet import reactor
+            clock = IReactorTime(reactor)
         self.config = config
         self.authenticator = authenticator
         self.pop_before_smtp = pop_before_smtp
         self.tls_context = tls_context
         self.clock = clock
-        self.run_in_thread = run_in_thread or threads.deferToThread
+        self.run_in_thread: RunInThread = run_in_thread or threads.deferToThread
         self.locks = locks if locks is not None else PROCESS_LOCKS
         self.limiter = ConnectionLimiter(config.limits.max_connections, config.limits.max_connections_per_ip)
 
