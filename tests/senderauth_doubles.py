@@ -12,7 +12,8 @@ from typing import Any, Coroutine, TypeVar
 
 from twisted.internet import defer
 
-from mailguard.senderauth.lookup import DomainNotFound, TemporaryDNSError, reverse_name
+from mailguard.dns.names import reverse_name
+from mailguard.senderauth.lookup import DomainNotFound, TemporaryDNSError
 
 T = TypeVar("T")
 

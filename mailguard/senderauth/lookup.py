@@ -6,16 +6,15 @@ but has no record of that type, "NODATA"); a name that does not exist raises
 :class:`TemporaryDNSError`.  The evaluators map these onto their own results
 (RFC 7208 section 5: NXDOMAIN and NODATA are "void lookups", trouble is "temperror").
 
-:class:`NamesLookup` implements it on a ``twisted.names`` resolver (``IResolver``).
+:class:`ResolverLookup` implements it on the shared cached resolver (:mod:`mailguard.dns`).
 """
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any, Protocol
 
-from twisted.internet import defer
-from twisted.names import dns, error
+from mailguard import dns
+from mailguard.dns.names import reverse_name
 
 
 class DomainNotFound(Exception):
@@ -45,42 +44,32 @@ class Lookup(Protocol):
         """The names in the PTR records of an IP address (``in-addr.arpa``/``ip6.arpa``)."""
 
 
-def reverse_name(address: str) -> str:
-    """``192.0.2.1`` -> ``1.2.0.192.in-addr.arpa`` (and the nibble form for IPv6)."""
-    return ipaddress.ip_address(address).reverse_pointer
+class ResolverLookup:
+    """:class:`Lookup` on the shared cached resolver (:mod:`mailguard.dns`)."""
 
-
-class NamesLookup:
-    """:class:`Lookup` on a ``twisted.names`` resolver (an ``IResolver``)."""
-
-    def __init__(self, resolver: Any) -> None:
+    def __init__(self, resolver: dns.Lookup) -> None:
         self.resolver = resolver
 
-    async def _ask(self, method: str, name: str, rtype: int) -> list[Any]:
+    async def _records(self, name: str, type: str) -> list[Any]:
         try:
-            answers, _auth, _add = await getattr(self.resolver, method)(name)
-        except error.DNSNameError as e:
-            raise DomainNotFound(name) from e
-        except defer.CancelledError:
-            raise
-        except Exception as e:  # timeout, SERVFAIL, refused, malformed answer
-            raise TemporaryDNSError(f"{name}: {e.__class__.__name__}") from e
-        return [rr.payload for rr in answers if rr.type == rtype]
+            answer = await self.resolver.lookup(name, type)
+        except dns.TemporaryDNSError as e:
+            raise TemporaryDNSError(str(e)) from e
+        if answer.nxdomain:
+            raise DomainNotFound(name)
+        return list(answer.records)
 
     async def txt(self, name: str) -> list[bytes]:
-        return [b"".join(p.data) for p in await self._ask("lookupText", name, dns.TXT)]
+        return [bytes(r) for r in await self._records(name, "TXT")]
 
     async def a(self, name: str) -> list[str]:
-        return [p.dottedQuad() for p in await self._ask("lookupAddress", name, dns.A)]
+        return [str(r) for r in await self._records(name, "A")]
 
     async def aaaa(self, name: str) -> list[str]:
-        return [str(ipaddress.IPv6Address(p.address))
-                for p in await self._ask("lookupIPV6Address", name, dns.AAAA)]
+        return [str(r) for r in await self._records(name, "AAAA")]
 
     async def mx(self, name: str) -> list[tuple[int, str]]:
-        return [(p.preference, p.name.name.decode("ascii", "replace").rstrip("."))
-                for p in await self._ask("lookupMailExchange", name, dns.MX)]
+        return [(int(r.preference), str(r.exchange)) for r in await self._records(name, "MX")]
 
     async def ptr(self, address: str) -> list[str]:
-        return [p.name.name.decode("ascii", "replace").rstrip(".")
-                for p in await self._ask("lookupPointer", reverse_name(address), dns.PTR)]
+        return [str(r) for r in await self._records(reverse_name(address), "PTR")]
