@@ -125,6 +125,7 @@ class OutboundConfig:
     delay_warning: int
     smarthost_tls_verify: bool = True
     tls_ca_file: Path | None = None
+    mta_sts: bool = True
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "delay_warning": 0,
         "smarthost_tls_verify": True,
         "tls_ca_file": "",
+        "mta_sts": True,
     },
     "directory": {"backend": "sqlite", "path": ""},
     "dkim": dkim_section.DEFAULTS,
@@ -328,6 +330,7 @@ def parse(data: Mapping[str, Any], source: str, base: Path) -> Config:
         delay_warning=ob.integer("delay_warning", 0),
         smarthost_tls_verify=ob.boolean("smarthost_tls_verify"),
         tls_ca_file=_path(base, ob.string("tls_ca_file")) if ob.string("tls_ca_file") else None,
+        mta_sts=ob.boolean("mta_sts"),
     )
     if outbound.tls_ca_file is not None and not outbound.tls_ca_file.is_file():
         raise ob.fail("tls_ca_file", f"no such file: {outbound.tls_ca_file}")

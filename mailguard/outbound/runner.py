@@ -25,6 +25,8 @@ seconds.  Every decision is logged as one line::
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections import defaultdict
 from typing import Any, Callable, Coroutine, Sequence
 
@@ -39,7 +41,7 @@ from mailguard.config import Config
 from mailguard.dns.resolver import Lookup
 
 from mailguard.config import host_port
-from mailguard.outbound import mx
+from mailguard.outbound import mx, mtasts
 from mailguard.core.dsn import FailedRecipient, build_dsn
 from mailguard.storage.queue import DELIVERED, DEFERRED, FAILED, Damaged, Queue, QueueEntry, QueueError, RecipientState
 from mailguard.outbound.client import ClientConnection, Outcome, SessionError, SessionOptions, transact
@@ -90,14 +92,18 @@ class SMTPCourier:
             verify_name=host_port(self.out.smarthost, 25)[0] if smarthost and self.out.smarthost_tls_verify else "",
             ca_file=self.out.tls_ca_file,
         )
+        self.mta_sts: mtasts.PolicyCache | None = None
+        if not smarthost and self.out.mta_sts:
+            fetch = mtasts.https_fetcher(reactor, resolver, self.out.tls_ca_file, float(self.out.connect_timeout))
+            self.mta_sts = mtasts.PolicyCache(resolver, fetch, self.clock)
 
-    def _connect(self, relay: mx.Relay) -> defer.Deferred[ClientConnection]:
+    def _connect(self, relay: mx.Relay, options: SessionOptions) -> defer.Deferred[ClientConnection]:
         kind = endpoints.TCP6ClientEndpoint if ":" in relay.address else endpoints.TCP4ClientEndpoint
         endpoint: IStreamClientEndpoint = kind(self.reactor, relay.address, relay.port,
                                                timeout=self.out.connect_timeout)
-        if self.options.tls == "tls":
-            endpoint = endpoints.wrapClientTLS(self.options.tls_creator(), endpoint)
-        conn = ClientConnection(self.clock, self.options.command_timeout)
+        if options.tls == "tls":
+            endpoint = endpoints.wrapClientTLS(options.tls_creator(), endpoint)
+        conn = ClientConnection(self.clock, options.command_timeout)
         connected: defer.Deferred[ClientConnection] = endpoints.connectProtocol(endpoint, conn)
         return connected
 
@@ -107,18 +113,36 @@ class SMTPCourier:
             relays = await mx.route(self.resolver, domain, self.out.port, self.out.smarthost)
         except mx.RouteError as e:
             return {r: Outcome(FAILED if e.permanent else DEFERRED, e.reply()) for r in recipients}
+        policy = await self.mta_sts.policy(domain) if self.mta_sts is not None else None
         last = SessionError("451 4.4.0 no host tried")
+        if policy is not None and policy.mode == "enforce":
+            allowed = [r for r in relays if policy.allows(r.host)]
+            if len(allowed) < len(relays):
+                log.warn("mailguard mta-sts: {domain}: MX {hosts} not in the enforced policy, not tried",
+                         domain=domain, hosts=",".join(sorted({r.host for r in relays if r not in allowed})))
+            relays = allowed
+            last = SessionError(f"451 4.7.5 MTA-STS policy of {domain} (enforce) allows none of its MX hosts")
         relay_name = ""
         for relay in relays[:MAX_HOSTS]:
             relay_name = str(relay)
+            options = self.options
+            if policy is not None and policy.mode == "enforce":
+                options = dataclasses.replace(options, tls="starttls", verify_name=relay.host)  # RFC 8461 4.2
+            elif policy is not None and policy.mode == "testing" and not policy.allows(relay.host):
+                log.warn("mailguard mta-sts: {domain}: testing policy would refuse MX {host}",
+                         domain=domain, host=relay.host)
             try:
-                conn = await self._connect(relay)
+                conn = await self._connect(relay, options)
             except Exception as e:
                 last = SessionError(f"451 4.4.1 connect to {relay} failed: {type(e).__name__}")
                 log.info("mailguard outbound: connect to {relay} failed: {error}", relay=relay_name, error=repr(e))
                 continue
             try:
-                return await transact(conn, self.options, sender, recipients, message, relay_name)
+                outcomes = await transact(conn, options, sender, recipients, message, relay_name)
+                tls = "none" if not conn.tls else "verified" if options.verify_name else "unverified"
+                log.info("mailguard outbound: {relay} tls={tls} mta_sts={mode}", relay=relay_name, tls=tls,
+                         mode=policy.mode if policy is not None else "none")
+                return outcomes
             except SessionError as e:
                 last = e
                 log.info("mailguard outbound: {relay}: {reply}", relay=relay_name, reply=e.reply)
