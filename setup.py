@@ -19,6 +19,7 @@ setup(
         "dkimpy>=1.1",      # DKIM signing and verification (RFC 6376, RFC 8463)
         "pynacl",           # dkimpy's Ed25519 signatures
         "publicsuffixlist",  # DMARC's organisational domain (RFC 7489 section 3.2)
+        "ldaptor>=21.2",
     ],
     extras_require={
         "test": [

@@ -77,6 +77,24 @@ BROKEN = [
     ("outbound.retry_schedule", "[outbound]\nretry_schedule = []\n"),
     ("outbound.retry_schedule", "[outbound]\nretry_schedule = [300, -1]\n"),
     ("directory.backend", '[directory]\nbackend = "mysql"\n'),
+    ("directory.ldap.base", '[directory]\nbackend = "ldap"\n'),
+    ("directory.ldap.url", '[directory.ldap]\nurl = "http://dc1.example"\n'),
+    ("directory.ldap.url", '[directory.ldap]\nurl = "ldap://"\n'),
+    ("directory.ldap.url", '[directory.ldap]\nurl = "ldap://dc1.example:99999"\n'),
+    ("directory.ldap.url", '[directory.ldap]\nurl = "ldap://dc1.example/dc=example??sub"\n'),
+    ("directory.ldap.starttls", '[directory.ldap]\nstarttls = "yes"\n'),
+    ("directory.ldap.ca_file", '[directory.ldap]\nca_file = "missing-ca.pem"\n'),
+    ("directory.ldap.bind_password", '[directory.ldap]\nbind_dn = "cn=svc,dc=example"\n'),
+    ("directory.ldap.schema", '[directory.ldap]\nschema = "novell"\n'),
+    ("directory.ldap.mailbox_filter", '[directory.ldap]\nmailbox_filter = "(mail=alice@example.org)"\n'),
+    ("directory.ldap.mailbox_filter", '[directory.ldap]\nmailbox_filter = "(&(mail={address})"\n'),
+    ("directory.ldap.list_filter", '[directory.ldap]\nlist_filter = "mail={address}"\n'),
+    ("directory.ldap.mail_attribute", '[directory.ldap]\nmail_attribute = "mail address"\n'),
+    ("directory.ldap.member_attribute", '[directory.ldap]\nmember_attribute = ""\n'),
+    ("directory.ldap.cache_ttl", '[directory.ldap]\ncache_ttl = -1\n'),
+    ("directory.ldap.cache_ttl", '[directory.ldap]\ncache_ttl = "60"\n'),
+    ("directory.ldap.bnid_dn", '[directory.ldap]\nbnid_dn = ""\n'),
+    ("directory.ldap", '[directory]\nldap = 1\n'),
     ("submission.enforce_sender", '[submission]\nenforce_sender = "no"\n'),
     ("filters.milters", '[filters]\nmilters = ["127.0.0.1:11332"]\n'),
     ("filters.milters", '[filters]\nmilters = ["inet:127.0.0.1:0"]\n'),
@@ -335,3 +353,22 @@ def test_the_smarthost_password_is_kept_once(tmp_path: Path) -> None:
 
     walk(cfg, "cfg", set())
     assert found == ["cfg.outbound.smarthost_password"]
+
+
+def test_ldap_directory_settings_and_schema_defaults(tmp_path: Path) -> None:
+    """[directory.ldap] is read into cfg.directory.ldap; schema = "ad" brings the AD filters."""
+    cfg = load_text(tmp_path, '[directory]\nbackend = "ldap"\n[directory.ldap]\n'
+                              'url = "ldaps://dc1.realdomain.example"\nbase = "dc=realdomain,dc=example"\n'
+                              'schema = "ad"\n')
+    ldap = cfg.directory.ldap
+    assert ldap is not None
+    assert (ldap.host, ldap.port, ldap.tls) == ("dc1.realdomain.example", 636, "ldaps")
+    assert "proxyAddresses=smtp:{address}" in ldap.mailbox_filter
+    assert ldap.list_filter == "(&(objectClass=group)(|(mail={address})(proxyAddresses=smtp:{address})))"
+    cfg = load_text(tmp_path, '[directory]\nbackend = "ldap"\n[directory.ldap]\n'
+                              'url = "ldap://127.0.0.1:3389"\nbase = "o=x"\nstarttls = false\n'
+                              'list_filter = "(&(objectClass=groupOfUniqueNames)(mail={address}))"\n')
+    assert cfg.directory.ldap is not None
+    assert (cfg.directory.ldap.port, cfg.directory.ldap.tls) == (3389, "none")
+    assert cfg.directory.ldap.list_filter == "(&(objectClass=groupOfUniqueNames)(mail={address}))"
+    assert config.defaults().directory.ldap is None

@@ -33,6 +33,8 @@ from mailguard.config import filters as filters_mod
 from mailguard.config.filters import FiltersConfig
 from mailguard.config import checks as checks_cfg
 from mailguard.config import dns as dns_cfg
+from mailguard.config import ldap as ldap_config
+from mailguard.config.ldap import LDAPConfig
 
 from mailguard.config.reader import (ConfigError, IPAddress, IPNetwork, Reader, host_port, network as _network,
                                      path_in as _path)
@@ -132,6 +134,7 @@ class OutboundConfig:
 class DirectoryConfig:
     backend: str
     path: Path
+    ldap: LDAPConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -225,7 +228,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "tls_ca_file": "",
         "mta_sts": True,
     },
-    "directory": {"backend": "sqlite", "path": ""},
+    "directory": {"backend": "sqlite", "path": "", "ldap": ldap_config.DEFAULTS},
     "dkim": dkim_section.DEFAULTS,
     "filters": filters_mod.DEFAULTS,
     "dns": dns_cfg.DEFAULTS,
@@ -339,10 +342,13 @@ def parse(data: Mapping[str, Any], source: str, base: Path) -> Config:
 
     dr = r["directory"]
     backend = dr.string("backend")
-    if backend != "sqlite":
-        raise dr.fail("backend", f"{backend!r} is not available; this build supports 'sqlite'")
+    if backend not in ("sqlite", "ldap"):
+        raise dr.fail("backend", f"must be 'sqlite' or 'ldap', not {backend!r}")
     dpath = dr.string("path")
-    directory = DirectoryConfig(backend, _path(base, dpath) if dpath else server.data_dir / "directory.sqlite")
+    ldap = ldap_config.parse(dr.get("ldap", dict), lambda k, m: dr.fail("ldap." + k if k else "ldap", m),
+                             base, required=backend == "ldap")
+    directory = DirectoryConfig(backend, _path(base, dpath) if dpath else server.data_dir / "directory.sqlite",
+                                ldap if backend == "ldap" else None)
 
     if server.postmaster and "@" not in server.postmaster:
         raise srv.fail("postmaster", f"must be a mailbox address (local@domain), not {server.postmaster!r}")
