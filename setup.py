@@ -30,6 +30,7 @@ setup(
             "mypy",
             "mypy-zope",
             "pyyaml",
+            "trustme",
         ],
     },
     entry_points={"console_scripts": ["mailguard = mailguard.app.cli:main"]},
