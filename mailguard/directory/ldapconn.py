@@ -168,8 +168,7 @@ async def open_connection(reactor: Any, cfg: LDAPConfig, timeout: float) -> Conn
     if cfg.tls == "ldaps":
         endpoint = endpoints.wrapClientTLS(tls_options(cfg), endpoint)
     try:
-        d: defer.Deferred[Any] = endpoints.connectProtocol(  # type: ignore[no-untyped-call]
-            endpoint, ldapclient.LDAPClient())
+        d: defer.Deferred[Any] = endpoints.connectProtocol(endpoint, ldapclient.LDAPClient())
         client = await d.addTimeout(timeout, reactor)
     except Exception as e:
         raise DirectoryError(f"{cfg.url}: {_why(e)}") from None
