@@ -14,7 +14,7 @@ import sys
 from typing import Callable, Sequence
 
 from mailguard import config
-from mailguard.app import cli_dns
+from mailguard.app import cli_dns, dircli
 from mailguard.core import policy
 from mailguard.core.address import AddressError, parse_path
 from mailguard.directory.sqlite import DirectoryError, EntryError, SQLiteStore
@@ -127,6 +127,8 @@ def cmd_check_config(cfg: config.Config, args: argparse.Namespace) -> int:
     print(f"{cfg.source}: ok")
     for line in config.routing_table(cfg):
         print(line)
+    if cfg.directory.backend == "ldap":
+        print(dircli.check_ldap(cfg))
     return 0
 
 
@@ -247,6 +249,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--domain", help="a local domain of the server (for tricks that need one)")
     r.add_argument("--timeout", type=float, default=10.0)
     r.set_defaults(func=cmd_relay_test, no_config=True)
+
+    dircli.add_parser(sub)
     return p
 
 
@@ -254,11 +258,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         cfg = None if getattr(args, "no_config", False) else config.find(args.config)
+        refusal = dircli.managed_elsewhere(cfg, args.command) if cfg is not None else None
+        if refusal:
+            print(f"mailguard: {refusal}", file=sys.stderr)
+            return 1
         return int(args.func(cfg, args))
     except config.ConfigError as e:
         print(f"mailguard: {e}", file=sys.stderr)
         return 1
-    except (CommandError, cli_dns.DNSCommandError, EntryError, DirectoryError) as e:
+    except (CommandError, cli_dns.DNSCommandError, EntryError, DirectoryError, dircli.DirectoryCommandError) as e:
         print(f"mailguard: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

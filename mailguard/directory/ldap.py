@@ -176,14 +176,14 @@ class LDAPDirectory:
         group_dns = {g.dn for g in groups}
         mailboxes = tuple(e for e in people if e.dn not in group_dns and self._is_mailbox(e))
         contacts = tuple(e for e in people if e.dn not in group_dns and not self._is_mailbox(e)
-                         and self._target(e))
+                         and self.target_of(e))
         if not (mailboxes or contacts or groups):
             return Found(address)
         walk = _Walk()
         for entry in mailboxes:
             walk.mailboxes[self.own_address(entry)] = None
         for entry in contacts:
-            walk.others[self._target(entry)] = None
+            walk.others[self.target_of(entry)] = None
         for group in groups:
             walk.seen.add(group.dn.lower())
         for group in groups:
@@ -212,8 +212,8 @@ class LDAPDirectory:
                     await self._members(entry, walk, depth + 1)
             elif self._is_mailbox(entry):
                 walk.mailboxes[self.own_address(entry)] = None
-            elif self._target(entry):
-                walk.others[self._target(entry)] = None
+            elif self.target_of(entry):
+                walk.others[self.target_of(entry)] = None
 
     def _entry(self, dn: str) -> defer.Deferred[Entry | None]:
         """The entry named ``dn`` (cached like any answer), None when it does not exist."""
@@ -243,7 +243,7 @@ class LDAPDirectory:
         address = self.own_address(entry)
         return "@" in address and address.rpartition("@")[2] in self.local_domains
 
-    def _target(self, entry: Entry) -> str:
+    def target_of(self, entry: Entry) -> str:
         """Where a contact's mail goes: AD's ``targetAddress``, else its own address."""
         if self.ad:
             for value in entry.get("targetAddress"):
