@@ -9,6 +9,7 @@ flush requests).  Exit status: 0 on success, 1 on an error (one line on stderr),
 from __future__ import annotations
 
 import argparse
+import functools
 import getpass
 import sys
 from typing import Callable, Sequence
@@ -133,7 +134,6 @@ def cmd_check_config(cfg: config.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_explain(cfg: config.Config, args: argparse.Namespace) -> int:
-    d = _directory(cfg)
     try:
         who = policy.client(args.client, args.local, args.auth.strip().lower() or None if args.auth else None,
                             pop_before_smtp=args.pop_before_smtp)
@@ -144,11 +144,19 @@ def cmd_explain(cfg: config.Config, args: argparse.Namespace) -> int:
             parse_path(args.sender, null_ok=True)
         except AddressError as e:
             raise CommandError(f"--from {args.sender!r}: {e}") from None
-    for rcpt in args.rcpt:
-        try:
-            decision = policy.settle(lambda facts: policy.decide(cfg, facts, who, rcpt), d.expand)
-        except DirectoryError:
-            decision = policy.directory_failure(cfg, rcpt)
+    steps = [functools.partial(policy.decide, cfg, who=who, text=rcpt) for rcpt in args.rcpt]
+    if cfg.directory.backend == "ldap":
+        answers = dircli.settle_all_ldap(cfg, steps)
+    else:
+        answers = []
+        d = _directory(cfg)
+        for step in steps:
+            try:
+                answers.append(policy.settle(step, d.expand))
+            except DirectoryError as e:
+                answers.append(e)
+    for rcpt, answer in zip(args.rcpt, answers):
+        decision = policy.directory_failure(cfg, rcpt) if isinstance(answer, DirectoryError) else answer
         print(policy.explain_line(decision, rcpt, args.verbose))
     return 0
 

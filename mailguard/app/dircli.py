@@ -7,6 +7,7 @@
 - :func:`managed_elsewhere`: under ``ldap``, ``user``/``alias``/``list``/``contact``
   refuse with one line (the entries are managed in LDAP) and exit 1.
 - :func:`check_ldap`: ``check-config`` binds once as the service account.
+- :func:`settle_all_ldap`: ``explain`` with facts from LDAP.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from twisted.python.failure import Failure
 
 from mailguard import config
 from mailguard.core.address import AddressError, parse_path
+from mailguard.core.policy import Facts, Missing
 from mailguard.directory import ldapfilter
 from mailguard.directory.base import DirectoryError, Expansion
+from mailguard.directory.facts import gather
 from mailguard.storage.maildir import maildir_path
 
 T = TypeVar("T")
@@ -119,18 +122,34 @@ async def _ldap_report(cfg: config.Config, reactor: Any, address: str) -> tuple[
 
 
 def _sqlite_report(cfg: config.Config, address: str) -> tuple[list[str], bool]:
-    from mailguard.directory.sqlite import Directory
+    from mailguard.directory.sqlite import SQLiteStore
 
-    d = Directory(cfg.directory.path)
+    store = SQLiteStore(cfg.directory.path)
     lines = [f"sqlite {cfg.directory.path}"]
-    got: Any = d.expand(address)
-    if isinstance(got, defer.Deferred):
-        got = run(lambda reactor: got)
+    got = store.expand(address)
     if got is None:
         lines.append(f"no entry: {address} is an unknown recipient")
         return lines, False
+    lines.append(f"{store.kind(address)} {address}")
     lines.append("expands to: " + _expansion_text(got))
     return lines, True
+
+
+def settle_all_ldap(cfg: config.Config, steps: list[Callable[[Facts], T | Missing]]) -> list[T | DirectoryError]:
+    """Run each policy step to its answer with facts from LDAP (``explain``); a DirectoryError for each that failed."""
+    async def work(reactor: Any) -> list[T | DirectoryError]:
+        d = ldap_directory(cfg, reactor)
+        answers: list[T | DirectoryError] = []
+        try:
+            for step in steps:
+                try:
+                    answers.append(await gather(step, d))
+                except DirectoryError as e:
+                    answers.append(e)
+        finally:
+            d.close()
+        return answers
+    return run(lambda reactor: defer.ensureDeferred(work(reactor)))
 
 
 def _expansion_text(exp: Expansion) -> str:
@@ -147,4 +166,4 @@ def add_parser(sub: Any) -> None:
 
 
 __all__ = ["DirectoryCommandError", "DirectoryError", "add_parser", "check_ldap", "cmd_directory",
-           "managed_elsewhere", "run"]
+           "managed_elsewhere", "run", "settle_all_ldap"]

@@ -125,6 +125,9 @@ class Mailhost(service.MultiService):
                 log.error("mailguard directory: {path} cannot be opened now (locked?); recipients get "
                           "the directory_failure reply until it can", path=str(cfg.directory.path))
             return SQLiteDirectory(store, self.threads, self.hash_pool)
+        if cfg.directory.backend == "ldap" and cfg.directory.ldap is not None:
+            from mailguard.directory.ldap import LDAPDirectory
+            return LDAPDirectory(cfg.directory.ldap, self.reactor, cfg.inbound_domains())
         raise ValueError(f"directory.backend: unknown backend {cfg.directory.backend!r}")
 
     @staticmethod

@@ -48,6 +48,7 @@ from mailguard.app import maillog
 from mailguard.app.connection import connection
 from mailguard.app.tls import TLSContext
 from mailguard.auth.authenticator import Authenticator, PopBeforeSmtp, Throttled
+from mailguard.directory.base import DirectoryError
 from mailguard.config import Config
 from mailguard.core.dotstuff import DotStuffer
 from mailguard.app.limits import ConnectionLimiter
@@ -436,6 +437,9 @@ class POP3Server(protocol.Protocol, policies.TimeoutMixin):
             return
         if failure.check(Throttled):
             self._send(ERR_THROTTLED)
+        elif failure.check(DirectoryError):        # the directory is down: say so in one line
+            maillog.event("pop3", "auth-tempfail", self.peer, reason=failure.getErrorMessage())
+            self._send(ERR_TEMPFAIL)
         else:
             log.failure("mailguard pop3: authentication error", failure)
             self._send(ERR_TEMPFAIL)

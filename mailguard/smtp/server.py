@@ -434,6 +434,9 @@ class SMTPServer(twsmtp.ESMTP):
         def failed(f: Failure) -> None:
             if f.check(Throttled):
                 self.reply(replies.AUTH_THROTTLED)
+            elif f.check(DirectoryError):          # the directory is down: say so in one line
+                maillog.event("smtp", "auth-tempfail", self.client_ip, user=user, reason=f.getErrorMessage())
+                self.reply(replies.AUTH_TEMPFAIL)
             else:
                 maillog.log.failure("mailguard smtp auth error", f)
                 self.reply(replies.AUTH_TEMPFAIL)

@@ -234,3 +234,10 @@ def test_cli_check_config_binds_once(office: MailguardServer, tmp_path: Path) ->
     result = office.cli("--config", str(bad), "check-config")
     assert result.returncode == 1
     assert result.stderr.strip().endswith(f"the service account '{SERVICE_DN}' was refused (invalid credentials)")
+
+
+def test_cli_explain_uses_ldap(office: MailguardServer) -> None:
+    """explain looks recipients up in LDAP as the server does."""
+    out = office.cli_ok("explain", "--client", "127.0.0.5", "-v", SALES, f"nobody@{DOMAIN}").stdout.splitlines()
+    assert out[0].startswith(f"{SALES}: 250 ") and out[0].endswith(f"-> mailbox {ALICE}"), out
+    assert out[1] == f"nobody@{DOMAIN}: {UNKNOWN} (rule: unknown_recipient)", out
