@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -135,7 +135,7 @@ def _sqlite_report(cfg: config.Config, address: str) -> tuple[list[str], bool]:
     return lines, True
 
 
-def settle_all_ldap(cfg: config.Config, steps: list[Callable[[Facts], T | Missing]]) -> list[T | DirectoryError]:
+def settle_all_ldap(cfg: config.Config, steps: Sequence[Callable[[Facts], T | Missing]]) -> list[T | DirectoryError]:
     """Run each policy step to its answer with facts from LDAP (``explain``); a DirectoryError for each that failed."""
     async def work(reactor: Any) -> list[T | DirectoryError]:
         d = ldap_directory(cfg, reactor)
