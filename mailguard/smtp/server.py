@@ -42,12 +42,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from mailguard.app.connection import connection
 from mailguard.app import limits as limits_mod
 from mailguard.app import maillog
 from mailguard.core import policy, replies
 from mailguard.smtp._twistedmail import smtp as twsmtp
 from mailguard.core.address import AddressError, parse_mail_arg, parse_path
 from mailguard.auth.authenticator import Throttled
+from mailguard.config import IPAddress
 from mailguard.directory.base import DirectoryError
 from mailguard.directory.facts import gather
 from mailguard.milter import filtering
@@ -92,7 +94,7 @@ class SMTPServer(twsmtp.ESMTP):
     """One SMTP session.  ``kind`` is ``smtp``, ``submission`` or ``submissions``."""
 
     def __init__(self, host: Mailhost, kind: str) -> None:
-        super().__init__()
+        twsmtp.ESMTP.__init__(self)
         self.mailhost = host
         self.cfg = host.cfg
         self.kind = kind
@@ -116,13 +118,14 @@ class SMTPServer(twsmtp.ESMTP):
         self._session_call: interfaces.IDelayedCall | None = None
         self.client_ip = "0.0.0.0"
         self.local_ip = "0.0.0.0"
-        self._client_ip_obj: policy.IPAddress = policy.parse_ip("0.0.0.0")
-        self._local_ip_obj: policy.IPAddress | None = None
+        self._client_ip_obj: IPAddress = policy.parse_ip("0.0.0.0")
+        self._local_ip_obj: IPAddress | None = None
 
     # -- connection ------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        peer, local = self.transport.getPeer(), self.transport.getHost()
+        conn = connection(self.transport)
+        peer, local = conn.getPeer(), conn.getHost()
         self.client_ip = getattr(peer, "host", str(peer))
         self.local_ip = getattr(local, "host", str(local))
         self._client_ip_obj = policy.parse_ip(self.client_ip)
@@ -163,7 +166,7 @@ class SMTPServer(twsmtp.ESMTP):
 
     def _send_raw(self, text: str) -> None:
         if self._mode != "closed":
-            self.transport.write(text.encode("utf-8", "replace"))
+            connection(self.transport).write(text.encode("utf-8", "replace"))
 
     def reply(self, r: replies.Reply, suffix: str = "") -> None:
         """Send one reply line; 4xx/5xx replies count towards the error limit."""
@@ -178,7 +181,7 @@ class SMTPServer(twsmtp.ESMTP):
         self._send_raw(f"{r}\r\n")
         self._mode = "closed"
         self._buf.clear()
-        self.transport.loseConnection()
+        connection(self.transport).loseConnection()
 
     # -- input -----------------------------------------------------------------
 
@@ -190,7 +193,7 @@ class SMTPServer(twsmtp.ESMTP):
         self._buf += data
         if self._paused:
             if len(self._buf) > MAX_PENDING_INPUT:
-                self.transport.pauseProducing()
+                connection(self.transport).pauseProducing()
             return
         self._process()
 
@@ -235,7 +238,7 @@ class SMTPServer(twsmtp.ESMTP):
         self._paused = False
         if self._mode == "closed":
             return
-        self.transport.resumeProducing()
+        connection(self.transport).resumeProducing()
         if self._buf:
             self._process()
 
@@ -341,7 +344,7 @@ class SMTPServer(twsmtp.ESMTP):
         self._esmtp = False
         self._authenticated = None
         self._envelope = Envelope()
-        self.transport.startTLS(self.mailhost.tls.options())
+        connection(self.transport).startTLS(self.mailhost.tls.options())
 
     # -- AUTH (RFC 4954) -----------------------------------------------------------
 
