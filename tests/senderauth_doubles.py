@@ -13,6 +13,8 @@ from typing import Any, Coroutine, TypeVar
 from twisted.internet import defer
 
 from mailguard.dns.names import reverse_name
+from mailguard.dns.resolver import MX, NODATA, NXDOMAIN, RECORDS, Answer
+from mailguard.dns.resolver import TemporaryDNSError as ResolverTemporaryError
 from mailguard.senderauth.lookup import DomainNotFound, TemporaryDNSError
 
 T = TypeVar("T")
@@ -77,3 +79,24 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         failures[0].raiseException()
     assert results, "the coroutine is still waiting"
     return results[0]
+
+
+class FakeResolver:
+    """The shared resolver's interface (``lookup(name, type)`` -> ``Answer``) over a FakeLookup zone."""
+
+    def __init__(self, records: dict[str, list[tuple[str, Any]]]) -> None:
+        self.zone = FakeLookup(records)
+
+    async def lookup(self, name: str, type: str) -> Answer:
+        try:
+            found = self.zone._answer(name, type)
+        except DomainNotFound:
+            return Answer(name, type, NXDOMAIN)
+        except TemporaryDNSError as e:
+            raise ResolverTemporaryError(name, type, "timeout") from e
+        if type == "TXT":
+            found = [v if isinstance(v, bytes) else "".join([v] if isinstance(v, str) else v).encode()
+                     for v in found]
+        elif type == "MX":
+            found = [MX(int(p), str(h).rstrip(".")) for p, h in found]
+        return Answer(name, type, RECORDS if found else NODATA, tuple(found), 60)

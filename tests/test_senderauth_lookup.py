@@ -8,6 +8,7 @@ from typing import Any, Iterator
 import pytest
 import pytest_twisted
 from dns_doubles import MemoryAuthority
+from senderauth_doubles import FakeResolver, run
 from twisted.internet import defer, protocol, reactor
 from twisted.names import dns, server
 
@@ -60,3 +61,16 @@ def test_timeout_is_temporary() -> Any:
             yield defer.ensureDeferred(lookup.txt("host.test"))
     finally:
         silent.stopListening()
+
+
+def test_errors_translate() -> None:
+    """NXDOMAIN -> DomainNotFound, NODATA -> [], the resolver's temporary error -> TemporaryDNSError."""
+    lookup = ResolverLookup(FakeResolver({"a.test": [("A", "192.0.2.1"), ("MX", (5, "mx.a.test."))],
+                                          "slow.test": [("TIMEOUT", None)]}))
+    assert run(lookup.a("a.test")) == ["192.0.2.1"]
+    assert run(lookup.mx("a.test")) == [(5, "mx.a.test")]
+    assert run(lookup.txt("a.test")) == []
+    with pytest.raises(DomainNotFound):
+        run(lookup.txt("b.test"))
+    with pytest.raises(TemporaryDNSError):
+        run(lookup.txt("slow.test"))
