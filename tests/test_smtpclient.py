@@ -264,3 +264,56 @@ def test_null_sender_and_reply_helpers() -> None:
     assert ServerReply(550, ("5.1.1 nope",)).status == "5.1.1"
     assert ServerReply(451, ("try later",)).status == "4.0.0"
     assert ServerReply(451, ("5.1.1 mismatched class",)).status == "4.0.0"
+
+
+def test_pipelining_sends_the_envelope_in_one_write() -> None:
+    """RFC 2920: with PIPELINING, MAIL, every RCPT and DATA leave together; replies are read in order."""
+    p = Peer()
+    d = p.start(opts(), ["ann@remote.example", "nobody@remote.example", "bob@remote.example"])
+    p.reply("220 hi")
+    assert p.reply("250-mx\n250 PIPELINING") == (
+        b"MAIL FROM:<joe@here.example>\r\nRCPT TO:<ann@remote.example>\r\nRCPT TO:<nobody@remote.example>\r\n"
+        b"RCPT TO:<bob@remote.example>\r\nDATA\r\n")
+    wire = p.reply("250 2.1.0 ok\n250 2.1.5 ok\n550 5.1.1 no such user\n250 2.1.5 ok\n354 go")
+    assert wire.endswith(b"last\r\n.\r\n")
+    assert p.reply("250 2.0.0 queued") == b"QUIT\r\n"
+    p.reply("221 bye")
+    outcomes = result(d)
+    assert {r: o.state for r, o in outcomes.items()} == {
+        "ann@remote.example": DELIVERED, "nobody@remote.example": FAILED, "bob@remote.example": DELIVERED}
+    assert outcomes["nobody@remote.example"].reply == "550 5.1.1 no such user"
+
+
+def test_pipelining_every_recipient_refused() -> None:
+    """All RCPTs refused and DATA answered 503: nothing is sent, each recipient has its own reply."""
+    p = Peer()
+    d = p.start(opts(), ["ann@remote.example"])
+    p.reply("220 hi")
+    p.reply("250-mx\n250 PIPELINING")
+    assert p.reply("250 ok\n450 4.2.0 mailbox busy\n503 5.5.1 no valid recipients") == b"QUIT\r\n"
+    p.reply("221 bye")
+    assert result(d)["ann@remote.example"].state == DEFERRED
+
+
+def test_pipelining_354_without_recipients_is_ended_empty() -> None:
+    """A server that says 354 although no RCPT succeeded gets an empty message, never the real one."""
+    p = Peer()
+    d = p.start(opts(), ["ann@remote.example"])
+    p.reply("220 hi")
+    p.reply("250-mx\n250 PIPELINING")
+    assert p.reply("250 ok\n550 5.1.1 no\n354 go") == b".\r\n"
+    assert p.reply("554 5.5.1 no valid recipients") == b"QUIT\r\n"
+    p.reply("221 bye")
+    assert result(d)["ann@remote.example"].state == FAILED
+
+
+def test_pipelining_mail_refused() -> None:
+    """MAIL FROM refused in a pipelined group: the whole transaction fails with that reply."""
+    p = Peer()
+    d = p.start(opts(), ["ann@remote.example"])
+    p.reply("220 hi")
+    p.reply("250-mx\n250 PIPELINING")
+    p.reply("451 4.3.0 try later\n503 5.5.1 MAIL first\n503 5.5.1 MAIL first")
+    with pytest.raises(SessionError) as e:
+        result(d)
+    assert e.value.reply == "451 4.3.0 try later" and not e.value.permanent

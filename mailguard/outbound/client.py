@@ -10,8 +10,9 @@ each (multi-line) reply, with a timeout on every command.  :func:`transact` is o
 mail transaction over it: greeting, EHLO (HELO when EHLO is refused), STARTTLS when
 offered, AUTH PLAIN or LOGIN when credentials are given, MAIL FROM (with ``SIZE=``
 when the peer advertises SIZE; a message over the peer's limit is not sent), one
-RCPT TO per recipient (each answered on its own), DATA, QUIT.  Commands are sent one
-at a time (no PIPELINING), which every server accepts.
+RCPT TO per recipient (each answered on its own), DATA, QUIT.  When the peer offers
+PIPELINING (RFC 2920), MAIL, the RCPTs and DATA go out in one write and their
+replies are read in order; otherwise one command at a time.
 
 Every failure is classified at this boundary: :class:`SessionError` when the whole
 transaction failed (``permanent`` or not, and whether another host may be tried), or
@@ -279,6 +280,11 @@ class ClientConnection(LineReceiver):
         self._timer = self.clock.callLater(self.command_timeout, self._timed_out)
         return d
 
+    def send_lines(self, lines: list[bytes]) -> None:
+        """Send several command lines in one write (RFC 2920); read their replies with :meth:`read_reply`."""
+        if self._lost is None:
+            connection(self.transport).write(b"".join(line + self.delimiter for line in lines))
+
     def command(self, line: bytes) -> defer.Deferred[ServerReply]:
         """Send one command line and wait for its reply."""
         if self._lost is None:
@@ -396,19 +402,39 @@ async def transact(conn: ClientConnection, opts: SessionOptions, sender: str,
         if "8BITMIME" in caps and any(b > 127 for b in message):
             params += b" BODY=8BITMIME"
         stage = "MAIL FROM"
-        reply = await conn.command(b"MAIL FROM:<" + sender.encode("utf-8") + b">" + params)
-        if not reply.ok:
-            raise SessionError(str(reply), reply.permanent, next_host=not reply.permanent)
-        stage = "RCPT TO"
-        for rcpt in recipients:
-            reply = await conn.command(b"RCPT TO:<" + rcpt.encode("utf-8") + b">")
+        mail = b"MAIL FROM:<" + sender.encode("utf-8") + b">" + params
+        rcpt_lines = [b"RCPT TO:<" + rcpt.encode("utf-8") + b">" for rcpt in recipients]
+        if "PIPELINING" in caps:
+            # RFC 2920: MAIL, every RCPT and DATA in one write, the replies read in order.
+            conn.send_lines([mail, *rcpt_lines, b"DATA"])
+            mail_reply = await conn.read_reply()
+            stage = "RCPT TO"
+            rcpt_replies = [await conn.read_reply() for _ in recipients]
+            stage = "DATA"
+            data_reply = await conn.read_reply()
+        else:
+            mail_reply = await conn.command(mail)
+            rcpt_replies, data_reply = [], None
+            if mail_reply.ok:
+                stage = "RCPT TO"
+                rcpt_replies = [await conn.command(line) for line in rcpt_lines]
+        if not mail_reply.ok:
+            if data_reply is not None and data_reply.code == 354:
+                await conn.send_message(b"")       # a server that said 354 anyway: end it empty
+            raise SessionError(str(mail_reply), mail_reply.permanent, next_host=not mail_reply.permanent)
+        for rcpt, reply in zip(recipients, rcpt_replies):
             if reply.ok:
                 accepted.append(rcpt)
             else:
                 results[rcpt] = Outcome.from_reply(reply, relay)
-        if accepted:
+        if data_reply is None and accepted:
             stage = "DATA"
-            reply = await conn.command(b"DATA")
+            data_reply = await conn.command(b"DATA")
+        if data_reply is not None and data_reply.code == 354 and not accepted:
+            stage = "end of data"
+            await conn.send_message(b"")           # RFC 2920 section 3.1: nothing to send, end DATA
+        elif data_reply is not None and accepted:
+            reply = data_reply
             if reply.code == 354:
                 stage = "end of data"
                 reply = await conn.send_message(message)
