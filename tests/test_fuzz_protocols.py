@@ -32,9 +32,10 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
 from conftest import OFFICE, FakeMailhost, Session, make_config
+from delivery_helpers import deliver
 from mailguard import config
 from mailguard.core.address import AddressError, parse_mail_arg, parse_path
-from mailguard.storage.maildir import LockTable, deliver, maildir_path
+from mailguard.storage.maildir import LockTable, maildir_path
 from mailguard.pop3.server import POP3Factory
 
 EXAMPLES = settings(max_examples=150, deadline=None)

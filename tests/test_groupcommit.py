@@ -1,4 +1,4 @@
-"""Tests for mailguard.storage.groupcommit: batched durable maildir delivery."""
+"""Tests for mailguard.storage.groupcommit: batched durable delivery transactions."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Any, Callable
 import pytest
 from twisted.python.failure import Failure
 
-from mailguard.storage import groupcommit
+from mailguard.storage import safeio
 from mailguard.storage.groupcommit import GroupCommit, _Job
+from mailguard.storage.maildir import Copies
 
 MESSAGE = b"Return-Path: <a@b.example>\r\nSubject: hi\r\n\r\nbody\r\n.dot\r\n"
 
@@ -70,13 +71,14 @@ def test_batch_lands_in_new_with_lf_endings_and_sizes(tmp_path: Path, use_syncfs
 
 
 def test_a_failing_maildir_fails_only_its_own_delivery(tmp_path: Path) -> None:
-    """A maildir that cannot be written gets an errback and leaves nothing; the batch's others land."""
+    """A maildir that cannot be written fails its whole transaction and leaves nothing; the batch's others land."""
     reactor = ThreadReactor()
     gc = GroupCommit(reactor, tmp_path)
     blocker = tmp_path / "blocked"
     blocker.write_text("a file where a folder should be")
     good = tmp_path / "good"
-    d_bad, d_good = _Job([good, blocker / "x"], MESSAGE, _deferred()), _Job([good], MESSAGE, _deferred())
+    d_bad = _Job([Copies(tmp_path, [str(good), str(blocker / "x")], MESSAGE)], _deferred())
+    d_good = _Job([Copies(tmp_path, [str(good)], MESSAGE)], _deferred())
     gc._commit([d_bad, d_good])
     bad_result, good_result = results_of(d_bad.deferred), results_of(d_good.deferred)
     reactor.run_until([bad_result, good_result])
@@ -91,21 +93,21 @@ def test_a_failed_sync_fails_the_batch_and_removes_its_files(tmp_path: Path, mon
     reactor = ThreadReactor()
     gc = GroupCommit(reactor, tmp_path)
     calls = {"n": 0}
+    real = safeio.syncfs
 
-    def flaky(fd: int) -> int:
+    def flaky(path: str) -> None:
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError(5, "I/O error")
-        return 0
+        real(path)
 
-    monkeypatch.setattr(gc, "_syncfs", lambda: flaky(0))
+    monkeypatch.setattr(safeio, "syncfs", flaky)
     box = tmp_path / "box"
-    job = _Job([box], MESSAGE, _deferred())
-    gc._commit([job])
-    f, args = reactor.calls.get_nowait()
-    f(*args)
-    (result,) = results_of(job.deferred)
-    assert isinstance(result, Failure) and result.check(OSError)
+    (result,) = [results_of(gc.deliver([box], MESSAGE))]
+    reactor.run_until([result])
+    gc.stop()
+    assert calls["n"] == 2
+    assert isinstance(result[0], Failure) and result[0].check(OSError)
     assert files(box, "new") == [] and files(box, "tmp") == []
 
 
@@ -114,13 +116,13 @@ def test_concurrent_deliveries_are_batched(tmp_path: Path, monkeypatch: pytest.M
     reactor = ThreadReactor()
     gc = GroupCommit(reactor, tmp_path)
     gate = threading.Event()
-    real = gc._syncfs
+    real = safeio.syncfs
 
-    def slow_sync() -> None:
+    def slow_sync(path: str) -> None:
         gate.wait(5)
-        real()
+        real(path)
 
-    monkeypatch.setattr(gc, "_syncfs", slow_sync)
+    monkeypatch.setattr(safeio, "syncfs", slow_sync)
     ds = [results_of(gc.deliver([tmp_path / "m" / str(i % 3)], MESSAGE)) for i in range(30)]
     gate.set()
     wakeups = reactor.run_until(ds)
@@ -135,7 +137,7 @@ def test_concurrent_deliveries_are_batched(tmp_path: Path, monkeypatch: pytest.M
 def test_syncfs_is_found_on_linux() -> None:
     """On Linux the fast path is available (else every delivery pays two fsyncs)."""
     if os.uname().sysname == "Linux":
-        assert groupcommit._SYNCFS is not None
+        assert safeio.HAVE_SYNCFS
 
 
 def _deferred() -> Any:
@@ -145,23 +147,23 @@ def _deferred() -> Any:
 
 def test_an_unexpected_error_fails_the_batch_and_the_writer_goes_on(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A bug in one batch answers its deliveries with a failure; the next batch still lands."""
+    """A bug (not an OSError) in one batch answers its deliveries with a failure; the next batch lands."""
     reactor = ThreadReactor()
     gc = GroupCommit(reactor, tmp_path)
-    real = gc._stage
+    real = safeio.syncfs
     calls = {"n": 0}
 
-    def buggy(job: _Job) -> None:
+    def buggy(path: str) -> None:
         calls["n"] += 1
         if calls["n"] == 1:
             raise TypeError("a bug")
-        real(job)
+        real(path)
 
-    monkeypatch.setattr(gc, "_stage", buggy)
-    monkeypatch.setattr(gc, "_stage_batch", lambda batch: [j for j in batch if buggy(j) is None])
+    monkeypatch.setattr(safeio, "syncfs", buggy)
     first = results_of(gc.deliver([tmp_path / "a"], MESSAGE))
     reactor.run_until([first])
     assert isinstance(first[0], Failure) and first[0].check(TypeError)
+    assert files(tmp_path / "a", "tmp") == []
     second = results_of(gc.deliver([tmp_path / "a"], MESSAGE))
     reactor.run_until([second])
     gc.stop()

@@ -11,9 +11,11 @@ from twisted.python.failure import Failure
 from mailguard.directory.base import DirectoryError
 from mailguard.storage import maildir
 from mailguard.storage.delivery import Store
+from mailguard.storage.groupcommit import Part
 from mailguard.storage.queue import Queue
 
 from conftest import OFFICE, FakeDirectory, make_config
+from delivery_helpers import commit_inline
 
 DSN = b"From: MAILER-DAEMON@mx.office.example\r\nSubject: Undelivered\r\n\r\nSorry.\r\n"
 
@@ -23,14 +25,16 @@ def sync(f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
 
 
 class Commit:
-    """Stands in for GroupCommit: records each local delivery (maildir paths, message)."""
+    """The real group commit run in line; records each transaction's maildir copies."""
 
     def __init__(self) -> None:
         self.deliveries: list[tuple[list[str], bytes]] = []
 
-    def deliver(self, paths: list[str], message: bytes) -> defer.Deferred[None]:
-        self.deliveries.append((list(paths), message))
-        return defer.succeed(None)
+    def commit(self, parts: list[Part]) -> defer.Deferred[Any]:
+        for part in parts:
+            if isinstance(part, maildir.Copies):
+                self.deliveries.append(([str(p) for p in part.maildirs], part.message))
+        return defer.maybeDeferred(commit_inline, parts)
 
 
 def setup(tmp_path: Path) -> tuple[Store, FakeDirectory, Queue, Commit]:
@@ -59,6 +63,8 @@ def test_inject_routes_through_the_directory(tmp_path: Path) -> None:
     assert message == b"Return-Path: <>\r\n" + DSN
     [entry] = queue.list()
     assert [r.address for r in entry.recipients] == ["x@remote.example"]
+    [stored] = Path(paths[0], "new").iterdir()
+    assert stored.read_bytes() == message.replace(b"\r\n", b"\n")
 
 
 def test_inject_with_the_directory_down_fails_and_writes_nothing(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Tests for :mod:`mailguard.storage.maildir`: durable delivery and the POP3 view of a maildir."""
+"""Tests for :mod:`mailguard.storage.maildir`: delivery (through the group commit) and the POP3 view."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from mailguard.storage import maildir
-from mailguard.storage.maildir import LockTable, Mailbox, MailboxLocked, deliver, deliver_many, maildir_path
+from delivery_helpers import commit_inline, deliver
+
+from mailguard.storage import maildir, safeio
+from mailguard.storage.maildir import LockTable, Mailbox, MailboxLocked, maildir_path
 
 MESSAGE = (b"Return-Path: <a@example.org>\r\nReceived: from x by y\r\nSubject: hi\r\n\r\n"
            b"line one\r\n.dot line\r\nlast\r\n")
@@ -88,41 +90,16 @@ def test_names_are_unique_across_threads(tmp_path: Path) -> None:
     assert len(files(box / "new")) == 200
 
 
-def test_delivery_order_is_write_fsync_rename_fsync_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The file is fsynced in tmp/, renamed into new/, then new/ itself is fsynced."""
-    box = tmp_path / "box"
-    deliver(box, MESSAGE)  # the maildir exists now; watch a plain delivery
-    events: list[tuple[str, str]] = []
-    real_fsync, real_rename = os.fsync, os.rename
-
-    def fsync(fd: int) -> None:
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def rename(src: os.PathLike[str], dst: os.PathLike[str]) -> None:
-        events.append(("rename", str(dst)))
-        real_rename(src, dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "rename", rename)
-    name = deliver(box, MESSAGE)
-    assert events == [
-        ("fsync", str(box / "tmp" / name)),
-        ("rename", str(box / "new" / name)),
-        ("fsync", str(box / "new")),
-    ]
-
-
 def test_creating_maildir_fsyncs_parents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """New directories are made durable: the folders holding them are fsynced."""
     synced: list[str] = []
-    real_fsync = os.fsync
+    real = safeio.fsync_dir
 
-    def fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
+    def fsync_dir(path: str | os.PathLike[str]) -> None:
+        synced.append(os.fspath(path))
+        real(path)
 
-    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(safeio, "fsync_dir", fsync_dir)
     box = tmp_path / "mail" / "example.com" / "alice"
     deliver(box, MESSAGE)
     for parent in (tmp_path, tmp_path / "mail", tmp_path / "mail" / "example.com", box):
@@ -140,7 +117,7 @@ def test_disk_full_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(os, failing, boom)
     with pytest.raises(OSError) as info:
-        deliver(box, MESSAGE)
+        deliver(box, MESSAGE, use_syncfs=False)   # without syncfs every file is fsynced
     assert info.value.errno == errno.ENOSPC
     monkeypatch.undo()
     assert files(box / "new") == []
@@ -155,38 +132,15 @@ def test_failed_rename_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monkey
     def boom(*args: object) -> None:
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(os, "rename", boom)
+    monkeypatch.setattr(safeio, "rename", boom)
     with pytest.raises(OSError):
         deliver(box, MESSAGE)
     monkeypatch.undo()
     assert files(box / "new") == [] and files(box / "tmp") == []
 
 
-def test_deliver_many_writes_each_copy_and_syncs_each_folder_once(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """One copy per maildir; each new/ is fsynced once, after the renames."""
-    boxes = [tmp_path / n for n in ("a", "b", "c")]
-    for b in boxes:
-        maildir._create(b)
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    names = deliver_many(boxes, MESSAGE)
-    assert len(names) == 3 and len(set(names)) == 3
-    for b, n in zip(boxes, names):
-        assert (b / "new" / n).read_bytes() == MESSAGE.replace(b"\r\n", b"\n")
-    dir_syncs = [s for s in synced if s.endswith("/new")]
-    assert sorted(dir_syncs) == sorted(str(b / "new") for b in boxes)
-    assert synced[-3:] == dir_syncs  # directories after every file
-
-
-def test_deliver_many_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """When the second copy fails, the first is withdrawn again so a retry does not duplicate."""
+def test_copies_to_many_maildirs_are_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the second copy fails, the first never reaches new/, so a retry does not duplicate."""
     ok, bad = tmp_path / "ok", tmp_path / "bad"
     maildir._create(ok)
     maildir._create(bad)
@@ -199,7 +153,7 @@ def test_deliver_many_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.Monk
 
     monkeypatch.setattr(os, "open", open_)
     with pytest.raises(OSError):
-        deliver_many([ok, bad], MESSAGE)
+        commit_inline([maildir.Copies(tmp_path, [str(ok), str(bad)], MESSAGE)])
     monkeypatch.undo()
     assert files(ok / "new") == [] and files(ok / "tmp") == []
     assert files(bad / "new") == []

@@ -14,10 +14,12 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import StringTransport
 from zope.interface import directlyProvides
 
+from delivery_helpers import deliver
+
 from mailguard import config
 from mailguard.pop3 import server as pop3
 from mailguard.auth.authenticator import Throttled
-from mailguard.storage.maildir import LockTable, Mailbox, deliver, maildir_path
+from mailguard.storage.maildir import LockTable, Mailbox, maildir_path
 from mailguard.pop3.server import POP3Factory
 
 ALICE = "alice@example.com"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mailguard.storage import queue as queue_mod
+from mailguard.storage import safeio
 from mailguard.storage.queue import DELIVERED, FAILED, PENDING, Queue, QueueError, format_entry
 
 MESSAGE = b"Received: from a\r\nSubject: x\r\n\r\nbody\r\n"
@@ -35,22 +36,32 @@ def test_null_sender_kept_empty(tmp_path: Path) -> None:
 
 
 def test_enqueue_is_durable_and_envelope_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both files are fsynced before their rename, the folder after; the envelope is renamed last."""
+    """Both files are fsynced before any rename, the envelope is renamed last, then the folder
+    is fsynced; a rewritten envelope is fsynced, renamed, and the folder fsynced."""
     events: list[str] = []
-    real_fsync, real_replace = os.fsync, os.replace
+    real_fsync, real_rename, real_fsync_dir = safeio.fsync, safeio.rename, safeio.fsync_dir
 
     def fsync(fd: int) -> None:
-        events.append("fsync-dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "fsync-file")
+        events.append("fsync " + Path(os.readlink(f"/proc/self/fd/{fd}")).name.split("-")[1])
         real_fsync(fd)
 
-    def replace(src: str, dst: str) -> None:
+    def rename(src: str, dst: str) -> None:
         events.append("rename " + Path(dst).suffix)
-        real_replace(src, dst)
+        real_rename(src, dst)
 
-    monkeypatch.setattr(queue_mod.os, "fsync", fsync)
-    monkeypatch.setattr(queue_mod.os, "replace", replace)
-    Queue(tmp_path).enqueue("joe@here.example", ["a@r.example"], MESSAGE)
-    assert events == ["fsync-file", "rename .msg", "fsync-dir", "fsync-file", "rename .env", "fsync-dir"]
+    def fsync_dir(path: str) -> None:
+        events.append("fsync-dir")
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(safeio, "fsync", fsync)
+    monkeypatch.setattr(safeio, "rename", rename)
+    monkeypatch.setattr(safeio, "fsync_dir", fsync_dir)
+    q = Queue(tmp_path)
+    entry_id = q.enqueue("joe@here.example", ["a@r.example"], MESSAGE)
+    assert events == [f"fsync {entry_id}.msg", f"fsync {entry_id}.env", "rename .msg", "rename .env", "fsync-dir"]
+    events.clear()
+    q.update(entry_id, lambda e: setattr(e.recipients[0], "attempts", 1))
+    assert events == [f"fsync {entry_id}.env", "rename .env", "fsync-dir"]
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
 
 

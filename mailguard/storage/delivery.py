@@ -3,17 +3,18 @@
 :class:`Store` is the delivery transaction behind the SMTP server's final dot: every
 local mailbox gets one copy (``Return-Path:`` and ``Received:`` first), the remote
 recipients get one queue entry (``Received:`` first; ``Return-Path:`` is added only
-at final delivery, RFC 5321 section 4.4).  All disk work, fsyncs included, runs in a
-thread; the returned Deferred fires only when everything is durable, so the ``250``
-that follows it is a promise kept.  Any failure is transient (451 to the client).
-Local copies go through a :class:`~mailguard.storage.groupcommit.GroupCommit` when one is
-given (the running server), which batches the syncs of concurrent deliveries.
+at final delivery, RFC 5321 section 4.4).  Both are parts of one transaction run by
+the :class:`~mailguard.storage.groupcommit.GroupCommit` (in its threads, batching the
+syncs of concurrent deliveries): nothing of the message is in sight of a POP3 reader
+or the queue runner before all of it is durable, the returned Deferred fires only
+after that, so the ``250`` that follows it is a promise kept, and the runner is woken
+only then.  Any failure leaves nothing behind and is transient (451 to the client,
+whose retry cannot duplicate anything).
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Callable, Iterable, ParamSpec, Protocol, Sequence, TypeVar
 
 from twisted.internet import defer, threads
@@ -24,8 +25,8 @@ from mailguard.config import Config
 from mailguard.core.entries import Expansion
 from mailguard.directory.base import Directory
 from mailguard.directory.facts import gather
-from mailguard.storage.groupcommit import GroupCommit
-from mailguard.storage.queue import Queue
+from mailguard.storage.groupcommit import GroupCommit, Part
+from mailguard.storage.queue import Queue, StagedEntry
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -42,8 +43,8 @@ class Store:
 
     def __init__(self, cfg: Config, directory: Directory, queue: Queue,
                  wake: Callable[[], None] = lambda: None,
-                 run_in_thread: RunInThread = threads.deferToThread,
-                 commit: GroupCommit | None = None) -> None:
+                 run_in_thread: RunInThread = threads.deferToThread, *,
+                 commit: GroupCommit) -> None:
         self.cfg = cfg
         self.directory = directory
         self.queue = queue
@@ -64,15 +65,17 @@ class Store:
         mailboxes = list(dict.fromkeys(m for d in decisions for m in d.mailboxes))
         remote = list(dict.fromkeys(r for d in decisions for r in d.remote))
         if held:
-            held_id: defer.Deferred[str | None] = self.run_in_thread(
-                self.queue.enqueue, sender, remote, received + message, held=held, local=mailboxes)
-            return held_id
+            try:
+                entry = self.queue.prepare(sender, remote, received + message, held=held, local=mailboxes)
+            except Exception:
+                return defer.fail()
+            return self.commit.commit([entry]).addCallback(lambda _: entry.id)
         return self._write(sender, mailboxes, remote, received, message)
 
     def deliver_local(self, sender: str, mailboxes: list[str], message: bytes) -> defer.Deferred[list[str]]:
         """Store a released held message (``Received:`` included) into local mailboxes."""
         return_path = f"Return-Path: <{sender}>\r\n".encode("utf-8", "replace")
-        return self._local([self._maildir(m) for m in mailboxes], return_path + message)
+        return self.commit.deliver([self._maildir(m) for m in mailboxes], return_path + message)
 
     def inject(self, sender: str, recipients: Iterable[str], message: bytes) -> defer.Deferred[str | None]:
         """Deliver a message made here (a bounce) to addresses routed like local mail.
@@ -88,16 +91,30 @@ class Store:
 
     def _write(self, sender: str, mailboxes: list[str], remote: list[str],
                received: bytes, message: bytes) -> defer.Deferred[str | None]:
-        d: defer.Deferred[str | None] = defer.succeed(None)
-        if remote:
-            d = self.run_in_thread(self.queue.enqueue, sender, remote, received + message)
-            d.addCallback(self._woke)
-        if mailboxes:
-            paths = [self._maildir(m) for m in mailboxes]
-            return_path = f"Return-Path: <{sender}>\r\n".encode("utf-8", "replace")
-            local = return_path + received + message
-            d.addCallback(lambda queue_id: self._local(paths, local).addCallback(lambda _: queue_id))
-        return d
+        """One transaction: every local copy and the queue entry become durable and
+        visible together, then the Deferred fires and the runner is woken; on any
+        failure nothing is left and the Deferred fails."""
+        parts: list[Part] = []
+        entry: StagedEntry | None = None
+        try:
+            if mailboxes:
+                paths = [self._maildir(m) for m in mailboxes]
+                return_path = f"Return-Path: <{sender}>\r\n".encode("utf-8", "replace")
+                parts.append(maildir.Copies(self.cfg.mail_dir, paths, return_path + received + message))
+            if remote:
+                entry = self.queue.prepare(sender, remote, received + message)
+                parts.append(entry)
+        except Exception:
+            return defer.fail()
+        if not parts:
+            return defer.succeed(None)
+        return self.commit.commit(parts).addCallback(self._committed, entry)
+
+    def _committed(self, _parts: object, entry: StagedEntry | None) -> str | None:
+        if entry is None:
+            return None
+        self.wake()
+        return entry.id
 
     def _maildir(self, mailbox: str) -> str:
         """The maildir of a mailbox, as a string (remembered: this is the hot path)."""
@@ -107,12 +124,3 @@ class Store:
             if len(self._maildirs) < 10_000:
                 self._maildirs[mailbox] = path
         return path
-
-    def _local(self, paths: list[str], message: bytes) -> defer.Deferred[list[str]]:
-        if self.commit is not None:
-            return self.commit.deliver(paths, message)
-        return self.run_in_thread(maildir.deliver_many, [Path(p) for p in paths], message)
-
-    def _woke(self, queue_id: str | None) -> str | None:
-        self.wake()
-        return queue_id

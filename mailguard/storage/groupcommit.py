@@ -1,111 +1,138 @@
-"""Group commit: many maildir deliveries made durable by two filesystem syncs per batch.
+"""Group commit: delivery transactions made durable by two filesystem syncs per batch.
 
-Delivering one message the classic way costs two fsyncs (the file, then ``new/``),
-and on a journalling filesystem each one waits for a journal commit: on the
-project's reference machine that caps a mail host near 300 messages/s however
-many clients send at once.  :class:`GroupCommit` runs deliveries in one writer
-thread and batches them:
+A delivery is one transaction: every local copy of a message and its queue entry
+for the remote recipients appear together, once all of them are durable, or none
+does.  Each transaction is a list of parts (:class:`Part`:
+:class:`mailguard.storage.maildir.Copies`, :class:`mailguard.storage.queue.StagedEntry`)
+that can write their files under names no reader looks at and say where each goes.
 
-1. *stage*: every message of the batch is written to its maildir's ``tmp/``;
-2. ``syncfs``: the files' data and directory entries are on disk;
-3. *publish*: each file is renamed from ``tmp/`` into ``new/``;
+Delivering one message the classic way costs two fsyncs per file (the data, then
+the folder), and on a journalling filesystem each one waits for a journal commit:
+on the project's reference machine that caps a mail host near 300 messages/s
+however many clients send at once.  :class:`GroupCommit` runs transactions in
+writer threads and batches them:
+
+1. *stage*: every part of every transaction of the batch writes its files
+   (maildir ``tmp/``, the queue's ``.tmp-*`` names);
+2. ``syncfs``: the files' data are on disk (one sync per filesystem touched);
+3. *publish*: each file is renamed to its final name (``new/``; the queue entry's
+   message, then its envelope);
 4. ``syncfs``: the renames are on disk;
-5. only now does each delivery's Deferred fire (and the client get its ``250``).
+5. only now does each transaction's Deferred fire (and the client get its ``250``;
+   the store wakes the queue runner after that).
 
 Steps 1-2 and 3-5 run in two threads, so one batch's first sync overlaps the
-previous batch's second.
+previous batch's second.  While one batch syncs, the next one gathers, so batches
+grow with load by themselves.
 
-So a message appears in ``new/`` only after its content is durable (the maildir
-rule), and is acknowledged only after the rename is durable too; a crash at any
-instant leaves at worst an orphan in ``tmp/``, never a partial file in ``new/``
-and never an acknowledged message missing.  While one batch syncs, the next one
-gathers, so batches grow with load by themselves.
+So nothing is renamed into sight before the data of the whole message is durable
+everywhere (the maildir rule, extended to the queue), and nothing is acknowledged
+before the renames are durable too.  The queue keeps an entry out of the runner's
+sight until its transaction is over (:meth:`Part.finish`).  Any failure aborts the
+transaction: its published names and staged files are unlinked and the Deferred
+fails (the client gets a 451 and retries; nothing it could duplicate went out).  A
+crash at any instant leaves at worst staged files under ignored names, never a
+partial file in sight and never an acknowledged message missing.
 
-``syncfs(2)`` is Linux's; elsewhere (or if it fails to load) each file and each
-``new/`` folder is fsynced instead, which is correct but slower.
+``syncfs(2)`` is Linux's; elsewhere each file is fsynced as it is written and each
+folder renamed into is fsynced after the renames, which is correct but slower.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Protocol, Sequence
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.failure import Failure
 
-from mailguard.storage import maildir
+from mailguard.storage import maildir, safeio
 
 MAX_BATCH = 256
 
 
-def _load_syncfs() -> Callable[[int], int] | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.syncfs
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
+class Part(Protocol):
+    """One store's share of a delivery transaction."""
 
+    #: A folder on the filesystem the part writes to (what ``syncfs`` is given).
+    root: str
 
-_SYNCFS = _load_syncfs()
+    def stage(self, staged: list[tuple[str, str]], sync: bool) -> None:
+        """Write the part's files under ignored names; append (staged, final) for each,
+        in publishing order, as soon as the file exists.  With ``sync`` fsync each file.
+        On failure raise (what was appended is cleaned up by the caller)."""
+
+    def finish(self, published: bool) -> None:
+        """The transaction is over: durable and in sight (True) or aborted (False)."""
 
 
 @dataclass
 class _Job:
-    maildirs: list[str]
-    message: bytes
-    deferred: defer.Deferred[list[str]]
+    parts: Sequence[Part]
+    deferred: defer.Deferred[Sequence[Part]]
     staged: list[tuple[str, str]] = field(default_factory=list)   # (tmp, final)
     placed: list[str] = field(default_factory=list)
+    done: bool = False          # answered (or about to be, through the reactor)
 
-    def cleanup(self) -> None:
-        for p in self.placed + [tmp for tmp, _ in self.staged]:
+    def abort(self) -> None:
+        """Unlink everything the job wrote, the published names first (the last one first)."""
+        for p in reversed(self.placed):
+            safeio.unlink_quietly(p)
+        for tmp, _ in self.staged:
+            safeio.unlink_quietly(tmp)
+        self.finish(False)
+
+    def finish(self, published: bool) -> None:
+        for part in self.parts:
             try:
-                os.unlink(p)
-            except OSError:
+                part.finish(published)
+            except Exception:
                 pass
 
 
-def _fire_all(results: list[tuple[defer.Deferred[list[str]], list[str]]]) -> None:
-    for d, names in results:
-        d.callback(names)
+def _fire_all(results: list[tuple[defer.Deferred[Sequence[Part]], Sequence[Part]]]) -> None:
+    for d, parts in results:
+        d.callback(parts)
 
 
 class GroupCommit:
-    """Stores messages into maildirs durably, batching the syncs; see the module docstring.
+    """Commits delivery transactions durably, batching the syncs; see the module docstring.
 
     :param reactor: where results are delivered (``callFromThread``).
-    :param root: a folder on the filesystem holding the maildirs (for ``syncfs``).
+    :param root: a folder on the filesystem holding the maildirs (for :meth:`deliver`).
     """
 
-    def __init__(self, reactor: IReactorFromThreads, root: Path, use_syncfs: bool = True) -> None:
+    def __init__(self, reactor: Any, root: Path | str, use_syncfs: bool = True) -> None:
         self.reactor = reactor
-        self.root = Path(root)
-        self.syncfs = _SYNCFS if use_syncfs else None
+        self.root = os.fspath(root)
+        self.use_syncfs = use_syncfs and safeio.HAVE_SYNCFS
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._published: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._publisher: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._devices: dict[str, int] = {}
         self.batches = 0
         self.messages = 0
 
-    def deliver(self, maildirs: Sequence[str | os.PathLike[str]],
-                message: bytes) -> defer.Deferred[list[str]]:
-        """Store one copy of the CRLF ``message`` in each maildir; fire when all are durable."""
-        d: defer.Deferred[list[str]] = defer.Deferred()
-        self._jobs.put(_Job([os.fspath(m) for m in maildirs], message, d))
+    def commit(self, parts: Sequence[Part]) -> defer.Deferred[Sequence[Part]]:
+        """Make every part durable and visible as one transaction; fire (with ``parts``) then.
+
+        The Deferred fails, and nothing of the transaction is left, when any part fails.
+        """
+        d: defer.Deferred[Sequence[Part]] = defer.Deferred()
+        self._jobs.put(_Job(list(parts), d))
         self._start()
         return d
+
+    def deliver(self, maildirs: Sequence[str | Path], message: bytes) -> defer.Deferred[list[str]]:
+        """Store one copy of the CRLF ``message`` in each maildir; fire with the file names."""
+        copies = maildir.Copies(self.root, maildirs, message)
+        return self.commit([copies]).addCallback(lambda _: copies.names)
 
     def stop(self) -> None:
         """Let the writer threads finish what they have and end."""
@@ -124,8 +151,8 @@ class GroupCommit:
     # -- the writer threads --------------------------------------------------------
     #
     # Two stages, so that one batch's first sync overlaps the previous batch's second:
-    # the stager writes a batch to tmp/ and syncs it, then hands it to the publisher,
-    # which renames it into new/, syncs again and answers.
+    # the stager writes a batch under its staged names and syncs it, then hands it to
+    # the publisher, which renames it into sight, syncs again and answers.
 
     def _run(self) -> None:
         while True:
@@ -173,21 +200,23 @@ class GroupCommit:
 
     def _stage_batch(self, batch: list[_Job]) -> list[_Job]:
         live: list[_Job] = []
+        sync_each = not self.use_syncfs
         for job in batch:
             try:
-                self._stage(job)
+                for part in job.parts:
+                    part.stage(job.staged, sync_each)
                 live.append(job)
             except Exception:
-                job.cleanup()
                 self._fail(job, Failure())
         if not live:
             return []
         try:
-            self._sync_data(live)
+            if self.use_syncfs:
+                self._syncfs(live)
+            # Without syncfs each file was fsynced as it was written.
         except OSError:
             f = Failure()
             for job in live:
-                job.cleanup()
                 self._fail(job, f)
             return []
         return live
@@ -197,65 +226,50 @@ class GroupCommit:
         for job in live:
             try:
                 for tmp, final in job.staged:
-                    os.rename(tmp, final)
+                    safeio.rename(tmp, final)
                     job.placed.append(final)
                 published.append(job)
             except OSError:
-                job.cleanup()
                 self._fail(job, Failure())
         try:
-            self._sync_names(published)
+            if self.use_syncfs:
+                self._syncfs(published)
+            else:
+                for folder in dict.fromkeys(os.path.dirname(p) for job in published for p in job.placed):
+                    safeio.fsync_dir(folder)
         except OSError:
             f = Failure()
             for job in published:
-                job.cleanup()
                 self._fail(job, f)
             return
         self.batches += 1
         self.messages += len(published)
-        results = [(job.deferred, [os.path.basename(p) for p in job.placed]) for job in published]
+        for job in published:
+            job.done = True
+            job.finish(True)
+        results = [(job.deferred, job.parts) for job in published]
         # One wake-up of the reactor for the whole batch, not one per message.
         self.reactor.callFromThread(_fire_all, results)
 
-    def _stage(self, job: _Job) -> None:
-        lf, suffix = maildir.stored_form(job.message)
-        fsync_each = self.syncfs is None
-        for box in job.maildirs:
-            name = maildir.unique_name(suffix)
-            tmp = maildir.write_tmp(box, name, lf, fsync=fsync_each)
-            job.staged.append((tmp, os.path.join(box, "new", name)))
-
-    def _syncfs(self) -> None:
-        assert self.syncfs is not None
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            if self.syncfs(fd) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err))
-        finally:
-            os.close(fd)
-
-    def _sync_data(self, jobs: list[_Job]) -> None:
-        if self.syncfs is not None:
-            self._syncfs()
-        # Without syncfs each file was fsynced as it was written.
-
-    def _sync_names(self, jobs: list[_Job]) -> None:
-        if self.syncfs is not None:
-            self._syncfs()
-            return
-        for folder in dict.fromkeys(os.path.dirname(p) for job in jobs for p in job.placed):
-            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+    def _syncfs(self, jobs: list[_Job]) -> None:
+        """One ``syncfs`` per filesystem the jobs wrote to."""
+        roots = dict.fromkeys(part.root for job in jobs for part in job.parts)
+        done: set[int] = set()
+        for root in roots:
+            device = self._devices.get(root)
+            if device is None:
+                device = self._devices[root] = os.stat(root).st_dev
+            if device not in done:
+                done.add(device)
+                safeio.syncfs(root)
 
     def _fail_all(self, batch: list[_Job], failure: Failure) -> None:
         for job in batch:
-            if not job.deferred.called:
-                job.cleanup()
+            if not job.done:
                 self._fail(job, failure)
 
     def _fail(self, job: _Job, failure: Failure) -> None:
+        """Abort the job: nothing of it stays; its Deferred fails."""
+        job.done = True
+        job.abort()
         self.reactor.callFromThread(job.deferred.errback, failure)

@@ -1,7 +1,6 @@
 """Maildir mailboxes: durable delivery and the POP3 view of a mailbox.
 
-Written fresh because ``twisted.mail.maildir`` is unusable on Python 3 (see
-TWISTED-NOTES.md).  This module imports nothing from Twisted: every function
+Written fresh because ``twisted.mail.maildir`` does not work on Python 3.  This module imports nothing from Twisted: every function
 here blocks, and callers on the reactor run it with ``deferToThread``.
 
 Format
@@ -20,8 +19,10 @@ them and POP3 ``STAT``/``LIST`` need no file reads.  In ``<host>``, ``/``, ``:``
 ``,`` are written ``\\057``, ``\\072`` and ``\\054`` (maildir and Dovecot convention).
 
 Delivery (``maildir(5)``, D. J. Bernstein's "Using maildir format"): write to
-``tmp/``, ``fsync`` the file, ``rename`` into ``new/``, ``fsync`` ``new/``.  Nothing
-half-written ever appears in ``new/``.
+``tmp/``, make the file durable, ``rename`` into ``new/``, make ``new/`` durable.
+Nothing half-written ever appears in ``new/``.  :class:`Copies` is the maildir part
+of a delivery; :mod:`mailguard.storage.groupcommit` runs those steps for a whole
+batch of messages at once.
 
 Reading (:class:`Mailbox`): the POP3 session scans ``new/`` and ``cur/`` once when it
 opens.  The unique id (UIDL, RFC 1939 section 7) is the part of the name before the
@@ -45,10 +46,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Sequence
+
+from mailguard.storage import safeio
 
 _DIR_MODE = 0o700
-_FILE_MODE = 0o600
 _SUBDIRS = ("tmp", "new", "cur")
 
 _counter = itertools.count(1)
@@ -97,14 +99,6 @@ def wire_size(stored: bytes) -> int:
     return len(stored) + stored.count(b"\n") - stored.count(b"\r\n")
 
 
-def _fsync_dir(path: Path | str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _create(maildir: Path) -> None:
     """Create the maildir and its three folders, making every new directory entry durable."""
     made: list[Path] = []
@@ -126,7 +120,7 @@ def _create(maildir: Path) -> None:
             continue
         made.append(maildir / sub)
     for parent in {d.parent for d in made}:
-        _fsync_dir(parent)
+        safeio.fsync_dir(parent)
 
 
 def stored_form(message: bytes) -> tuple[bytes, str]:
@@ -143,90 +137,50 @@ def unique_name(suffix: str) -> str:
 def write_tmp(maildir: str | Path, name: str, data: bytes, fsync: bool = True) -> str:
     """Write ``data`` to ``maildir/tmp/name`` (creating the maildir when missing).
 
-    With ``fsync=False`` the caller makes the file durable itself (a group commit,
-    see :mod:`mailguard.storage.delivery`) before renaming it into ``new/``.  On failure
-    nothing is left behind and :class:`OSError` is raised.
-    """
-    return _write_tmp(maildir, name, data, fsync)
-
-
-def _write_tmp(maildir: str | Path, name: str, data: bytes, fsync: bool = True) -> str:
-    """Write ``data`` to ``tmp/name`` and fsync it; on failure nothing is left behind.
-
-    Paths are plain strings here: this is the delivery hot path, and pathlib's
-    objects cost more than the write itself for a small message.
+    With ``fsync=False`` the caller makes the file durable itself (the group commit
+    syncs a whole batch at once) before renaming it into ``new/``.  On failure
+    nothing is left behind and :class:`OSError` is raised.  Paths are plain strings
+    here: this is the delivery hot path, and pathlib's objects cost more than the
+    write itself for a small message.
     """
     tmp = os.path.join(maildir, "tmp", name)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+        safeio.write_new(tmp, data, fsync)
     except FileNotFoundError:
         _create(Path(maildir))
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
-    try:
-        n = os.write(fd, data)
-        if n < len(data):
-            view = memoryview(data)[n:]
-            while view:
-                view = view[os.write(fd, view):]
-        if fsync:
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        _unlink_quietly(tmp)
-        raise
-    os.close(fd)
+        safeio.write_new(tmp, data, fsync)
     return tmp
 
 
-def _unlink_quietly(path: str | Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+class Copies:
+    """The maildir part of a delivery transaction: one copy of a message per maildir.
 
+    :meth:`stage` writes each copy to its maildir's ``tmp/`` (where no reader looks)
+    and says where it goes in ``new/``; the group commit makes the files durable,
+    renames them and syncs again (see :mod:`mailguard.storage.groupcommit`).
 
-def deliver(maildir: Path, message: bytes) -> str:
-    """Store one message durably in ``maildir/new``; return its file name.
-
-    ``message`` is the CRLF form as received, trace headers already prepended.
-    Blocking (file and directory fsync): call it from a thread.
-
-    :raises OSError: nothing was delivered (the caller answers 451).
+    :param root: a folder on the filesystem that holds the maildirs (for ``syncfs``).
+    :param maildirs: the maildirs, as strings (the hot path).
+    :param message: the CRLF message, trace headers already prepended.
     """
-    return deliver_many([maildir], message)[0]
 
+    def __init__(self, root: str | Path, maildirs: Sequence[str | Path], message: bytes) -> None:
+        self.root = os.fspath(root)
+        self.maildirs = maildirs
+        self.message = message
+        self.names: list[str] = []
 
-def deliver_many(maildirs: list[Path], message: bytes) -> list[str]:
-    """Store one copy of ``message`` in each maildir; return the file names in order.
+    def stage(self, staged: list[tuple[str, str]], sync: bool) -> None:
+        """Write every copy to ``tmp/``, appending (tmp path, final path) to ``staged``."""
+        lf, suffix = stored_form(self.message)
+        for box in self.maildirs:
+            name = unique_name(suffix)
+            tmp = write_tmp(box, name, lf, fsync=sync)
+            staged.append((tmp, os.path.join(box, "new", name)))
+            self.names.append(name)
 
-    The LF form is computed once and each ``new/`` folder is fsynced once after all
-    renames.  All or nothing: when any copy fails, copies already renamed into
-    ``new/`` by this call are removed again and :class:`OSError` is raised, so a
-    retried transaction does not duplicate mail.
-    """
-    lf, crlf_size = _lf_form(message)
-    suffix = f",S={len(lf)},W={crlf_size}"
-    names: list[str] = []
-    placed: list[Path] = []
-    try:
-        for maildir in maildirs:
-            name = _unique() + suffix
-            tmp = _write_tmp(maildir, name, lf)
-            final = maildir / "new" / name
-            try:
-                os.rename(tmp, final)
-            except BaseException:
-                _unlink_quietly(tmp)
-                raise
-            placed.append(final)
-            names.append(name)
-        for folder in dict.fromkeys(p.parent for p in placed):
-            _fsync_dir(folder)
-    except BaseException:
-        for p in placed:
-            _unlink_quietly(p)
-        raise
-    return names
+    def finish(self, published: bool) -> None:
+        """Nothing to release: a copy is only files."""
 
 
 # -- reading -----------------------------------------------------------------------------
@@ -519,13 +473,13 @@ class Mailbox:
                 if m.folder == "cur" and target == m.name:
                     continue
                 try:
-                    os.rename(src, self.path / "cur" / target)
+                    safeio.rename(src, self.path / "cur" / target)
                 except OSError:
                     continue  # the flag is a courtesy; the message itself is intact
                 touched.update({src.parent, self.path / "cur"})
         for folder in touched:
             try:
-                _fsync_dir(folder)
+                safeio.fsync_dir(folder)
             except OSError as e:
                 if e.errno != errno.ENOENT:
                     failed += 1

@@ -37,10 +37,12 @@ Everything lives in one folder (``cfg.queue_dir``, normally ``data_dir/queue``):
     couple of seconds, removes it and tries every waiting recipient at once.
 
 The id is 13 hex digits of microseconds since the epoch followed by 8 random hex
-digits, so ids sort by age.  Both files are written to a temporary name, fsynced,
-renamed into place, and the folder fsynced; the message is written first and the
-envelope last, so a crash never leaves a live entry without its message.  Envelopes
-are rewritten the same way after every delivery attempt.
+digits, so ids sort by age.  Both files are written to a temporary name, made
+durable, renamed into place (the message first, the envelope last, so a crash never
+leaves a live entry without its message), and the folder made durable.  The server
+does this for a new entry inside a delivery transaction (:meth:`Queue.prepare`), so
+the entry appears together with the message's local copies; envelopes are rewritten
+with :func:`mailguard.storage.safeio.atomic_write` after every delivery attempt.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
+
+from mailguard.storage import safeio
 
 PENDING = "pending"
 DEFERRED = "deferred"
@@ -140,14 +144,6 @@ class QueueEntry:
                    str(data.get("held", "")))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Queue:
     """The queue folder.  Safe to share between threads of one process.
 
@@ -159,6 +155,7 @@ class Queue:
         self.root = Path(root)
         self.clock = clock
         self._lock = threading.Lock()
+        self._inflight: set[str] = set()
 
     # -- paths ---------------------------------------------------------------
 
@@ -179,20 +176,11 @@ class Queue:
 
     def _write(self, path: Path, data: bytes) -> None:
         """Write ``data`` to ``path`` atomically and durably (temp, fsync, rename, fsync dir)."""
-        tmp = self.root / f".tmp-{path.name}-{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(self.root)
+        safeio.atomic_write(path, data, self._tmp_name(path.name))
+
+    def _tmp_name(self, name: str) -> Path:
+        """Where a file is written before it is renamed to ``name`` (ignored by every reader)."""
+        return self.root / f".tmp-{name}-{secrets.token_hex(4)}"
 
     # -- the contract --------------------------------------------------------
 
@@ -202,19 +190,46 @@ class Queue:
 
         Blocking; on return the entry survives a crash.  ``sender`` is "" for ``<>``.
         ``held``: the quarantine reason (the entry waits for ``release``); ``local``:
-        mailboxes of this host that get the message when it is released.
+        mailboxes of this host that get the message when it is released.  (The server
+        queues through :meth:`prepare` and a group commit instead.)
+        """
+        entry = self.prepare(sender, recipients, message, held=held, local=local)
+        staged: builtins.list[tuple[str, str]] = []
+        try:
+            entry.stage(staged, sync=True)
+            for tmp, final in staged:
+                safeio.rename(tmp, final)
+            safeio.fsync_dir(self.root)
+        except BaseException:
+            for tmp, final in reversed(staged):
+                safeio.unlink_quietly(final)
+                safeio.unlink_quietly(tmp)
+            raise
+        finally:
+            entry.finish(True)
+        return entry.id
+
+    def prepare(self, sender: str, recipients: builtins.list[str], message: bytes, *, held: str = "",
+                local: Sequence[str] = ()) -> StagedEntry:
+        """A new entry as the queue part of a delivery transaction (nothing written yet).
+
+        The entry stays out of :meth:`ids` (and so out of the runner's sight) until
+        its :meth:`StagedEntry.finish`, even once its files are renamed into place.
         """
         if not recipients and not local:
             raise ValueError("a queued message needs at least one recipient")
-        self.root.mkdir(parents=True, exist_ok=True)
         now = self.clock()
         entry_id = f"{int(now * 1_000_000) & (16**13 - 1):013x}{secrets.token_hex(4)}"
-        self._write(self.message_path(entry_id), message)
         unique = builtins.list(dict.fromkeys(recipients))
         entry = QueueEntry(entry_id, sender, now, [RecipientState(r) for r in unique]
                            + [RecipientState(m, local=True) for m in dict.fromkeys(local)], held)
-        self._write(self.envelope_path(entry_id), entry.to_json())
-        return entry_id
+        with self._lock:
+            self._inflight.add(entry_id)
+        return StagedEntry(self, entry, message)
+
+    def _settled(self, entry_id: str) -> None:
+        with self._lock:
+            self._inflight.discard(entry_id)
 
     def load(self, entry_id: str) -> QueueEntry:
         """The envelope of one entry.  :raises QueueError: no such entry, or unreadable."""
@@ -241,7 +256,9 @@ class Queue:
             names = os.listdir(self.root)
         except FileNotFoundError:
             return []
-        return sorted(n[:-4] for n in names if n.endswith(".env") and _ID.match(n[:-4]))
+        inflight = self._inflight
+        return sorted(n[:-4] for n in names
+                      if n.endswith(".env") and _ID.match(n[:-4]) and n[:-4] not in inflight)
 
     def list(self) -> list[QueueEntry]:
         """Every live entry, oldest first (damaged ones are left out: see :meth:`scan`)."""
@@ -323,7 +340,7 @@ class Queue:
             found = True
         self.message_path(entry_id).unlink(missing_ok=True)
         if found:
-            _fsync_dir(self.root)
+            safeio.fsync_dir(self.root)
         return found
 
     def request_flush(self) -> None:
@@ -360,6 +377,41 @@ class Queue:
             except FileNotFoundError:
                 continue
         return removed
+
+
+class StagedEntry:
+    """The queue part of a delivery transaction (see :mod:`mailguard.storage.groupcommit`).
+
+    :meth:`stage` writes the message and the envelope under ``.tmp-`` names, which
+    the runner, ``queue list`` and :meth:`Queue.ids` ignore, and says where each goes:
+    the message first, the envelope last, so a live envelope always has its message.
+    """
+
+    def __init__(self, queue: Queue, entry: QueueEntry, message: bytes) -> None:
+        self.queue = queue
+        self.entry = entry
+        self.message = message
+        self.root = os.fspath(queue.root)
+
+    @property
+    def id(self) -> str:
+        return self.entry.id
+
+    def stage(self, staged: list[tuple[str, str]], sync: bool) -> None:
+        """Write both files under temporary names, appending (tmp, final) to ``staged``."""
+        q = self.queue
+        if not q.root.is_dir():
+            q.root.mkdir(parents=True, exist_ok=True)
+            safeio.fsync_dir(q.root.parent)
+        for final, data in ((q.message_path(self.id), self.message),
+                            (q.envelope_path(self.id), self.entry.to_json())):
+            tmp = q._tmp_name(final.name)
+            safeio.write_new(tmp, data, sync)
+            staged.append((os.fspath(tmp), os.fspath(final)))
+
+    def finish(self, published: bool) -> None:
+        """The transaction is over: the entry is durable (or gone) and may be seen."""
+        self.queue._settled(self.id)
 
 
 def format_entry(entry: QueueEntry, now: float | None = None) -> str:
