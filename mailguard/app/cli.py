@@ -9,7 +9,6 @@ flush requests).  Exit status: 0 on success, 1 on an error (one line on stderr),
 from __future__ import annotations
 
 import argparse
-import functools
 import getpass
 import sys
 from typing import Callable, Sequence
@@ -134,31 +133,12 @@ def cmd_check_config(cfg: config.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_explain(cfg: config.Config, args: argparse.Namespace) -> int:
+    from mailguard.app import explain
+
     try:
-        who = policy.client(args.client, args.local, args.auth.strip().lower() or None if args.auth else None,
-                            pop_before_smtp=args.pop_before_smtp)
-    except ValueError as e:
+        return explain.run(cfg, args)
+    except explain.ExplainError as e:
         raise CommandError(str(e)) from None
-    if args.sender is not None:
-        try:
-            parse_path(args.sender, null_ok=True)
-        except AddressError as e:
-            raise CommandError(f"--from {args.sender!r}: {e}") from None
-    steps = [functools.partial(policy.decide, cfg, who=who, text=rcpt) for rcpt in args.rcpt]
-    if cfg.directory.backend == "ldap":
-        answers = dircli.settle_all_ldap(cfg, steps)
-    else:
-        answers = []
-        d = _directory(cfg)
-        for step in steps:
-            try:
-                answers.append(policy.settle(step, d.expand))
-            except DirectoryError as e:
-                answers.append(e)
-    for rcpt, answer in zip(args.rcpt, answers):
-        decision = policy.directory_failure(cfg, rcpt) if isinstance(answer, DirectoryError) else answer
-        print(policy.explain_line(decision, rcpt, args.verbose))
-    return 0
 
 
 def cmd_queue(cfg: config.Config, args: argparse.Namespace) -> int:
@@ -234,8 +214,9 @@ def parser() -> argparse.ArgumentParser:
     cc = sub.add_parser("check-config", help="validate and print the routing table")
     cc.set_defaults(func=cmd_check_config)
 
-    e = sub.add_parser("explain", help="dry-run the recipient policy")
+    e = sub.add_parser("explain", help="dry-run the inbound checks and the recipient policy")
     e.add_argument("--client", required=True, help="client IP address")
+    e.add_argument("--helo", help="the name the client gives in HELO/EHLO")
     e.add_argument("--local", help="local (server) IP address the client connected to")
     e.add_argument("--auth", help="the mailbox the client authenticated as")
     e.add_argument("--from", dest="sender", help="envelope sender")

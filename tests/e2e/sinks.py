@@ -4,10 +4,11 @@ The server under test is a separate ``twistd`` process, so both doubles run as
 threads inside the test process on free loopback ports, with blocking sockets and no
 reactor (the e2e tests never run one):
 
-- :class:`DNSServer` answers MX / A / AAAA / TXT questions over UDP from a small zone
+- :class:`DNSServer` answers MX / A / AAAA / TXT / PTR questions over UDP from a small zone
   (RFC 1035); the wire format is encoded and decoded with ``twisted.names.dns.Message``,
   which is plain code with no reactor behind it.  Names outside the zone get NXDOMAIN;
-  names in the zone without the asked type get an empty NOERROR answer.
+  names in the zone without the asked type get an empty NOERROR answer; a name whose
+  records include ``("SERVFAIL", None)`` gets SERVFAIL (RCODE 2) for every question.
 - :class:`SMTPSink` is the remote host (or the smarthost): an ESMTP server
   (RFC 5321) that records every message it accepted, answers RCPT as each test
   scripts it, can offer STARTTLS (RFC 3207) and require AUTH PLAIN/LOGIN (RFC 4954),
@@ -34,8 +35,8 @@ from pathlib import Path
 import trustme
 from twisted.names import dns
 
-#: A zone record: ("MX", (preference, exchange)), ("A", "127.0.0.1"), ("AAAA", "::1") or
-#: ("TXT", "text") (split into 255-octet strings).
+#: A zone record: ("MX", (preference, exchange)), ("A", "127.0.0.1"), ("AAAA", "::1"),
+#: ("TXT", "text") (split into 255-octet strings), ("PTR", "name") or ("SERVFAIL", None).
 Record = tuple[str, object]
 
 
@@ -125,6 +126,9 @@ class DNSServer:
             if records is None:
                 response.rCode = dns.ENAME
                 continue
+            if any(kind == "SERVFAIL" for kind, _ in records):
+                response.rCode = dns.ESERVER
+                continue
             for kind, value in records:
                 if kind != qtype:
                     continue
@@ -136,6 +140,8 @@ class DNSServer:
                     payload = dns.Record_A(str(value), ttl=1)
                 elif kind == "AAAA":
                     payload = dns.Record_AAAA(str(value), ttl=1)
+                elif kind == "PTR":
+                    payload = dns.Record_PTR(str(value).encode("ascii"), ttl=1)
                 elif kind == "TXT":
                     text = str(value).encode("utf-8")
                     payload = dns.Record_TXT(*[text[i:i + 255] for i in range(0, len(text), 255)], ttl=1)
