@@ -125,6 +125,7 @@ rootdn "{ROOT_DN}"
 rootpw {ROOT_PW}
 directory {root / 'db'}
 index objectClass eq
+index mail,mailLocalAddress eq
 access to attrs=userPassword by anonymous auth by self write by * none
 access to * by * read
 """)
