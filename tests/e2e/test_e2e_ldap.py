@@ -95,6 +95,19 @@ def smtp_auth(server: MailguardServer, login: str, password: str) -> str:
         s.close()
 
 
+def submit_as(server: MailguardServer, login: str, password: str, sender: str) -> str:
+    """AUTH as ``login`` on submissions, then ``MAIL FROM:<sender>``; the MAIL reply as one line."""
+    s = smtplib.SMTP_SSL("127.0.0.1", server.ports["submissions"], context=tls_context(), timeout=30)
+    try:
+        s.ehlo("client.example")
+        token = base64.b64encode(f"\0{login}\0{password}".encode()).decode()
+        assert s.docmd("AUTH", f"PLAIN {token}")[0] == 235
+        code, text = s.docmd("MAIL", f"FROM:<{sender}>")
+        return f"{code} {text.decode()}"
+    finally:
+        s.close()
+
+
 def pop3_login(server: MailguardServer, login: str, password: str) -> str:
     """USER/PASS over POP3S; the PASS reply (or the -ERR line)."""
     p = poplib.POP3_SSL("127.0.0.1", server.ports["pop3s"], context=tls_context(), timeout=30)
@@ -152,6 +165,13 @@ def test_smtp_auth_binds_with_the_ldap_password(office: MailguardServer) -> None
     assert smtp_auth(office, SALES, ALICE_PW) == AUTH_OK
     assert smtp_auth(office, BOB, ALICE_PW) == AUTH_FAILED
     assert smtp_auth(office, CAROL, "") in (AUTH_FAILED, "501 5.5.2 Malformed authentication data")
+
+
+def test_submission_senders_are_the_entrys_addresses(office: MailguardServer) -> None:
+    """After AUTH, alice may send as her mail and mailLocalAddress values, not as bob."""
+    assert submit_as(office, ALICE, ALICE_PW, SALES) == "250 2.1.0 Sender ok"
+    assert submit_as(office, ALICE, ALICE_PW, ALICE) == "250 2.1.0 Sender ok"
+    assert submit_as(office, ALICE, ALICE_PW, BOB) == "553 5.7.1 Sender address not owned by authenticated user"
 
 
 def test_pop3_logins_bind_with_the_ldap_password(office: MailguardServer) -> None:
