@@ -22,8 +22,14 @@ rate control       MAIL   rate_limited                                per accoun
 dnsbl              MAIL   dnsbl_listed                                skipped
 reverse_dns        MAIL   no_reverse_dns (``require`` only)           skipped
 sender_domain      MAIL   sender_domain_unknown                       skipped
+spf                MAIL   spf_fail (``spf = "reject"`` only)          skipped
 greylist           RCPT   greylisted                                  skipped
+dkim, dmarc        DATA   dmarc_reject (``dmarc = "reject"`` only)    skipped
 =================  =====  ==========================================  ========================
+
+SPF, DKIM and DMARC (:mod:`mailguard.checks.senderauth`, evaluators in
+:mod:`mailguard.senderauth`) also write the Authentication-Results header at the
+final dot, through :meth:`~mailguard.checks.pipeline.InboundChecks.at_data`.
 
 DNS trouble in any check is :data:`~mailguard.core.checks.DNS_TEMPFAIL` (451 4.4.3)
 under the rule ``<check>_temperror``: never a 5xx and never a pass.

@@ -10,7 +10,9 @@ or None.  A check that fails unexpectedly (a broken greylist file, say) answers
 :meth:`InboundChecks.received_name` is the name for the Received: header.
 
 Order, cheapest and most certain first: reject_clients, reject_senders, rate control,
-dnsbl, reverse_dns (``require``), sender_domain at MAIL; greylist at RCPT.
+dnsbl, reverse_dns (``require``), sender_domain, spf at MAIL; greylist at RCPT.
+:meth:`InboundChecks.at_data` runs at the final dot: DKIM, DMARC and the
+Authentication-Results header (:mod:`mailguard.checks.senderauth`).
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from typing import Any, Sequence
 from twisted.internet import threads
 from twisted.logger import Logger
 
-from mailguard.checks import access, dnsbl, greylist, rate, reverse, senderdomain
+from mailguard.checks import access, dnsbl, greylist, rate, reverse, senderauth, senderdomain
 from mailguard.checks.base import MAIL, RCPT, Check, Connection, Facts
 from mailguard.config import Config
 from mailguard.core import replies
 from mailguard.core.checks import Refusal
 from mailguard.core.policy import Client, relay_permission
 from mailguard.dns.resolver import Lookup
+from mailguard.senderauth.inbound import Modes
 
 log = Logger(namespace="mailguard.checks")
 CHECK_ERROR = replies.Reply(451, "4.3.0", "Temporary local problem checking this mail, try again later")
@@ -67,6 +70,10 @@ class InboundChecks:
             checks.append(reverse.RequireReverseDNS(lookup, r.no_reverse_dns))
         if c.sender_domain:
             checks.append(senderdomain.SenderDomain(lookup, cfg.domains, r.sender_domain_unknown))
+        modes = Modes(c.spf, c.dkim_verify, c.dmarc)
+        if modes.runs_spf:
+            checks.append(senderauth.SPF(lookup, modes, r.spf_fail, cfg.server.hostname))
+        self.after_data = senderauth.AfterData(lookup, modes, r.spf_fail, r.dmarc_reject, cfg.server.hostname)
         if c.greylist:
             self.greylist_store = greylist.GreylistStore(
                 greylist_path or cfg.server.data_dir / "greylist.sqlite")
@@ -111,6 +118,19 @@ class InboundChecks:
             if refusal is not None:
                 return refusal.softened(self.cfg.replies.soft_bounce)
         return None
+
+    async def at_data(self, facts: Facts, message: bytes) -> senderauth.Outcome:
+        """At the final dot: DKIM, DMARC and the Authentication-Results header to add
+        (``spf``/``dkim_verify``/``dmarc``, untrusted clients only) and any refusal."""
+        try:
+            outcome = await self.after_data.check(facts, message)
+        except Exception:
+            log.failure("mailguard check {rule} failed", rule="dmarc")
+            return senderauth.Outcome(b"", message, Refusal("dmarc_error", CHECK_ERROR, "internal error"))
+        if outcome.refusal is not None:
+            return senderauth.Outcome(outcome.header, outcome.message,
+                                      outcome.refusal.softened(self.cfg.replies.soft_bounce))
+        return outcome
 
     def accepted(self, facts: Facts) -> None:
         """One message was accepted from this client (rate control counts it)."""

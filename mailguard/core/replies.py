@@ -116,7 +116,3 @@ AUTH_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
 AUTH_THROTTLED = Reply(454, "4.7.0", "Too many failed logins, try again later")
 AUTH_TEMPFAIL = Reply(454, "4.7.0", "Temporary authentication failure")
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by authenticated user")
-
-# Sender authentication (RFC 7208, RFC 7489): DNS trouble is a temporary failure.
-SPF_TEMPERROR = Reply(451, "4.4.3", "SPF check failed temporarily (DNS), try again later")
-DMARC_TEMPERROR = Reply(451, "4.4.3", "DMARC check failed temporarily (DNS), try again later")

@@ -6,16 +6,16 @@ runs.  SPF runs at MAIL (:func:`spf_at_mail`); DKIM and DMARC once the message i
 incoming ones that name this host.  DMARC needs both SPF and DKIM, so with ``dmarc`` on
 they run (and are recorded) even when their own key is off.
 
-Refusals (:class:`Refusal`, each naming its rule):
+Refusals (:class:`~mailguard.core.checks.Refusal`, each naming its rule):
 
 - ``spf = "reject"``: ``fail`` gets ``spf_fail``; ``temperror`` gets
-  :data:`~mailguard.core.replies.SPF_TEMPERROR` (4xx); ``permerror``, ``softfail``,
+  :data:`~mailguard.core.DNS_TEMPFAIL` (4xx); ``permerror``, ``softfail``,
   ``neutral`` and ``none`` are recorded only — as Postfix's policyd-spf does by default
   (``PermError_reject = False``): a broken record at the sender's domain is its
   administrator's problem, not a verdict on this message.
 - ``dmarc = "reject"``: ``dmarc_reject`` only when the policy that applies (after ``sp=``
   and ``pct=``) is ``reject`` and nothing aligned passed; a DMARC ``temperror`` (DNS
-  trouble, with nothing aligned passing) gets :data:`~mailguard.core.replies.DMARC_TEMPERROR`.
+  trouble, with nothing aligned passing) gets :data:`~mailguard.core.DNS_TEMPFAIL`.
 - ``"check"`` never refuses: the results go into Authentication-Results.
 """
 
@@ -25,7 +25,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-from mailguard.core import replies
+from mailguard.core.checks import DNS_TEMPFAIL, Refusal
 from mailguard.core.replies import Reply
 from mailguard.senderauth import authresults, dkimverify, dmarc, spf
 from mailguard.senderauth.dkimverify import DKIMResult
@@ -57,15 +57,6 @@ class Modes:
 
 
 @dataclass(frozen=True)
-class Refusal:
-    """A refusal: the rule (for the decision log line), the reply, and what decided it."""
-
-    rule: str
-    reply: Reply
-    detail: str
-
-
-@dataclass(frozen=True)
 class Verdict:
     """After DATA: the header to add, the message without forged results, and any refusal."""
 
@@ -88,7 +79,7 @@ async def spf_at_mail(modes: Modes, lookup: Lookup, ip: str, mail_from: str, hel
     if result.result == "fail":
         return result, Refusal("spf_fail", spf_fail, detail)
     if result.result == "temperror":
-        return result, Refusal("spf_temperror", replies.SPF_TEMPERROR, detail)
+        return result, Refusal("spf_temperror", DNS_TEMPFAIL, detail)
     return result, None
 
 
@@ -117,6 +108,6 @@ async def after_data(modes: Modes, lookup: Lookup, hostname: str, spf_result: SP
             if dmarc_result.reject:
                 refusal = Refusal("dmarc_reject", dmarc_reject, detail)
             elif dmarc_result.result == "temperror":
-                refusal = Refusal("dmarc_temperror", replies.DMARC_TEMPERROR, detail)
+                refusal = Refusal("dmarc_temperror", DNS_TEMPFAIL, detail)
     header = authresults.header(hostname, spf_result, dkim_results if modes.runs_dkim else None, dmarc_result)
     return Verdict(header, cleaned, refusal, tuple(dkim_results), dmarc_result)
