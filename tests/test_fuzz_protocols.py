@@ -36,7 +36,7 @@ from delivery_helpers import deliver
 from mailguard import config
 from mailguard.core.address import AddressError, parse_mail_arg, parse_path
 from mailguard.storage.maildir import LockTable, maildir_path
-from mailguard.pop3.server import POP3Factory
+from mailguard.pop3.server import ERR_TOO_MANY_ERRORS, POP3Factory
 
 EXAMPLES = settings(max_examples=150, deadline=None)
 
@@ -367,10 +367,12 @@ def test_pop3_one_answer_per_line(pop_root: Path, lines: list[bytes]) -> None:
         for line in lines:
             was_closed = transport.disconnecting
             proto.dataReceived(line + b"\r\n")
-            while transport.producer is not None:
-                transport.producer.resumeProducing()
+            proto.resumeProducing()             # a client that reads everything
             out = transport.value()
             transport.clear()
+            closing = ERR_TOO_MANY_ERRORS + b"\r\n"
+            if transport.disconnecting and out.endswith(closing) and out != closing:
+                out = out[:-len(closing)]       # the error limit's own last line
             if was_closed:
                 assert out == b"", f"output after close: {out[:100]!r}"
                 continue
@@ -393,8 +395,7 @@ def test_pop3_random_bytes(pop_root: Path, chunks: list[bytes]) -> None:
     try:
         for chunk in chunks:
             proto.dataReceived(chunk)
-            while transport.producer is not None:
-                transport.producer.resumeProducing()
+            proto.resumeProducing()
         out = transport.value()
         assert out.endswith(b"\r\n")
         assert out.startswith(b"+OK")

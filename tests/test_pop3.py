@@ -18,6 +18,7 @@ from delivery_helpers import deliver
 
 from mailguard import config
 from mailguard.pop3 import server as pop3
+from mailguard.pop3 import stream
 from mailguard.auth.authenticator import Throttled
 from mailguard.storage.maildir import LockTable, Mailbox, maildir_path
 from mailguard.pop3.server import POP3Factory
@@ -68,6 +69,13 @@ class TLSCapableTransport(StringTransport):
     """A StringTransport that can start TLS (and then provides ISSLTransport)."""
 
     tls_started_with: Any = None
+    #: Like a real transport: past this many unread octets, pause the registered producer.
+    bound: int | None = None
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.bound is not None and len(self.value()) > self.bound and self.producer is not None:
+            self.producer.pauseProducing()
 
     def startTLS(self, options: Any) -> None:
         self.tls_started_with = options
@@ -125,8 +133,8 @@ class Session:
         return out
 
     def pump(self) -> None:
-        while self.transport.producer is not None:
-            self.transport.producer.resumeProducing()
+        """Let the session stream everything it has (a client that reads)."""
+        self.proto.resumeProducing()
 
     def login(self) -> bytes:
         self.cmd("USER alice")
@@ -267,6 +275,16 @@ def test_throttled_login(env: Env) -> None:
     s = env.session(tls=True)
     assert s.login() == b"-ERR [SYS/TEMP] Too many failed logins, try later\r\n"
     assert not s.closed
+
+
+def test_throttled_logins_end_the_session(env: Env) -> None:
+    """Refusals are not free: the third throttled login in a session closes it (issue 17 item 6)."""
+    env.auth.error = Throttled("192.0.2.1")
+    s = env.session(tls=True)
+    attempt = b"AUTH PLAIN " + plain("", "alice", "x").encode() + b"\r\n"
+    out = s.send(attempt * 100)
+    assert out == b"-ERR [SYS/TEMP] Too many failed logins, try later\r\n" * 3
+    assert s.closed
 
 
 def test_authenticator_failure_is_temporary(env: Env) -> None:
@@ -478,7 +496,7 @@ def test_dot_lines_on_chunk_boundaries(env: Env, monkeypatch: pytest.MonkeyPatch
     The sender reads 16 KiB chunks here, so those lines start chunks (TWISTED-NOTES
     "16 KiB hole"); a dot starting a chunk mid-line must stay single.
     """
-    monkeypatch.setattr(pop3._MessageSender, "CHUNK", 16384)
+    monkeypatch.setattr(stream, "CHUNK", 16384)
     header = b"Subject: dots\n\n"
     stored = bytearray(header + b".\n")
     for boundary in (16384, 32768):
@@ -494,8 +512,11 @@ def test_dot_lines_on_chunk_boundaries(env: Env, monkeypatch: pytest.MonkeyPatch
     s = env.session(tls=True)
     s.login()
     size = int(s.cmd("LIST 1").split()[2])
+    s.transport.bound = 1                    # a client that does not read yet
     s.proto.dataReceived(b"RETR 1\r\nNOOP\r\n")
-    assert s.transport.producer is not None  # streamed, not one giant write
+    held = s.transport.value()
+    assert held.startswith(b"+OK") and len(held) < 16384 + 1000  # one chunk, not one giant write
+    s.transport.bound = None
     out = s.read()
     first, _, rest = out.partition(b"\r\n")
     assert first == b"+OK %d octets" % size
@@ -664,3 +685,64 @@ def test_large_pipelined_backlog_pauses_reading(env: Env) -> None:
     assert out[0].startswith(b"+OK Logged in")
     assert out[1:-1] == [b"+OK"] * 12000
     assert s.transport.producerState == "producing"
+
+
+# -- back-pressure: a client that does not read (issue 17 item 1) ----------------------------
+
+
+def test_paused_output_stops_commands_and_reading(env: Env) -> None:
+    """While the transport's buffer is full, no command runs and reading stops once 64 KiB wait;
+    when the client reads again every command is answered in order."""
+    s = env.session(tls=True)
+    s.login()
+    s.proto.pauseProducing()                    # what the transport does when its buffer is full
+    s.proto.dataReceived(b"NOOP\r\n" * 12000)
+    assert s.transport.value() == b""
+    assert s.transport.producerState == "paused"
+    out = s.read().split(b"\r\n")
+    assert out[:-1] == [b"+OK"] * 12000
+    assert s.transport.producerState == "producing"
+
+
+def test_error_flood_closes_the_session(env: Env) -> None:
+    """50 -ERR replies in one session: the last is followed by a closing -ERR, and nothing more."""
+    s = env.session()
+    out = s.send(b"\r\n" * 1000).split(b"\r\n")
+    assert out[:50] == [b"-ERR Unknown command"] * 50
+    assert out[50:] == [b"-ERR Too many errors, closing connection", b""]
+    assert s.closed
+
+
+def test_top_is_streamed_while_the_client_reads(env: Env) -> None:
+    """TOP of a big message with a huge line count goes out one chunk per buffer drain, whole."""
+    body = b"".join(b"line %d\r\n" % i for i in range(200000))
+    env.deliver(b"Subject: big\r\n\r\n" + body)
+    s = env.session(tls=True)
+    s.login()
+    s.transport.bound = 1
+    s.proto.dataReceived(b"TOP 1 999999999\r\nNOOP\r\n")
+    held = s.transport.value()
+    assert held.startswith(b"+OK Top of message follows\r\n") and len(held) < 2 * stream.CHUNK
+    s.transport.bound = None
+    out = s.read()
+    assert out.endswith(b"\r\n.\r\n+OK\r\n")
+    assert unstuff(out[:-len(b"+OK\r\n")]) == b"Subject: big\r\n\r\n" + body
+
+
+@pytest.mark.parametrize("lines, expected", [
+    (0, b"Subject: a\n\n"),
+    (2, b"Subject: a\n\none\ntwo\n"),
+    (9, b"Subject: a\n\none\ntwo\nthree\n"),
+])
+def test_top_cut_across_chunk_boundaries(lines: int, expected: bytes) -> None:
+    """TopCut gives the same cut whatever the chunk size (the blank line split across chunks)."""
+    text = b"Subject: a\n\none\ntwo\nthree\n"
+    for size in (1, 2, 3, 5, 100):
+        cut = stream.TopCut(lines)
+        out = b""
+        for i in range(0, len(text), size):
+            part, done = cut.feed(text[i:i + size])
+            out += part
+            if done:
+                break
+        assert out == expected, size

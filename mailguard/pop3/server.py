@@ -35,7 +35,7 @@ from __future__ import annotations
 import base64
 import binascii
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, Callable
 
 from twisted.internet import defer, interfaces, protocol, threads
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
@@ -52,6 +52,8 @@ from mailguard.directory.base import DirectoryError
 from mailguard.config import Config
 from mailguard.core.dotstuff import DotStuffer
 from mailguard.app.limits import ConnectionLimiter
+from mailguard.pop3 import stream as stream_mod
+from mailguard.pop3.stream import MessageStream
 from mailguard.storage.maildir import CommitResult, LockTable, Mailbox, MailboxLocked, maildir_path
 
 log = Logger(namespace="mailguard")
@@ -82,6 +84,7 @@ ERR_VANISHED = b"-ERR [SYS/TEMP] Message is no longer available"
 ERR_TOO_MANY = b"-ERR [SYS/TEMP] Too many connections, try later"
 ERR_AUTOLOGOUT = b"-ERR Autologout; idle for too long"
 ERR_COMMIT = b"-ERR [SYS/TEMP] Some deleted messages not removed"
+ERR_TOO_MANY_ERRORS = b"-ERR Too many errors, closing connection"
 
 _TRANSACTION_COMMANDS = {b"STAT", b"LIST", b"UIDL", b"TOP", b"RETR", b"DELE", b"RSET", b"NOOP"}
 
@@ -110,51 +113,20 @@ def _decode_plain(response: bytes) -> tuple[str, str] | None:
     return authcid, password
 
 
-@implementer(interfaces.IPullProducer)
-class _MessageSender:
-    """Streams an LF-stored message as dot-stuffed CRLF, 64 KiB per pull."""
-
-    CHUNK = 1 << 16
-
-    def __init__(self, server: POP3Server, fh: BinaryIO) -> None:
-        self.server = server
-        self.fh = fh
-        self.stuffer = DotStuffer()
-        self.done: defer.Deferred[None] = defer.Deferred()
-
-    def resumeProducing(self) -> None:
-        if self.fh.closed:
-            return
-        policies.TimeoutMixin.resetTimeout(self.server)
-        try:
-            data = self.fh.read(self.CHUNK)
-        except OSError:
-            # "+OK <size> octets" is already sent: closing is the only honest end of a cut message.
-            self._close()
-            connection(self.server.transport).loseConnection()
-            return
-        if data:
-            connection(self.server.transport).write(self.stuffer.feed(data))
-            return
-        connection(self.server.transport).write(self.stuffer.finish())
-        self._close()
-        self.done.callback(None)
-
-    def stopProducing(self) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        if not self.fh.closed:
-            self.fh.close()
-            connection(self.server.transport).unregisterProducer()
-
-
+@implementer(interfaces.IPushProducer)
 class POP3Server(protocol.Protocol, policies.TimeoutMixin):
-    """One POP3 session; see the module docstring."""
+    """One POP3 session; see the module docstring.
+
+    The session is the transport's streaming producer: when the client stops reading
+    and the transport's write buffer passes its bound, :meth:`pauseProducing` stops
+    command processing and message streaming until the buffer drains.
+    """
 
     MAX_COMMAND = 255     # octets including CRLF (RFC 2449 section 4)
     MAX_LINE = 8192       # SASL lines may be longer; an unterminated line past this closes
     MAX_PIPELINE = 1 << 16  # stop reading the socket while this much input waits
+    MAX_ERRORS = 50       # -ERR replies in one session before it is closed
+    MAX_THROTTLED = 3     # logins refused as throttled in one session before it is closed
 
     factory: POP3Factory
 
@@ -171,6 +143,11 @@ class POP3Server(protocol.Protocol, policies.TimeoutMixin):
         self._locked: Path | None = None
         self._sasl_pending = False
         self._tls_started = False
+        self._out_paused = False
+        self._stream: MessageStream | None = None
+        self._stream_done: defer.Deferred[None] | None = None
+        self._errors = 0
+        self._throttled = 0
 
     # -- connection ------------------------------------------------------------------
 
@@ -187,6 +164,7 @@ class POP3Server(protocol.Protocol, policies.TimeoutMixin):
             self._close()
             return
         self._counted = True
+        connection(self.transport).registerProducer(self, True)
         policies.TimeoutMixin.setTimeout(self, f.config.limits.idle_timeout)
         # The whole-session deadline ([limits] session_timeout) also ends busy clients
         # that never go idle, such as a slow drip of NOOPs.
@@ -202,6 +180,9 @@ class POP3Server(protocol.Protocol, policies.TimeoutMixin):
         if getattr(self, "_counted", False):
             self.factory.leave(self.peer)
             self._counted = False
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
         if self.state != UPDATE:
             self._release()
 
@@ -216,7 +197,30 @@ class POP3Server(protocol.Protocol, policies.TimeoutMixin):
     def _close(self) -> None:
         self._gone = True
         self._buffer.clear()
-        connection(self.transport).loseConnection()
+        if self._out_paused:
+            # The client stopped reading: a graceful close would wait for it forever.
+            connection(self.transport).abortConnection()
+        else:
+            connection(self.transport).loseConnection()
+
+    # -- IPushProducer: the transport's write buffer ----------------------------------
+
+    def pauseProducing(self) -> None:
+        """The client is not reading: run no command and stream nothing until it does."""
+        self._out_paused = True
+
+    def resumeProducing(self) -> None:
+        """The write buffer drained: go on streaming, then with the pipelined commands."""
+        self._out_paused = False
+        self._pump()
+        if not self._busy:
+            self._drain()
+
+    def stopProducing(self) -> None:
+        """The connection is going away."""
+        self._out_paused = True
+        if self._stream is not None:
+            self._stream.close()
 
     def _release(self) -> None:
         if self._locked is not None:
@@ -245,7 +249,7 @@ class POP3Server(protocol.Protocol, policies.TimeoutMixin):
             return
         self._draining = True
         try:
-            while not self._busy and not self._gone:
+            while not self._busy and not self._gone and not self._out_paused:
                 end = self._buffer.find(b"\n")
                 if end < 0:
                     if len(self._buffer) > self.MAX_LINE:
@@ -316,6 +320,39 @@ class POP3Server(protocol.Protocol, policies.TimeoutMixin):
 
     def _send(self, line: bytes) -> None:
         connection(self.transport).write(line + b"\r\n")
+        if line.startswith(b"-ERR") and not self._gone:
+            self._errors += 1
+            if self._errors >= self.MAX_ERRORS:
+                maillog.event("pop3", "error-flood", self.peer, errors=self._errors)
+                connection(self.transport).write(ERR_TOO_MANY_ERRORS + b"\r\n")
+                self._close()
+
+    def _stream_message(self, stream: MessageStream) -> defer.Deferred[None]:
+        """Send ``stream`` chunk by chunk while the client reads; later commands wait."""
+        self._stream = stream
+        self._stream_done = defer.Deferred()
+        done = self._stream_done
+        self._wait(done)
+        self._pump()
+        return done
+
+    def _pump(self) -> None:
+        while self._stream is not None and not self._out_paused and not self._gone:
+            policies.TimeoutMixin.resetTimeout(self)
+            try:
+                chunk = self._stream.next_chunk()
+            except OSError:
+                # "+OK" is already sent: closing is the only honest end of a cut message.
+                self._stream = None
+                self._close()
+                return
+            if chunk is None:
+                self._stream, done = None, self._stream_done
+                self._stream_done = None
+                assert done is not None
+                done.callback(None)
+                return
+            connection(self.transport).write(chunk)
 
     def _multiline(self, first: bytes, lines: list[bytes]) -> None:
         body = b"".join(line + b"\r\n" for line in lines)
@@ -436,7 +473,12 @@ class POP3Server(protocol.Protocol, policies.TimeoutMixin):
         if self._gone:
             return
         if failure.check(Throttled):
+            # Refusals cost the client nothing to provoke: a few end the session.
+            self._throttled += 1
             self._send(ERR_THROTTLED)
+            if self._throttled >= self.MAX_THROTTLED and not self._gone:
+                maillog.event("pop3", "throttled-close", self.peer, refusals=self._throttled)
+                self._close()
         elif failure.check(DirectoryError):        # the directory is down: say so in one line
             maillog.event("pop3", "auth-tempfail", self.peer, reason=failure.getErrorMessage())
             self._send(ERR_TEMPFAIL)
@@ -539,8 +581,8 @@ class POP3Server(protocol.Protocol, policies.TimeoutMixin):
             return
         size = self.mailbox.message(n).size
         self._send(b"+OK %d octets" % size)
-        if size <= _MessageSender.CHUNK:
-            # Most mail: one read, one write, no producer round trips.
+        if size <= stream_mod.CHUNK:
+            # Most mail: one read, one write, no streaming round trips.
             with fh:
                 data = fh.read()
             stuffer = DotStuffer()
@@ -548,15 +590,7 @@ class POP3Server(protocol.Protocol, policies.TimeoutMixin):
             self.mailbox.mark_retrieved(n)
             return
         mailbox = self.mailbox
-
-        def sent(_: object) -> None:
-            mailbox.mark_retrieved(n)
-
-        sender = _MessageSender(self, fh)
-        sender.done.addCallback(sent)
-        self._wait(sender.done)
-        # A non-streaming producer: the transport pulls a chunk whenever its buffer drains.
-        connection(self.transport).registerProducer(sender, False)
+        self._stream_message(MessageStream(fh)).addCallback(lambda _: mailbox.mark_retrieved(n))
 
     def do_TOP(self, rest: bytes) -> None:
         args = rest.split(b" ")
@@ -568,20 +602,13 @@ class POP3Server(protocol.Protocol, policies.TimeoutMixin):
         if n is None:
             return
         assert self.mailbox is not None
-        d = self.factory.run_in_thread(self.mailbox.top, n, lines)
-
-        def send(data: bytes) -> None:
-            if self._gone:
-                return
-            s = DotStuffer()
-            connection(self.transport).write(b"+OK Top of message follows\r\n" + s.feed(data) + s.finish())
-
-        def vanished(failure: Failure) -> None:
-            failure.trap(OSError)
-            if not self._gone:
-                self._send(ERR_VANISHED)
-
-        self._wait(d.addCallbacks(send, vanished))
+        try:
+            fh = self.mailbox.open_message(n)
+        except OSError:
+            self._send(ERR_VANISHED)
+            return
+        self._send(b"+OK Top of message follows")
+        self._stream_message(MessageStream(fh, lines))
 
     def do_DELE(self, rest: bytes) -> None:
         n = self._message_arg(rest)
