@@ -10,6 +10,7 @@ from dns_doubles import MemoryAuthority
 from twisted.internet import defer, protocol, reactor
 from twisted.names import client, dns, server
 
+from mailguard.dns.resolver import MX, RECORDS, Answer
 from mailguard.outbound import mx
 from mailguard.outbound.mx import Relay, RouteError
 
@@ -123,3 +124,56 @@ def test_split_host_port() -> None:
     assert mx.split_host_port("smtp.isp.example:587", 25) == ("smtp.isp.example", 587)
     assert mx.split_host_port("[::1]:465", 25) == ("::1", 465)
     assert mx.split_host_port("smtp.isp.example", 25) == ("smtp.isp.example", 25)
+
+
+class BuggyResolver:
+    """A resolver with a programming error: ``broken`` lookups raise TypeError.
+
+    With ``broken=("MX",)`` the MX lookup itself fails; with ``("A", "AAAA")`` the MX
+    answer is good and the lookup of the MX host's addresses fails.
+    """
+
+    def __init__(self, broken: tuple[str, ...] = ("MX", "A", "AAAA")) -> None:
+        self.broken = broken
+
+    async def lookup(self, name: str, type: str) -> Answer:
+        if type in self.broken:
+            raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+        if type == "MX":
+            return Answer(name, type, RECORDS, (MX(10, "mx1.remote.test"),))
+        return Answer(name, type, RECORDS, ("127.0.0.2",))
+
+
+def _failures_logged() -> tuple[list[dict[str, Any]], Any]:
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if "log_failure" in event and event.get("log_namespace", "").startswith("mailguard.outbound"):
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    return events, lambda: globalLogPublisher.removeObserver(observe)
+
+
+@pytest.mark.parametrize("broken, smarthost", [(("MX",), ""), (("A", "AAAA"), ""),
+                                               (("A", "AAAA"), "smarthost.test:2525")])
+@pytest_twisted.inlineCallbacks
+def test_a_bug_in_mx_handling_is_a_logged_temporary_failure(broken: tuple[str, ...], smarthost: str) -> Any:
+    """A programming error (not a DNS failure) is a temporary failure (the message stays queued),
+    logged as an error with its traceback, not passed off as a DNS failure."""
+    from twisted.logger import formatEvent
+
+    events, stop = _failures_logged()
+    try:
+        with pytest.raises(RouteError) as e:
+            yield route(BuggyResolver(broken), "remote.test", smarthost)
+    finally:
+        stop()
+    assert not e.value.permanent
+    assert e.value.reply() == "451 4.3.0 Local error routing mail for remote.test (logged)"
+    (event,) = events
+    assert event["log_failure"].check(TypeError)
+    assert "Traceback" in event["log_failure"].getTraceback()
+    assert formatEvent(event) == "mailguard outbound: routing mail for remote.test failed with an unexpected error"

@@ -754,3 +754,29 @@ def test_held_entry_waits_until_released_then_delivers_locally_and_remotely(tmp_
     assert u.courier.calls == [("joe@here.test", "x.test", ["a@x.test"])]
     assert local_calls == [("joe@here.test", ["bob@here.test"], MESSAGE)]
     assert u.queue.ids() == []
+
+
+def test_a_bug_in_mx_handling_defers_and_keeps_the_message(tmp_path: Path) -> None:
+    """The real courier with a resolver that has a programming error: the recipient is deferred
+    (retried later), the message stays queued, and the error is logged with its traceback."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from test_mx import BuggyResolver, _failures_logged
+
+    clock = MemoryReactorClock()
+    clock.advance(1_700_000_000)
+    queue = Queue(tmp_path / "queue", clock=clock.seconds)
+    runner = QueueRunner(make_config(tmp_path), queue, clock, Injected(), resolver=BuggyResolver(("A", "AAAA")),
+                         blocking=sync)
+    entry_id = queue.enqueue("joe@here.test", ["ann@x.test"], MESSAGE)
+    events, stop = _failures_logged()
+    try:
+        runner.startService()
+        clock.advance(0)
+    finally:
+        stop()
+    (r,) = queue.load(entry_id).recipients
+    assert (r.state, r.last_reply) == (DEFERRED, "451 4.3.0 Local error routing mail for x.test (logged)")
+    assert r.next_attempt is not None and r.next_attempt > clock.seconds()
+    assert queue.read_message(entry_id) == MESSAGE
+    assert [e["log_failure"].type for e in events] == [TypeError]

@@ -10,6 +10,7 @@ bounces) or temporary (it is retried):
 - a null MX (RFC 7505: one MX of preference 0 whose exchange is ".") or a
   non-existent domain (NXDOMAIN): permanent;
 - a DNS timeout or server failure: temporary;
+- any other exception (a bug): temporary, and logged with its traceback;
 - an address literal ``[192.0.2.1]`` / ``[IPv6:2001:db8::1]`` is used as it is.
 
 The smarthost (``[outbound] smarthost = "host:port"``) replaces all of this: every
@@ -24,12 +25,16 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailguard.config import host_port
 from mailguard.dns.resolver import Lookup, Resolver, TemporaryDNSError, from_config
+
+log = Logger(namespace="mailguard.outbound.mx")
 
 # Seconds one lookup may take when no [dns] timeout is given.
 DNS_TIMEOUT = 5.0
@@ -105,6 +110,9 @@ async def _addresses(resolver: Lookup, host: str) -> list[str]:
     temporary = nxdomain = False
     for ok, value in results:
         if not ok:
+            failure = cast(Failure, value)
+            if not failure.check(TemporaryDNSError):
+                failure.raiseException()      # a bug, not a DNS answer: route() logs it
             temporary = True
         elif value.nxdomain:
             nxdomain = True
@@ -161,7 +169,22 @@ async def resolve_mx(resolver: Lookup, domain: str, port: int) -> list[Relay]:
 
 
 async def route(resolver: Lookup, domain: str, port: int, smarthost: str = "") -> list[Relay]:
-    """The relays for ``domain``: the smarthost when configured, otherwise its MX hosts."""
+    """The relays for ``domain``: the smarthost when configured, otherwise its MX hosts.
+
+    Any other exception than a DNS failure is a bug: it is logged with its traceback
+    and becomes a temporary :class:`RouteError`, so the message stays queued.
+    """
+    try:
+        return await _route(resolver, domain, port, smarthost)
+    except RouteError:
+        raise
+    except Exception:
+        log.failure("mailguard outbound: routing mail for {domain} failed with an unexpected error",
+                    domain=domain)
+        raise RouteError(False, "4.3.0", f"Local error routing mail for {domain} (logged)") from None
+
+
+async def _route(resolver: Lookup, domain: str, port: int, smarthost: str) -> list[Relay]:
     if smarthost:
         host, shport = split_host_port(smarthost, 25)
         if _is_ip(host):

@@ -259,7 +259,12 @@ def test_451_then_250_is_retried(outbound: MailguardServer, mx_sink: SMTPSink, s
 
 def test_backup_mx_when_preferred_refuses(outbound: MailguardServer, mx_sink: SMTPSink,
                                           dns_server: DNSServer) -> None:
-    """The MX hosts are tried by preference: the first refuses the connection, the second gets the mail."""
+    """The MX hosts are tried by preference: the first refuses the connection, the second gets the mail.
+
+    The zone lists the backup (preference 20) before the preferred host (10), so a
+    runner that kept the DNS order would reach the backup first and never try the
+    preferred one: the log must show the preferred host refused before the delivery.
+    """
     tag = marker()
     rcpt = f"someone-{tag}@backup.example"
     msg = make_message(ALICE, rcpt, tag)
@@ -268,6 +273,11 @@ def test_backup_mx_when_preferred_refuses(outbound: MailguardServer, mx_sink: SM
     received_prefix_and_rest(got.data, msg)
     assert dns_server.asked("dead.backup.example"), "the preferred MX was not looked up"
     wait_queue_clear(outbound, rcpt)
+    log = outbound.log_text()
+    delivered = log.find(f"to=<{rcpt}> state=delivered relay=mx.remote.example[127.0.0.1]")
+    refused = log.find("mailguard outbound: connect to dead.backup.example[127.0.0.9]")
+    assert delivered >= 0, "the delivery to the backup MX was not logged"
+    assert 0 <= refused < delivered, "the preferred MX (preference 10) was not tried before the backup"
 
 
 def _dsn_fields(block: email.message.Message) -> dict[str, str]:
