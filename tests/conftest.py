@@ -1,4 +1,4 @@
-"""Unit-test fixtures: configurations, a fake directory, and a fake Mailhost for SMTP sessions.
+"""Unit-test fixtures: configurations, a fake directory, and a fake SMTPContext for SMTP sessions.
 
 Nothing here starts a reactor or opens a socket: the SMTP server under test talks to a
 ``StringTransport``, time is a ``task.Clock``, and the store and authenticator hand out
@@ -23,6 +23,7 @@ from zope.interface import directlyProvides
 
 from mailguard import config
 from mailguard.auth.authenticator import PopBeforeSmtp
+from mailguard.smtp.context import SMTPContext
 from mailguard.directory.base import DirectoryError
 from mailguard.core.entries import Expansion
 
@@ -204,8 +205,8 @@ class TLSCapableTransport(StringTransport):
 
 
 @dataclass
-class FakeMailhost:
-    """What SMTPServer needs from the Mailhost service, with fakes behind it."""
+class FakeContext(SMTPContext):
+    """An SMTPContext with fakes behind it (the config is the only thing to give)."""
 
     cfg: config.Config
     clock: task.Clock = field(default_factory=task.Clock)
@@ -228,7 +229,7 @@ class FakeMailhost:
 class Session:
     """One SMTPServer on a StringTransport, with helpers to talk and read replies."""
 
-    def __init__(self, host: FakeMailhost, kind: str = "smtp", client_ip: str = "203.0.113.9",
+    def __init__(self, host: FakeContext, kind: str = "smtp", client_ip: str = "203.0.113.9",
                  local_ip: str = "10.0.0.1", encrypted: bool = False) -> None:
         from mailguard.smtp.server import SMTPServer
         self.host = host
@@ -279,9 +280,9 @@ class Session:
 
 
 @pytest.fixture
-def mailhost(office_cfg: config.Config) -> FakeMailhost:
-    """A FakeMailhost for the office configuration, with alice and a list in the directory."""
-    host = FakeMailhost(office_cfg)
+def ctx(office_cfg: config.Config) -> FakeContext:
+    """A FakeContext for the office configuration, with alice and a list in the directory."""
+    host = FakeContext(office_cfg)
     host.directory.add_mailbox("alice@office.example", "a.smith@office.example")
     host.directory.add_mailbox("joe@compaq.example")
     host.authenticator.users["alice@office.example"] = ("secret", "alice@office.example")
@@ -289,10 +290,10 @@ def mailhost(office_cfg: config.Config) -> FakeMailhost:
 
 
 @pytest.fixture
-def session_factory(mailhost: FakeMailhost) -> Callable[..., Session]:
-    """Open SMTP sessions on the shared fake Mailhost."""
+def session_factory(ctx: FakeContext) -> Callable[..., Session]:
+    """Open SMTP sessions on the shared fake context."""
     def open_session(**kwargs: Any) -> Session:
-        return Session(mailhost, **kwargs)
+        return Session(ctx, **kwargs)
     return open_session
 
 

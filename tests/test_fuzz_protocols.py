@@ -31,7 +31,7 @@ from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
-from conftest import OFFICE, FakeMailhost, Session, make_config
+from conftest import OFFICE, FakeContext, Session, make_config
 from delivery_helpers import deliver
 from mailguard import config
 from mailguard.core.address import AddressError, parse_mail_arg, parse_path
@@ -137,7 +137,7 @@ def remote_accepted(session: Session) -> list[str]:
     remote domain (SPEC: a reroute is carried for any client); never by a relay rule.
     """
     bad = []
-    for d in session.proto._envelope.decisions:
+    for d in session.proto.envelope.decisions:
         for r in d.remote:
             domain = r.rpartition("@")[2]
             carried = (d.rule == "relay_domain" and domain == RELAY_DOMAIN) or d.rule == "reroute"
@@ -150,7 +150,7 @@ def remote_accepted(session: Session) -> list[str]:
 
 
 def smtp_session(auth_ok: bool = False) -> Session:
-    host = FakeMailhost(make_config(**OFFICE))
+    host = FakeContext(make_config(**OFFICE))
     host.directory.add_mailbox("alice@office.example", "a.smith@office.example")
     host.directory.add_mailbox("joe@compaq.example")
     if auth_ok:
@@ -211,7 +211,7 @@ def test_smtp_one_reply_per_line(steps: list[tuple[str, Any]]) -> None:
         if s.closed:
             assert replies[-1][-1][:3] in ("221", "421", "500"), replies
         assert remote_accepted(s) == [], f"unauthenticated client relayed: {remote_accepted(s)}"
-        assert code[0] != "2" or verb not in (b"RCPT",) or s.proto._envelope.decisions, (line, first)
+        assert code[0] != "2" or verb not in (b"RCPT",) or s.proto.envelope.decisions, (line, first)
     s.lose()
 
 

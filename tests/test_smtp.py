@@ -14,9 +14,10 @@ from mailguard.core import replies
 from mailguard.core.entries import Expansion
 from mailguard.directory.base import DirectoryError
 from mailguard.smtp import server as smtp
+from mailguard.smtp import wire
 from mailguard.auth.authenticator import Throttled
 
-from conftest import FakeMailhost, FakeTLS, LogCapture, Session, office_config
+from conftest import FakeContext, FakeTLS, LogCapture, Session, office_config
 
 Open = Callable[..., Session]
 OUTSIDER = "203.0.113.9"
@@ -46,9 +47,9 @@ def transaction(s: Session, rcpts: tuple[str, ...] = ("<alice@office.example>",)
     assert s.cmd("DATA")[0].startswith("354 ")
 
 
-def host(**changes: dict[str, Any]) -> FakeMailhost:
-    """A FakeMailhost for the office configuration with changes, alice in the directory."""
-    h = FakeMailhost(office_config(**changes))
+def host(**changes: dict[str, Any]) -> FakeContext:
+    """A FakeContext for the office configuration with changes, alice in the directory."""
+    h = FakeContext(office_config(**changes))
     h.directory.add_mailbox("alice@office.example", "a.smith@office.example")
     h.authenticator.users["alice@office.example"] = ("secret", "alice@office.example")
     return h
@@ -79,18 +80,18 @@ def test_ehlo_keywords_cleartext_without_tls(session_factory: Open) -> None:
                        "250 ENHANCEDSTATUSCODES"]
 
 
-def test_ehlo_offers_starttls_not_auth_on_cleartext(mailhost: FakeMailhost) -> None:
+def test_ehlo_offers_starttls_not_auth_on_cleartext(ctx: FakeContext) -> None:
     """With TLS available on a cleartext channel: STARTTLS offered, AUTH not (auth_requires_tls)."""
-    mailhost.tls = FakeTLS()
-    lines = ehlo(Session(mailhost))
+    ctx.tls = FakeTLS()
+    lines = ehlo(Session(ctx))
     assert "250-STARTTLS" in lines or "250 STARTTLS" in lines
     assert not any("AUTH" in ln for ln in lines)
 
 
-def test_ehlo_on_encrypted_channel_offers_auth_not_starttls(mailhost: FakeMailhost) -> None:
+def test_ehlo_on_encrypted_channel_offers_auth_not_starttls(ctx: FakeContext) -> None:
     """On an encrypted channel STARTTLS is not offered again and AUTH PLAIN LOGIN is."""
-    mailhost.tls = FakeTLS()
-    lines = ehlo(Session(mailhost, encrypted=True))
+    ctx.tls = FakeTLS()
+    lines = ehlo(Session(ctx, encrypted=True))
     assert not any("STARTTLS" in ln for ln in lines)
     assert lines[-1] == "250 AUTH PLAIN LOGIN"
 
@@ -146,15 +147,15 @@ def test_internal_address_from_local_ip(session_factory: Open) -> None:
     assert s.cmd("RCPT TO:<friend@remote.example>")[0].startswith("250 ")
 
 
-def test_pop_before_smtp_from_the_shared_record(mailhost: FakeMailhost) -> None:
+def test_pop_before_smtp_from_the_shared_record(ctx: FakeContext) -> None:
     """An IP that just logged in over POP3 may relay; the permission ends with the window."""
-    mailhost.pop_before_smtp.record(OUTSIDER)
-    s = Session(mailhost)
+    ctx.pop_before_smtp.record(OUTSIDER)
+    s = Session(ctx)
     ehlo(s)
     s.cmd("MAIL FROM:<joe@office.example>")
     assert s.cmd("RCPT TO:<a@remote.example>")[0].startswith("250 ")
     for _ in range(3):                       # keep the session alive past the 600 s window
-        mailhost.clock.advance(201)
+        ctx.clock.advance(201)
         s.cmd("NOOP")
     assert s.cmd("RCPT TO:<b@remote.example>")[0].startswith("550 5.7.1")
 
@@ -176,53 +177,53 @@ def test_unknown_local_user(session_factory: Open) -> None:
     assert s.cmd("RCPT TO:<nobody@office.example>") == ["550 5.1.1 User unknown"]
 
 
-def test_directory_failure_at_rcpt_is_451(mailhost: FakeMailhost) -> None:
+def test_directory_failure_at_rcpt_is_451(ctx: FakeContext) -> None:
     """A directory that cannot answer gives the configured 4xx, never 5xx."""
-    mailhost.directory.broken = True
-    s = Session(mailhost)
+    ctx.directory.broken = True
+    s = Session(ctx)
     ehlo(s)
     s.cmd("MAIL FROM:<joe@sender.example>")
     assert s.cmd("RCPT TO:<alice@office.example>") == ["451 4.3.0 Directory temporarily unavailable"]
 
 
-def test_rcpt_waits_for_the_directory_and_pipelined_commands_wait_too(mailhost: FakeMailhost) -> None:
+def test_rcpt_waits_for_the_directory_and_pipelined_commands_wait_too(ctx: FakeContext) -> None:
     """The directory answers later (a thread, a network backend): RCPT's reply, and the replies to
     everything pipelined behind it, go out only then and in order (RFC 2920)."""
-    s = Session(mailhost)
+    s = Session(ctx)
     ehlo(s)
     s.cmd("MAIL FROM:<joe@sender.example>")
-    mailhost.directory.hold = True
+    ctx.directory.hold = True
     s.send("RCPT TO:<alice@office.example>\r\nRCPT TO:<friend@remote.example>\r\nNOOP\r\n")
     assert s.new_lines() == []
-    assert len(mailhost.directory.held) == 1
-    mailhost.directory.held.pop().callback(Expansion(mailboxes=("alice@office.example",)))
-    assert s.new_lines() == [str(replies.RECIPIENT_OK), str(mailhost.cfg.replies.relay_denied),
+    assert len(ctx.directory.held) == 1
+    ctx.directory.held.pop().callback(Expansion(mailboxes=("alice@office.example",)))
+    assert s.new_lines() == [str(replies.RECIPIENT_OK), str(ctx.cfg.replies.relay_denied),
                              str(replies.NOOP_OK)]
 
 
-def test_directory_failure_after_a_wait_is_451(mailhost: FakeMailhost) -> None:
+def test_directory_failure_after_a_wait_is_451(ctx: FakeContext) -> None:
     """A lookup that fails later still gives the configured 4xx, and the session goes on."""
-    s = Session(mailhost)
+    s = Session(ctx)
     ehlo(s)
     s.cmd("MAIL FROM:<joe@sender.example>")
-    mailhost.directory.hold = True
+    ctx.directory.hold = True
     s.send("RCPT TO:<alice@office.example>\r\nRSET\r\n")
-    mailhost.directory.held.pop().errback(DirectoryError("locked"))
-    assert s.new_lines() == [str(mailhost.cfg.replies.directory_failure), str(replies.RESET_OK)]
+    ctx.directory.held.pop().errback(DirectoryError("locked"))
+    assert s.new_lines() == [str(ctx.cfg.replies.directory_failure), str(replies.RESET_OK)]
 
 
-def test_list_member_that_is_no_address_is_logged_and_dropped(mailhost: FakeMailhost, logs: LogCapture) -> None:
+def test_list_member_that_is_no_address_is_logged_and_dropped(ctx: FakeContext, logs: LogCapture) -> None:
     """A list in the directory holding a member that does not parse: the other members get the
     mail, and the bad one is named in one mail-log line (not dropped silently)."""
-    mailhost.directory.entries["staff@office.example"] = Expansion(
+    ctx.directory.entries["staff@office.example"] = Expansion(
         mailboxes=("alice@office.example",), others=("bob", "joe@compaq.example"))
-    s = Session(mailhost)
+    s = Session(ctx)
     ehlo(s)
     s.cmd("MAIL FROM:<joe@sender.example>")
     assert s.cmd("RCPT TO:<staff@office.example>") == [str(replies.RECIPIENT_OK)]
     assert s.cmd("DATA")[0].startswith("354 ")
     s.send("Subject: hi\r\n\r\nhello\r\n.\r\n")
-    [call] = mailhost.store.calls
+    [call] = ctx.store.calls
     assert [d.mailboxes for d in call.decisions] == [("alice@office.example", "joe@compaq.example")]
     assert logs.matching("mailguard directory") == [
         "mailguard directory unusable-address: expanding=staff@office.example address=bob "
@@ -422,7 +423,7 @@ def test_data_line_over_limit_closes_and_later_commands_never_run(session_factor
     s = session_factory()
     ehlo(s)
     transaction(s)
-    s.send("Subject: x\r\n\r\n" + "A" * (smtp.MAX_DATA_LINE + 10) + "\r\n.\r\nMAIL FROM:<x@y.example>\r\nNOOP\r\n")
+    s.send("Subject: x\r\n\r\n" + "A" * (wire.MAX_DATA_LINE + 10) + "\r\n.\r\nMAIL FROM:<x@y.example>\r\nNOOP\r\n")
     assert s.closed
     after = s.lines()[s.lines().index("354 End data with <CR><LF>.<CR><LF>") + 1:]
     assert after == ["500 5.5.2 Line too long"]
@@ -435,7 +436,7 @@ def test_data_line_over_limit_across_chunks(session_factory: Open) -> None:
     ehlo(s)
     transaction(s)
     s.send("ok line\r\n")
-    for _ in range(smtp.MAX_DATA_LINE // 4096 + 2):
+    for _ in range(wire.MAX_DATA_LINE // 4096 + 2):
         if s.closed:
             break
         s.send("B" * 4096)
@@ -447,7 +448,7 @@ def test_data_line_over_limit_across_chunks(session_factory: Open) -> None:
 def test_command_line_too_long_is_500_and_session_goes_on(session_factory: Open) -> None:
     """A complete command line over the limit is answered 500; the next command works."""
     s = session_factory()
-    assert s.cmd("NOOP " + "x" * (smtp.MAX_COMMAND + 10)) == ["500 5.5.2 Line too long"]
+    assert s.cmd("NOOP " + "x" * (wire.MAX_COMMAND + 10)) == ["500 5.5.2 Line too long"]
     assert not s.closed
     assert s.cmd("NOOP")[0].startswith("250 ")
 
@@ -456,7 +457,7 @@ def test_unterminated_command_line_closes(session_factory: Open) -> None:
     """A command line with no end past the limit: 500, then the connection is closed."""
     s = session_factory()
     s.new_lines()
-    s.send("MAIL FROM:<" + "a" * (smtp.MAX_COMMAND + 100))
+    s.send("MAIL FROM:<" + "a" * (wire.MAX_COMMAND + 100))
     assert s.new_lines() == ["500 5.5.2 Line too long"]
     assert s.closed
     s.send(">\r\nNOOP\r\n")
@@ -466,44 +467,44 @@ def test_unterminated_command_line_closes(session_factory: Open) -> None:
 # -- pipelining and the store --------------------------------------------------------------------
 
 
-def test_pipelined_replies_wait_for_a_slow_store(mailhost: FakeMailhost) -> None:
+def test_pipelined_replies_wait_for_a_slow_store(ctx: FakeContext) -> None:
     """'.' and QUIT in one write with a slow store: 250 comes before 221, and only after the store."""
-    mailhost.store.auto = False
-    s = Session(mailhost)
+    ctx.store.auto = False
+    s = Session(ctx)
     ehlo(s)
     s.new_lines()
     s.send("MAIL FROM:<joe@sender.example>\r\nRCPT TO:<alice@office.example>\r\nDATA\r\n"
            "Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n")
     assert [ln[:3] for ln in s.new_lines()] == ["250", "250", "354"]
-    assert not s.closed and len(mailhost.store.calls) == 1
-    mailhost.clock.advance(5)
+    assert not s.closed and len(ctx.store.calls) == 1
+    ctx.clock.advance(5)
     assert s.new_lines() == []
-    mailhost.store.calls[0].deferred.callback("ok")
+    ctx.store.calls[0].deferred.callback("ok")
     replies = s.new_lines()
     assert [ln[:3] for ln in replies] == ["250", "221"]
     assert s.closed
 
 
-def test_two_pipelined_messages_each_answered_in_order(mailhost: FakeMailhost) -> None:
+def test_two_pipelined_messages_each_answered_in_order(ctx: FakeContext) -> None:
     """Two whole transactions in one write: two stores, replies strictly in command order."""
-    mailhost.store.auto = False
-    s = Session(mailhost)
+    ctx.store.auto = False
+    s = Session(ctx)
     ehlo(s)
     s.new_lines()
     one = "MAIL FROM:<a@sender.example>\r\nRCPT TO:<alice@office.example>\r\nDATA\r\nfirst\r\n.\r\n"
     s.send(one + one.replace("first", "second") + "QUIT\r\n")
     assert [ln[:3] for ln in s.new_lines()] == ["250", "250", "354"]
-    mailhost.store.calls[0].deferred.callback("ok")
+    ctx.store.calls[0].deferred.callback("ok")
     assert [ln[:3] for ln in s.new_lines()] == ["250", "250", "250", "354"]
-    assert len(mailhost.store.calls) == 2 and mailhost.store.calls[1].message == b"second\r\n"
-    mailhost.store.calls[1].deferred.callback("ok")
+    assert len(ctx.store.calls) == 2 and ctx.store.calls[1].message == b"second\r\n"
+    ctx.store.calls[1].deferred.callback("ok")
     assert [ln[:3] for ln in s.new_lines()] == ["250", "221"]
 
 
-def test_failing_store_is_451(mailhost: FakeMailhost) -> None:
+def test_failing_store_is_451(ctx: FakeContext) -> None:
     """A store failure (disk full) is 451 4.3.0, never 550; the session continues."""
-    mailhost.store.fail = True
-    s = Session(mailhost)
+    ctx.store.fail = True
+    s = Session(ctx)
     ehlo(s)
     transaction(s)
     s.send("x\r\n.\r\n")
@@ -514,33 +515,33 @@ def test_failing_store_is_451(mailhost: FakeMailhost) -> None:
 # -- timeouts and connection limits ----------------------------------------------------------------
 
 
-def test_idle_timeout(mailhost: FakeMailhost) -> None:
+def test_idle_timeout(ctx: FakeContext) -> None:
     """No input for idle_timeout seconds: 421 4.4.2 then close; input resets the timer."""
-    s = Session(mailhost)
-    mailhost.clock.advance(299)
+    s = Session(ctx)
+    ctx.clock.advance(299)
     s.cmd("NOOP")
-    mailhost.clock.advance(299)
+    ctx.clock.advance(299)
     assert not s.closed
-    mailhost.clock.advance(1)
+    ctx.clock.advance(1)
     assert s.lines()[-1].startswith("421 4.4.2") and s.closed
 
 
-def test_session_deadline(mailhost: FakeMailhost) -> None:
+def test_session_deadline(ctx: FakeContext) -> None:
     """A busy but endless session is cut at session_timeout even though it is never idle."""
-    s = Session(mailhost)
+    s = Session(ctx)
     for _ in range(8):
-        mailhost.clock.advance(200)
+        ctx.clock.advance(200)
         assert s.cmd("NOOP")[0].startswith("250 ")
-    mailhost.clock.advance(200)
+    ctx.clock.advance(200)
     assert s.lines()[-1].startswith("421 4.4.2") and s.closed
 
 
-def test_timers_cancelled_on_close(mailhost: FakeMailhost) -> None:
+def test_timers_cancelled_on_close(ctx: FakeContext) -> None:
     """After the connection is lost no timer is left on the clock."""
-    s = Session(mailhost)
+    s = Session(ctx)
     s.cmd("QUIT")
     s.lose()
-    assert mailhost.clock.getDelayedCalls() == []
+    assert ctx.clock.getDelayedCalls() == []
 
 
 def test_connection_limit_per_ip() -> None:
@@ -563,10 +564,10 @@ def test_connection_limit_per_ip() -> None:
 # -- STARTTLS --------------------------------------------------------------------------------------
 
 
-def test_starttls_discards_pipelined_cleartext_and_resets_state(mailhost: FakeMailhost) -> None:
+def test_starttls_discards_pipelined_cleartext_and_resets_state(ctx: FakeContext) -> None:
     """STARTTLS\\r\\nRSET in one write: RSET is not executed; HELO and the transaction are forgotten."""
-    mailhost.tls = FakeTLS()
-    s = Session(mailhost)
+    ctx.tls = FakeTLS()
+    s = Session(ctx)
     ehlo(s)
     s.cmd("MAIL FROM:<joe@sender.example>")
     s.new_lines()
@@ -590,10 +591,10 @@ def test_starttls_without_tls_configured(session_factory: Open) -> None:
 
 
 @pytest.fixture
-def tls_session(mailhost: FakeMailhost) -> Session:
+def tls_session(ctx: FakeContext) -> Session:
     """An encrypted session after EHLO."""
-    mailhost.tls = FakeTLS()
-    s = Session(mailhost, encrypted=True)
+    ctx.tls = FakeTLS()
+    s = Session(ctx, encrypted=True)
     ehlo(s)
     return s
 
@@ -682,7 +683,7 @@ def test_overlong_auth_line_ends_the_exchange(tls_session: Session) -> None:
     line is a command again, not taken as the username."""
     s = tls_session
     assert s.cmd("AUTH LOGIN") == ["334 VXNlcm5hbWU6"]
-    assert s.cmd("A" * (smtp.MAX_AUTH_LINE + 10)) == ["500 5.5.2 Line too long"]
+    assert s.cmd("A" * (wire.MAX_AUTH_LINE + 10)) == ["500 5.5.2 Line too long"]
     assert s.cmd("NOOP")[0].startswith("250 ")
     assert s.host.authenticator.calls == []
 
@@ -733,15 +734,15 @@ def test_auth_waits_and_holds_pipelined_commands(tls_session: Session) -> None:
     assert [ln[:3] for ln in s.new_lines()] == ["235", "250"]
 
 
-def test_auth_relay_permission_lasts_for_the_connection_only(mailhost: FakeMailhost) -> None:
+def test_auth_relay_permission_lasts_for_the_connection_only(ctx: FakeContext) -> None:
     """A new connection from the same client is not authenticated."""
-    mailhost.tls = FakeTLS()
-    s = Session(mailhost, encrypted=True)
+    ctx.tls = FakeTLS()
+    s = Session(ctx, encrypted=True)
     ehlo(s)
     s.cmd(f"AUTH PLAIN {plain('alice@office.example', 'secret')}")
     s.cmd("QUIT")
     s.lose()
-    again = Session(mailhost, encrypted=True)
+    again = Session(ctx, encrypted=True)
     ehlo(again)
     again.cmd("MAIL FROM:<joe@sender.example>")
     assert again.cmd("RCPT TO:<friend@remote.example>")[0].startswith("550 5.7.1")
@@ -761,11 +762,11 @@ def test_received_header_says_authenticated(tls_session: Session) -> None:
 
 
 @pytest.fixture
-def submission(mailhost: FakeMailhost) -> Session:
+def submission(ctx: FakeContext) -> Session:
     """An encrypted submission session after EHLO."""
-    mailhost.tls = FakeTLS()
-    mailhost.directory.owned["alice@office.example"] = {"alice@office.example", "a.smith@office.example"}
-    s = Session(mailhost, kind="submission", encrypted=True)
+    ctx.tls = FakeTLS()
+    ctx.directory.owned["alice@office.example"] = {"alice@office.example", "a.smith@office.example"}
+    s = Session(ctx, kind="submission", encrypted=True)
     ehlo(s)
     return s
 
@@ -826,21 +827,21 @@ def test_command_flood_without_mail_is_cut(session_factory: Open) -> None:
 def test_error_flood_is_cut(session_factory: Open) -> None:
     """More than MAX_ERRORS error replies end the session with 421."""
     s = session_factory()
-    s.send("FROB\r\n" * (smtp.MAX_ERRORS + 5))
+    s.send("FROB\r\n" * (wire.MAX_ERRORS + 5))
     assert s.closed and s.lines()[-1].startswith("421 ")
-    assert s.codes().count("500") == smtp.MAX_ERRORS + 1
+    assert s.codes().count("500") == wire.MAX_ERRORS + 1
 
 
-def test_many_messages_with_rset_on_one_connection(mailhost: FakeMailhost) -> None:
+def test_many_messages_with_rset_on_one_connection(ctx: FakeContext) -> None:
     """A client that sends RSET before every message (Postfix's connection cache does) is served
     for as long as it delivers mail: RSET before a transaction is not a flood."""
-    s = Session(mailhost)
+    s = Session(ctx)
     ehlo(s)
     for i in range(smtp.MAX_JUNK + 20):
         s.send(f"RSET\r\nMAIL FROM:<joe@sender.example>\r\nRCPT TO:<alice@office.example>\r\nDATA\r\n"
                f"Subject: {i}\r\n\r\nbody\r\n.\r\n")
     assert not s.closed, s.lines()[-3:]
-    assert len(mailhost.store.calls) == smtp.MAX_JUNK + 20
+    assert len(ctx.store.calls) == smtp.MAX_JUNK + 20
 
 
 def test_message_sent_one_byte_at_a_time(session_factory: Open) -> None:

@@ -31,7 +31,7 @@ from mailguard.storage.groupcommit import GroupCommit
 from mailguard.storage.queue import Queue
 from mailguard.app.limits import ConnectionLimiter
 from mailguard.milter.chain import MilterChain
-from mailguard.smtp.server import SMTPFactory
+from mailguard.smtp.server import SMTPContext, SMTPFactory
 from mailguard.app.tls import TLSContext
 
 if TYPE_CHECKING:
@@ -163,9 +163,12 @@ class Mailhost(service.MultiService):
 
     def _listen(self) -> None:
         listen = self.cfg.listen
+        ctx = SMTPContext(cfg=self.cfg, directory=self.directory, store=self.store,
+                          authenticator=self.authenticator, pop_before_smtp=self.pop_before_smtp,
+                          limiter=self.limiter, tls=self.tls, clock=self.clock, milters=self.milters)
         for kind in ("smtp", "submission", "submissions"):
             for desc in getattr(listen, kind):
-                listener = ListenerService(self.reactor, desc, SMTPFactory(self, kind), self.tls)
+                listener = ListenerService(self.reactor, desc, SMTPFactory(ctx, kind), self.tls)
                 service.Service.setServiceParent(listener, self)
         pop3_factory = self._pop3_factory()
         for desc in listen.pop3 + listen.pop3s:

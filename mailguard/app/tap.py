@@ -11,7 +11,6 @@ import sys
 from twisted.application import service
 from twisted.python import usage
 
-from mailguard.smtp import _twistedmail  # noqa: F401  (Twisted's mail modules without import-time DNS)
 from mailguard import config
 
 

@@ -1,0 +1,60 @@
+"""What an SMTP session needs from the running host, and nothing more.
+
+:class:`SMTPContext` is built once by the service and shared by every session of
+every SMTP listener.  Each part is named by the small interface the session uses,
+so tests hand in fakes and the SMTP package never imports the service.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+
+from mailguard.app.limits import ConnectionLimiter
+from mailguard.config import Config
+from mailguard.core.policy import Decision
+from mailguard.directory.base import Directory
+from mailguard.milter.chain import MilterChain
+
+
+class MessageStore(Protocol):
+    """Makes an accepted message durable (the Deferred fires when it is; fails: 451)."""
+
+    def store(self, msg_id: str, sender: str, decisions: Sequence[Decision], received: bytes,
+              message: bytes, held: str = "") -> Deferred[Any]: ...
+
+
+class CredentialCheck(Protocol):
+    """Checks a login: the mailbox, None for bad credentials, or a Throttled failure."""
+
+    def check(self, login: str, password: str, client_ip: str, service: str) -> Deferred[Any]: ...
+
+
+class RecentLogins(Protocol):
+    """POP-before-SMTP: did this IP log in over POP3 recently?"""
+
+    def allowed(self, ip: str) -> bool: ...
+
+
+class TLSOptions(Protocol):
+    """The server certificate, as ``transport.startTLS`` takes it."""
+
+    def options(self) -> Any: ...
+
+
+@dataclass
+class SMTPContext:
+    """The shared parts of the SMTP listeners."""
+
+    cfg: Config
+    directory: Directory
+    store: MessageStore
+    authenticator: CredentialCheck
+    pop_before_smtp: RecentLogins
+    limiter: ConnectionLimiter
+    tls: TLSOptions | None
+    clock: IReactorTime
+    milters: MilterChain | None = None         # [filters]; None when no milter is configured

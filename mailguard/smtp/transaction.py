@@ -1,0 +1,221 @@
+"""The mail transaction: MAIL, RCPT, DATA and the store behind the final dot.
+
+- MAIL needs HELO/EHLO (and AUTH on the submission ports); ``SIZE=`` and ``BODY=``
+  are honoured, ``AUTH=`` accepted and not trusted (RFC 4954 section 5).  With
+  ``[submission] enforce_sender`` an authenticated client may only use its own
+  addresses (asked of the directory).
+- Each RCPT is judged by :func:`mailguard.core.policy.decide` on facts fetched
+  from the directory (:func:`mailguard.directory.facts.gather`); a directory that
+  cannot answer gives the 4xx ``directory_failure``.  One log line per decision.
+- After the final dot: a bare CR or LF anywhere is ``550 5.6.2`` (RFC 5321 section
+  2.3.8), more than :data:`~mailguard.smtp.trace.MAX_HOPS` Received: headers a mail
+  loop (554); otherwise ``250`` only once every copy is on disk, ``451`` if the
+  store fails (transient, never 550).
+- Mail from untrusted clients (and from trusted ones with ``for_trusted``) passes
+  the ``[filters]`` milters first: the filtered copy is stored, held when
+  quarantined; a refusal is answered as the milter said; a discard answers 250 and
+  stores nothing.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from mailguard.app import maillog
+from mailguard.app.connection import connection
+from mailguard.core import policy, replies
+from mailguard.core.address import AddressError, parse_mail_arg, parse_path
+from mailguard.directory.base import DirectoryError
+from mailguard.directory.facts import gather
+from mailguard.milter import filtering
+from mailguard.milter.client import Facts
+from mailguard.smtp import trace
+from mailguard.smtp.session import Envelope, Session
+
+DATA_GO_AHEAD = "354 End data with <CR><LF>.<CR><LF>\r\n"
+
+
+class MailCommands(Session):
+    """MAIL, RCPT, DATA and the end of a message."""
+
+    def smtp_MAIL(self, arg: str) -> None:
+        if self.helo is None:
+            self.reply(replies.HELO_FIRST)
+            return
+        if self.envelope.sender is not None:
+            self.reply(replies.NESTED_MAIL)
+            return
+        if self.kind != "smtp" and not self.authenticated:
+            self.reply(replies.AUTH_REQUIRED)
+            return
+        try:
+            path, params = parse_mail_arg(arg, "FROM")
+            sender = parse_path(path, null_ok=True)
+        except AddressError:
+            self.reply(replies.BAD_SENDER_SYNTAX)
+            return
+        size = 0
+        for name, value in params.items():
+            if name == "SIZE" and value is not None and value.isdigit():
+                size = int(value)
+            elif name == "BODY" and value is not None and value.upper() in ("7BIT", "8BITMIME"):
+                pass
+            elif name == "AUTH" and value is not None:
+                pass                               # RFC 4954 section 5: accepted, not trusted
+            else:
+                self.reply(replies.BAD_PARAM)
+                return
+        if size > self.cfg.limits.max_message_size:
+            self.reply(replies.TOO_BIG)
+            return
+        sender_text = str(sender) if sender is not None else ""
+        if self.authenticated and sender is not None and self.cfg.submission.enforce_sender:
+            self.pause()
+            d = self.ctx.directory.addresses_of(self.authenticated)
+            d.addCallbacks(self._sender_owned, self._lookup_failed, callbackArgs=(sender.key, sender_text, size))
+            d.addBoth(lambda _: self.resume())
+            return
+        self.envelope = Envelope(sender=sender_text, declared_size=size)
+        self.reply(replies.SENDER_OK)
+
+    def _sender_owned(self, owned: frozenset[str], key: str, sender_text: str, size: int) -> None:
+        if key not in owned:
+            maillog.event("smtp", "sender-refused", self.client_ip, user=self.authenticated, sender=sender_text)
+            self.reply(replies.SENDER_NOT_OWNED)
+            return
+        self.envelope = Envelope(sender=sender_text, declared_size=size)
+        self.reply(replies.SENDER_OK)
+
+    def _lookup_failed(self, f: Failure) -> None:
+        """A directory lookup for MAIL failed: 4xx, never a pass."""
+        if not f.check(DirectoryError):
+            maillog.log.failure("mailguard smtp directory lookup error", f)
+        self.reply(self.cfg.replies.directory_failure)
+
+    def smtp_RCPT(self, arg: str) -> None:
+        env = self.envelope
+        if env.sender is None:
+            self.reply(replies.MAIL_FIRST)
+            return
+        try:
+            path, params = parse_mail_arg(arg, "TO")
+        except AddressError:
+            self.reply(replies.ARG_SYNTAX)
+            return
+        if params:
+            self.reply(replies.BAD_PARAM)
+            return
+        if len(env.decisions) >= self.cfg.limits.max_recipients:
+            self.reply(replies.TOO_MANY_RCPT)
+            return
+        who = self.policy_client()
+        self.pause()
+        d = gather(lambda facts: policy.decide(self.cfg, facts, who, path), self.ctx.directory)
+        d.addErrback(self._decision_failed, path)
+        d.addCallback(self._decided, env)
+        d.addBoth(lambda _: self.resume())
+
+    def _decision_failed(self, f: Failure, path: str) -> policy.Decision:
+        """The directory could not answer for this recipient: 4xx (directory_failure)."""
+        if not f.check(DirectoryError):
+            maillog.log.failure("mailguard smtp directory lookup error", f)
+        return policy.directory_failure(self.cfg, path)
+
+    def _decided(self, decision: policy.Decision, env: Envelope) -> None:
+        maillog.decision(self.client_ip, self.local_ip, self.helo or "", env.sender or "", decision.recipient,
+                         decision.rule, decision.reply)
+        if decision.accepted:
+            env.decisions.append(decision)
+        self.reply(decision.reply)
+
+    def smtp_DATA(self, arg: str) -> None:
+        env = self.envelope
+        if env.sender is None:
+            self.reply(replies.MAIL_FIRST)
+        elif not env.decisions:
+            self.reply(replies.NO_VALID_RCPT)
+        elif arg:
+            self.reply(replies.ARG_SYNTAX)
+        else:
+            self.start_data()
+            self.send_raw(DATA_GO_AHEAD)
+
+    def message_received(self, message: bytes, too_big: bool) -> None:
+        env, self.envelope = self.envelope, Envelope()
+        if too_big or len(message) > self.cfg.limits.max_message_size:
+            self.reply(replies.TOO_BIG)
+            return
+        crlf = message.count(b"\r\n")
+        if message.count(b"\r") != crlf or message.count(b"\n") != crlf:
+            maillog.event("smtp", "bare-linefeed", self.client_ip, sender=env.sender)
+            self.reply(replies.BARE_LINEFEED)
+            return
+        # Remove dot-stuffing (RFC 5321 section 4.5.2).
+        message = (b"\r\n" + message).replace(b"\r\n.", b"\r\n")[2:]
+        if trace.hops(message) > trace.MAX_HOPS:
+            maillog.event("smtp", "mail-loop", self.client_ip, sender=env.sender)
+            self.reply(replies.TOO_MANY_HOPS)
+            return
+        msg_id = trace.make_id(self.clock)
+        received = trace.received(
+            msg_id=msg_id, helo=self.helo, client_ip=self.client_ip, hostname=self.cfg.server.hostname,
+            esmtp=self.esmtp, encrypted=self.encrypted, authenticated=bool(self.authenticated),
+            recipient=env.decisions[0].recipient if len(env.decisions) == 1 else None, now=self.clock.seconds())
+        self.pause()
+        if filtering.applies(self.cfg, self.policy_client()):
+            filtered = Deferred.fromCoroutine(self._filter_and_store(msg_id, env, received, message))
+            filtered.addErrback(self._filter_failed, msg_id).addBoth(lambda _: self.resume())
+            return
+        d = self.ctx.store.store(msg_id, env.sender or "", env.decisions, received, message)
+
+        def stored(_: object) -> None:
+            maillog.event("smtp", "stored", self.client_ip, id=msg_id, sender=env.sender,
+                          rcpts=len(env.decisions), size=len(message))
+            self.stored()
+            self.reply(replies.QUEUED, msg_id)
+
+        def failed(f: Failure) -> None:
+            maillog.log.failure("mailguard smtp store failed for {id}", f, id=msg_id)
+            self.reply(replies.STORE_FAILED)
+
+        d.addCallbacks(stored, failed).addBoth(lambda _: self.resume())
+
+    def stored(self) -> None:
+        """A message was stored (the session's flood counter restarts)."""
+
+    def policy_client(self) -> policy.Client:
+        """What the policy knows about this client now."""
+        return policy.Client(self.client_ip_obj, self.local_ip_obj, self.authenticated,
+                             self.ctx.pop_before_smtp.allowed(self.client_ip))
+
+    async def _filter_and_store(self, msg_id: str, env: Envelope, received: bytes, message: bytes) -> None:
+        """Run the milters ([filters]), then store what they left, held if they quarantined it."""
+        assert self.ctx.milters is not None, "[filters] milters configured but no MilterChain given"
+        conn = connection(self.transport)
+        peer, local = conn.getPeer(), conn.getHost()
+        facts = Facts(hostname=self.cfg.server.hostname, daemon_name=self.kind, client_addr=self.client_ip,
+                      client_port=getattr(peer, "port", 0), client_name="unknown", local_addr=self.local_ip,
+                      local_port=getattr(local, "port", 0), helo=self.helo or "", sender=env.sender or "",
+                      recipients=list(dict.fromkeys(d.recipient for d in env.decisions)), queue_id=msg_id,
+                      auth_authen=self.authenticated or "", tls_version=filtering.tls_version(self.transport))
+        result = await filtering.filter_transaction(self.cfg, self.ctx.milters, self.ctx.directory,
+                                                    facts, env.decisions, received, message)
+        if result.action == "refuse":
+            assert result.reply is not None
+            self.reply(result.reply)
+            return
+        if result.action == "store":
+            await self.ctx.store.store(msg_id, result.sender, result.decisions, b"", result.message,
+                                       held=result.held)
+            maillog.event("smtp", "held" if result.held else "stored", self.client_ip, id=msg_id,
+                          sender=result.sender, rcpts=len(result.decisions), size=len(result.message))
+        self.stored()
+        self.reply(replies.QUEUED, msg_id)
+
+    def _filter_failed(self, f: Failure, msg_id: str) -> None:
+        if f.check(DirectoryError):
+            self.reply(self.cfg.replies.directory_failure)
+            return
+        maillog.log.failure("mailguard smtp filtering or store failed for {id}", f, id=msg_id)
+        self.reply(replies.STORE_FAILED)

@@ -1,0 +1,202 @@
+"""The SMTP wire: framing, line limits, DATA end detection and reply order.
+
+:class:`SMTPWire` reads the byte stream itself (Twisted's ``LineReceiver`` and
+``ESMTP`` line handling is where their faults live) and hands complete units to
+the session above it:
+
+- Commands and DATA are parsed from one buffer.  A command line past
+  :data:`MAX_COMMAND` (an AUTH response past :data:`MAX_AUTH_LINE`) is answered
+  500; a line with no end past it, or a DATA line past :data:`MAX_DATA_LINE`, is
+  answered 500 and the connection closed: the rest is never read as commands.
+- Only ``CRLF.CRLF`` ends DATA.  The message goes up with its dot-stuffing and any
+  bare CR/LF untouched (the session judges them); past the size limit the body is
+  no longer kept, only its end looked for.
+- Replies go out strictly in order: while the session waits (:meth:`pause`, for a
+  password check, a directory lookup, a store), later pipelined input waits in the
+  buffer, and past :data:`MAX_PENDING_INPUT` the transport stops reading (RFC 2920).
+- More than :data:`MAX_ERRORS` error replies close the session with 421.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import protocol
+
+from mailguard.app.connection import connection
+from mailguard.core import replies
+
+MAX_COMMAND = 2048           # octets in a command line (RFC 5321 says 512; Postfix allows 2048)
+MAX_AUTH_LINE = 12288        # RFC 4954 section 4
+MAX_DATA_LINE = 65536        # a DATA line longer than this closes the connection
+MAX_ERRORS = 50              # error replies in one session before 421
+MAX_PENDING_INPUT = 1 << 20  # pipelined input held while a reply is pending
+
+TOO_MANY_ERRORS = replies.Reply(421, "4.7.0", "Too many errors, closing connection")
+
+COMMAND, DATA, AUTH, CLOSED = "command", "data", "auth", "closed"
+
+
+class SMTPWire(protocol.Protocol):
+    """Framing and limits for one connection; the session overrides the ``*_received`` hooks."""
+
+    max_message_size = 0                        # set by the session from [limits]
+
+    def __init__(self) -> None:
+        self.mode = COMMAND                     # command | data | auth | closed
+        self._buf = bytearray()
+        self._paused = False
+        self._processing = False
+        self._errors = 0
+        self._body: bytearray | None = None
+        self._too_big = False
+        self._line_len = 0
+
+    # -- hooks ---------------------------------------------------------------------
+
+    def input_seen(self) -> None:
+        """Bytes arrived (the idle timer restarts)."""
+
+    def command_received(self, line: bytes) -> None:
+        """One command line, without its CRLF."""
+        raise NotImplementedError
+
+    def auth_response_received(self, line: bytes) -> None:
+        """One line of a SASL exchange (mode ``auth``), without its CRLF."""
+        raise NotImplementedError
+
+    def auth_aborted(self) -> None:
+        """A SASL response line was too long: the exchange cannot go on in step."""
+
+    def message_received(self, message: bytes, too_big: bool) -> None:
+        """The DATA between the 354 and the final dot, CRLF line ends, dot-stuffing kept."""
+        raise NotImplementedError
+
+    # -- output ----------------------------------------------------------------------
+
+    def send_raw(self, text: str) -> None:
+        """Write ``text`` unless the session is closed."""
+        if self.mode != CLOSED:
+            connection(self.transport).write(text.encode("utf-8", "replace"))
+
+    def reply(self, r: replies.Reply, suffix: str = "") -> None:
+        """Send one reply line; 5xx and 421 replies count towards the error limit."""
+        line = str(r) + (f" {suffix}" if suffix else "")
+        self.send_raw(line + "\r\n")
+        if r.code >= 500 or r.code in (421,):
+            self._errors += 1
+            if self._errors > MAX_ERRORS and self.mode != CLOSED:
+                self.close(TOO_MANY_ERRORS)
+
+    def close(self, r: replies.Reply) -> None:
+        """Send a last reply and close; nothing more is read."""
+        self.send_raw(f"{r}\r\n")
+        self.mode = CLOSED
+        self._buf.clear()
+        connection(self.transport).loseConnection()
+
+    # -- input -------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.mode == CLOSED:
+            return
+        self.input_seen()
+        self._buf += data
+        if self._paused:
+            if len(self._buf) > MAX_PENDING_INPUT:
+                connection(self.transport).pauseProducing()
+            return
+        self._process()
+
+    def discard_input(self) -> None:
+        """Forget buffered input (what a client pipelined after STARTTLS, RFC 3207 section 4.2)."""
+        self._buf.clear()
+
+    def start_data(self) -> None:
+        """Read a message from here on, up to ``CRLF.CRLF``."""
+        self.mode = DATA
+        self._body = bytearray(b"\r\n")     # a virtual CRLF: the first line can be "."
+        self._too_big = False
+        self._line_len = 0
+
+    def pause(self) -> None:
+        """Hold further input until :meth:`resume` (a reply is pending)."""
+        self._paused = True
+
+    def resume(self) -> None:
+        """Go on with buffered input."""
+        self._paused = False
+        if self.mode == CLOSED:
+            return
+        connection(self.transport).resumeProducing()
+        if self._buf:
+            self._process()
+
+    def _process(self) -> None:
+        if self._processing:                    # resumed from inside the loop: it goes on
+            return
+        self._processing = True
+        try:
+            self._process_buffer()
+        finally:
+            self._processing = False
+
+    def _process_buffer(self) -> None:
+        while not self._paused and self.mode != CLOSED and self._buf:
+            if self.mode == DATA:
+                if not self._data_input():
+                    return
+                continue
+            nl = self._buf.find(b"\n")
+            limit = MAX_AUTH_LINE if self.mode == AUTH else MAX_COMMAND
+            if nl < 0:
+                if len(self._buf) > limit:
+                    self.close(replies.LINE_TOO_LONG)
+                return
+            line = bytes(self._buf[:nl])
+            del self._buf[: nl + 1]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if len(line) > limit:
+                if self.mode == AUTH:
+                    self.mode = COMMAND
+                    self.auth_aborted()
+                self.reply(replies.LINE_TOO_LONG)
+            elif self.mode == AUTH:
+                self.auth_response_received(line)
+            else:
+                self.command_received(line)
+
+    def _data_input(self) -> bool:
+        """Consume buffered DATA; True when the message ended and commands follow."""
+        assert self._body is not None
+        data = bytes(self._buf)
+        self._buf.clear()
+        if self._long_line(data):
+            self.close(replies.LINE_TOO_LONG)
+            return False
+        body = self._body
+        start = max(0, len(body) - 4)
+        body += data
+        end = body.find(b"\r\n.\r\n", start)
+        if end < 0:
+            if len(body) > self.max_message_size + 2:
+                self._too_big = True
+                del body[:-4]
+            return False
+        self._buf += body[end + 5:]
+        message = bytes(body[2: end + 2])
+        self._body = None
+        self.mode = COMMAND
+        self.message_received(message, self._too_big)
+        return True
+
+    def _long_line(self, data: bytes) -> bool:
+        first = data.find(b"\n")
+        if first < 0:
+            self._line_len += len(data)
+            return self._line_len > MAX_DATA_LINE
+        if self._line_len + first > MAX_DATA_LINE:
+            return True
+        if len(data) > MAX_DATA_LINE and max(map(len, data.split(b"\n"))) > MAX_DATA_LINE:
+            return True
+        self._line_len = len(data) - data.rfind(b"\n") - 1
+        return False
