@@ -20,8 +20,8 @@ the CLI makes, run on the caller's thread.  A locked or unreadable database rais
 :class:`DirectoryError`.
 
 :class:`SQLiteDirectory` is the server's :class:`~mailguard.directory.base.Directory`:
-it runs every store call in a small dedicated thread pool (a locked database waits
-there for its busy timeout, never on the reactor), and password checks, which cost
+it runs every lookup on a dedicated thread (a locked database waits there for its
+busy timeout, never on the reactor), and password checks, which cost
 tens of milliseconds of CPU, on the pool it is given for hashing.
 """
 
@@ -327,13 +327,18 @@ class SQLiteStore:
 
 
 T = TypeVar("T")
-QUERY_THREADS = 4      # concurrent SQLite lookups; more would only wait on the same file lock
+# One lookup thread, so one connection: in WAL mode readers do not wait for writers,
+# so more threads would only help while the file is locked, when each would wait out
+# the same busy timeout; and every idle connection left open keeps other processes
+# from locking the file exclusively (a lookup that finds the file gone or broken
+# closes its thread's connection, which then is the only one).
+QUERY_THREADS = 1
 
 
 class SQLiteDirectory:
     """The :class:`~mailguard.directory.base.Directory` over a :class:`SQLiteStore`.
 
-    Lookups run on a pool of :data:`QUERY_THREADS` threads of its own, started at the
+    Lookups run on a pool of :data:`QUERY_THREADS` thread(s) of its own, started at the
     first lookup (after twistd has forked) and stopped by :meth:`close`; password
     checks run on ``hash_pool`` (the caller starts and stops it).
     """
