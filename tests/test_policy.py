@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from mailguard import config
 from mailguard.core import policy
 from mailguard.core.entries import Expansion
+from mailguard.core.srs import SRS
 from mailguard.directory.base import DirectoryError
 
 from conftest import FakeDirectory, make_config
@@ -433,3 +434,50 @@ def test_unrouted_domain_accepted_only_with_relay_permission(cfg: config.Config,
         assert d.mailboxes or d.remote
     if on_never:
         assert d.rule != "relay_domain" and not (d.accepted and not routed)
+
+
+# -- SRS bounces ---------------------------------------------------------------------------------
+
+SRS_SECRET = SRS(b"office secret")
+NOW = 1796100000.0
+
+
+def decide_srs(cfg: config.Config, gal: FakeDirectory, rcpt: str, ip: str = OUTSIDER) -> policy.Decision:
+    who = policy.client(ip)
+    return policy.settle(lambda facts: policy.decide(cfg, facts, who, rcpt, srs=SRS_SECRET, now=NOW), gal.lookup)
+
+
+def test_srs_bounce_goes_back_to_the_original_sender(office_cfg: config.Config, gal: FakeDirectory) -> None:
+    """A bounce to an SRS address we made is accepted from anyone and queued to the original sender."""
+    address = SRS_SECRET.forward("alice@sender.example", "office.example", NOW)
+    d = decide_srs(office_cfg, gal, f"<{address}>")
+    assert (str(d.reply), d.rule, d.remote, d.mailboxes) == (
+        "250 2.1.5 Recipient ok", "srs", ("alice@sender.example",), ())
+
+
+def test_srs_bounce_to_a_local_original_is_delivered_locally(office_cfg: config.Config, gal: FakeDirectory) -> None:
+    """When the original sender is one of our mailboxes, the bounce lands in it."""
+    address = SRS_SECRET.forward("alice@office.example", "office.example", NOW)
+    d = decide_srs(office_cfg, gal, f"<{address}>")
+    assert (d.rule, d.mailboxes) == ("inbound", ("alice@office.example",))
+
+
+@pytest.mark.parametrize("forged", [
+    "SRS0=AAAA=JU=victim.example=bob@office.example",
+    "SRS0=broken@office.example",
+])
+def test_forged_srs_is_unknown(office_cfg: config.Config, gal: FakeDirectory, forged: str) -> None:
+    """A forged or expired SRS address gets the unknown_recipient reply (rule srs_invalid)."""
+    d = decide_srs(office_cfg, gal, f"<{forged}>")
+    assert (d.reply, d.rule) == (office_cfg.replies.unknown_recipient, "srs_invalid")
+
+
+def test_expired_srs_is_unknown(office_cfg: config.Config, gal: FakeDirectory) -> None:
+    address = SRS_SECRET.forward("alice@sender.example", "office.example", NOW - 30 * 86400)
+    assert decide_srs(office_cfg, gal, f"<{address}>").rule == "srs_invalid"
+
+
+def test_srs_form_outside_our_domains_is_ordinary_relaying(office_cfg: config.Config, gal: FakeDirectory) -> None:
+    """An SRS address in a remote domain is just a remote recipient: relay rules apply."""
+    address = SRS_SECRET.forward("alice@sender.example", "elsewhere.example", NOW)
+    assert decide_srs(office_cfg, gal, f"<{address}>").rule == "relay_denied"

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import time
 from typing import Any
 
 from twisted.internet import defer
 
 from mailguard import config
 from mailguard.checks.pipeline import InboundChecks, trusted
+from mailguard.core.srs import SRS
 from mailguard.core import policy, replies
 from mailguard.core.address import AddressError, parse_path
 from mailguard.core.checks import Refusal
@@ -119,8 +121,10 @@ async def _decide(cfg: config.Config, args: argparse.Namespace, checks: InboundC
     if refusal is not None:
         return [_line(r, refusal, args.verbose) for r in rcpts]
     out = []
+    key = cfg.server.data_dir / "srs.key"
+    srs = SRS(key.read_bytes()) if key.is_file() else None     # the CLI never makes one
     for rcpt in rcpts:
-        step = functools.partial(policy.decide, cfg, who=who, text=rcpt)
+        step = functools.partial(policy.decide, cfg, who=who, text=rcpt, srs=srs, now=time.time())
         try:
             decision = await gather(step, directory)
         except DirectoryError:

@@ -22,7 +22,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
 from mailguard.auth import authenticator as auth
-from mailguard.storage import delivery
+from mailguard.core.srs import SRS
+from mailguard.dkim.outgoing import Outgoing
+from mailguard.storage import delivery, srskey
 from mailguard.config import Config
 from mailguard.directory.base import Directory
 from mailguard.directory.sqlite import SQLiteDirectory, SQLiteStore
@@ -112,7 +114,9 @@ class Mailhost(service.MultiService):
         filters = cfg.filters
         self.milters = MilterChain(reactor, filters.milters, filters.milter_default_action,
                                    float(filters.milter_timeout))
-        self.store = delivery.Store(cfg, self.directory, self.queue, wake=self._wake, commit=self.commit)
+        self.srs = SRS(srskey.load_or_create(cfg.server.data_dir / "srs.key"))
+        self.store = delivery.Store(cfg, self.directory, self.queue, wake=self._wake, commit=self.commit,
+                                    srs=self.srs)
         if self.runner is not None:
             service.Service.setServiceParent(self.runner, self)
         self._listen()
@@ -165,7 +169,8 @@ class Mailhost(service.MultiService):
         listen = self.cfg.listen
         ctx = SMTPContext(cfg=self.cfg, directory=self.directory, store=self.store,
                           authenticator=self.authenticator, pop_before_smtp=self.pop_before_smtp,
-                          limiter=self.limiter, tls=self.tls, clock=self.clock, milters=self.milters)
+                          limiter=self.limiter, tls=self.tls, clock=self.clock, milters=self.milters,
+                          outgoing=Outgoing(self.cfg), srs=self.srs)
         for kind in ("smtp", "submission", "submissions"):
             for desc in getattr(listen, kind):
                 listener = ListenerService(self.reactor, desc, SMTPFactory(ctx, kind), self.tls)

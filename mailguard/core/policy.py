@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, TypeVar
 
 from mailguard.core import replies
+from mailguard.core.srs import SRS, SRSError, is_srs
 from mailguard.core.address import Address, AddressError, parse_path
 from mailguard.config import Config, IPAddress
 from mailguard.core.entries import Expansion
@@ -169,8 +170,13 @@ def _recipient(cfg: Config, text: str) -> Address | Decision:
     return addr
 
 
-def decide(cfg: Config, facts: Facts, who: Client, text: str) -> Decision | Missing:
+def decide(cfg: Config, facts: Facts, who: Client, text: str, *, srs: SRS | None = None,
+           now: float = 0.0) -> Decision | Missing:
     """Judge the forward-path ``text`` (as given after ``RCPT TO:``) for this client.
+
+    With ``srs`` (the server's SRS secret) an SRS0/SRS1 address in an inbound domain
+    is a bounce to forwarded mail: it verifies (at time ``now``) and goes back to the
+    original sender (rule ``srs``), or is refused as unknown (``srs_invalid``).
 
     Returns :class:`Missing` while ``facts`` lacks an expansion the rules need.
     """
@@ -178,9 +184,30 @@ def decide(cfg: Config, facts: Facts, who: Client, text: str) -> Decision | Miss
     if isinstance(addr, Decision):
         return addr
     try:
+        if srs is not None and is_srs(addr.local):
+            route = cfg.route_for(addr.domain)
+            if route is not None and route.route == "inbound":
+                return _srs_bounce(cfg, facts, srs, addr, now)
         return _route(cfg, facts, who, addr)
     except _Need as need:
         return Missing(need.key)
+
+
+def _srs_bounce(cfg: Config, facts: Facts, srs: SRS, addr: Address, now: float) -> Decision:
+    """A reply to mail forwarded with an SRS sender: back to the original sender, for anyone.
+
+    A forged or expired SRS address is unknown (the ``unknown_recipient`` reply).
+    """
+    try:
+        original = parse_path(srs.reverse(addr.local, now))
+    except (SRSError, AddressError):
+        return _refuse(cfg, cfg.replies.unknown_recipient, "srs_invalid", addr.key)
+    assert original is not None
+    final, _ = final_domain(cfg, original)
+    route = None if final.is_literal else cfg.route_for(final.domain)
+    if route is not None and route.route == "inbound":
+        return _inbound(cfg, facts, final)
+    return Decision(replies.RECIPIENT_OK, "srs", addr.key, remote=(str(final),))
 
 
 def directory_failure(cfg: Config, text: str) -> Decision:

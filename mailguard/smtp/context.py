@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IReactorTime
 from mailguard.app.limits import ConnectionLimiter
 from mailguard.config import Config
 from mailguard.core.policy import Decision
+from mailguard.core.srs import SRS
 from mailguard.directory.base import Directory
 from mailguard.milter.chain import MilterChain
 
@@ -39,6 +40,12 @@ class RecentLogins(Protocol):
     def allowed(self, ip: str) -> bool: ...
 
 
+class OutgoingMail(Protocol):
+    """Completes and DKIM-signs a trusted client's message (the Deferred fires with it)."""
+
+    def prepare(self, message: bytes, msg_id: str, now: float) -> Deferred[bytes]: ...
+
+
 class TLSOptions(Protocol):
     """The server certificate, as ``transport.startTLS`` takes it."""
 
@@ -58,3 +65,5 @@ class SMTPContext:
     tls: TLSOptions | None
     clock: IReactorTime
     milters: MilterChain | None = None         # [filters]; None when no milter is configured
+    outgoing: OutgoingMail | None = None       # Date/Message-ID and DKIM for trusted clients' mail
+    srs: SRS | None = None                     # the SRS secret: bounces to forwarded mail verify

@@ -11,6 +11,9 @@
   2.3.8), more than :data:`~mailguard.smtp.trace.MAX_HOPS` Received: headers a mail
   loop (554); otherwise ``250`` only once every copy is on disk, ``451`` if the
   store fails (transient, never 550).
+- Mail from trusted clients gets a missing ``Date:``/``Message-ID:`` and its DKIM
+  signatures (:mod:`mailguard.dkim.outgoing`) just before it is stored; a key that
+  cannot sign is a 451.
 - Mail from untrusted clients (and from trusted ones with ``for_trusted``) passes
   the ``[filters]`` milters first: the filtered copy is stored, held when
   quarantined; a refusal is answered as the milter said; a discard answers 250 and
@@ -28,6 +31,7 @@ from mailguard.core import policy, replies
 from mailguard.core.address import AddressError, parse_mail_arg, parse_path
 from mailguard.directory.base import DirectoryError
 from mailguard.directory.facts import gather
+from mailguard.dkim.sign import SigningError
 from mailguard.milter import filtering
 from mailguard.milter.client import Facts
 from mailguard.smtp import trace
@@ -111,7 +115,9 @@ class MailCommands(Session):
             return
         who = self.policy_client()
         self.pause()
-        d = gather(lambda facts: policy.decide(self.cfg, facts, who, path), self.ctx.directory)
+        now = self.clock.seconds()
+        d = gather(lambda facts: policy.decide(self.cfg, facts, who, path, srs=self.ctx.srs, now=now),
+                   self.ctx.directory)
         d.addErrback(self._decision_failed, path)
         d.addCallback(self._decided, env)
         d.addBoth(lambda _: self.resume())
@@ -163,8 +169,11 @@ class MailCommands(Session):
             esmtp=self.esmtp, encrypted=self.encrypted, authenticated=bool(self.authenticated),
             recipient=env.decisions[0].recipient if len(env.decisions) == 1 else None, now=self.clock.seconds())
         self.pause()
-        if filtering.applies(self.cfg, self.policy_client()):
-            filtered = Deferred.fromCoroutine(self._filter_and_store(msg_id, env, received, message))
+        who = self.policy_client()
+        outgoing = self.ctx.outgoing if policy.relay_permission(self.cfg, who)[0] else None
+        if filtering.applies(self.cfg, who) or outgoing is not None:
+            filtered = Deferred.fromCoroutine(self._filter_and_store(msg_id, env, received, message,
+                                                                     filtering.applies(self.cfg, who)))
             filtered.addErrback(self._filter_failed, msg_id).addBoth(lambda _: self.resume())
             return
         d = self.ctx.store.store(msg_id, env.sender or "", env.decisions, received, message)
@@ -189,8 +198,13 @@ class MailCommands(Session):
         return policy.Client(self.client_ip_obj, self.local_ip_obj, self.authenticated,
                              self.ctx.pop_before_smtp.allowed(self.client_ip))
 
-    async def _filter_and_store(self, msg_id: str, env: Envelope, received: bytes, message: bytes) -> None:
-        """Run the milters ([filters]), then store what they left, held if they quarantined it."""
+    async def _filter_and_store(self, msg_id: str, env: Envelope, received: bytes, message: bytes,
+                                filter_it: bool) -> None:
+        """Run the milters ([filters]) when they apply, complete and sign a trusted client's
+        message, then store the result, held if a milter quarantined it."""
+        if not filter_it:
+            await self._prepare_and_store(msg_id, env.sender or "", env.decisions, received, message)
+            return
         assert self.ctx.milters is not None, "[filters] milters configured but no MilterChain given"
         conn = connection(self.transport)
         peer, local = conn.getPeer(), conn.getHost()
@@ -206,10 +220,26 @@ class MailCommands(Session):
             self.reply(result.reply)
             return
         if result.action == "store":
-            await self.ctx.store.store(msg_id, result.sender, result.decisions, b"", result.message,
-                                       held=result.held)
-            maillog.event("smtp", "held" if result.held else "stored", self.client_ip, id=msg_id,
-                          sender=result.sender, rcpts=len(result.decisions), size=len(result.message))
+            await self._prepare_and_store(msg_id, result.sender, result.decisions, b"", result.message,
+                                          result.held)
+            return
+        self.stored()
+        self.reply(replies.QUEUED, msg_id)
+
+    async def _prepare_and_store(self, msg_id: str, sender: str, decisions: list[policy.Decision],
+                                 received: bytes, message: bytes, held: str = "") -> None:
+        """Store the message (signed first when the client is trusted), then answer 250."""
+        outgoing = self.ctx.outgoing if policy.relay_permission(self.cfg, self.policy_client())[0] else None
+        if outgoing is not None:
+            try:
+                message = await outgoing.prepare(message, msg_id, self.clock.seconds())
+            except SigningError as e:
+                maillog.event("smtp", "signing-failed", self.client_ip, id=msg_id, error=str(e))
+                self.reply(replies.SIGNING_FAILED)
+                return
+        await self.ctx.store.store(msg_id, sender, decisions, received, message, held=held)
+        maillog.event("smtp", "held" if held else "stored", self.client_ip, id=msg_id,
+                      sender=sender, rcpts=len(decisions), size=len(message))
         self.stored()
         self.reply(replies.QUEUED, msg_id)
 

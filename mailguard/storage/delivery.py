@@ -10,11 +10,19 @@ or the queue runner before all of it is durable, the returned Deferred fires onl
 after that, so the ``250`` that follows it is a promise kept, and the runner is woken
 only then.  Any failure leaves nothing behind and is transient (451 to the client,
 whose retry cannot duplicate anything).
+
+Forwarded mail (a contact, a remote list member or alias target, a reroute to a
+remote domain: decisions of rule ``inbound`` or ``reroute``) from a sender outside
+the local domains is queued with its envelope sender rewritten by SRS
+(:mod:`mailguard.core.srs`) into the forwarding domain, so SPF at the next hop
+checks mailguard's address against mailguard's domain; remote copies the client
+may send itself (relay permission, relay domains) keep the sender as given.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Callable, Iterable, ParamSpec, Protocol, Sequence, TypeVar
 
 from twisted.internet import defer, threads
@@ -23,10 +31,14 @@ from mailguard.storage import maildir
 from mailguard.core import policy
 from mailguard.config import Config
 from mailguard.core.entries import Expansion
+from mailguard.core.srs import SRS, SRSError
 from mailguard.directory.base import Directory
 from mailguard.directory.facts import gather
 from mailguard.storage.groupcommit import GroupCommit, Part
 from mailguard.storage.queue import Queue, StagedEntry
+
+#: Decision rules whose remote addresses are forwards made here (SRS applies).
+FORWARDING_RULES = frozenset({"inbound", "reroute"})
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -44,13 +56,16 @@ class Store:
     def __init__(self, cfg: Config, directory: Directory, queue: Queue,
                  wake: Callable[[], None] = lambda: None,
                  run_in_thread: RunInThread = threads.deferToThread, *,
-                 commit: GroupCommit) -> None:
+                 commit: GroupCommit, srs: SRS | None = None,
+                 now: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.directory = directory
         self.queue = queue
         self.wake = wake
         self.run_in_thread = run_in_thread
         self.commit = commit
+        self.srs = srs
+        self.now = now
         self._maildirs: dict[str, str] = {}
 
     def store(self, msg_id: str, sender: str, decisions: Sequence[policy.Decision],
@@ -64,6 +79,8 @@ class Store:
         """
         mailboxes = list(dict.fromkeys(m for d in decisions for m in d.mailboxes))
         remote = list(dict.fromkeys(r for d in decisions for r in d.remote))
+        if not held and remote and self.srs is not None:
+            return self._write_groups(self._by_sender(sender, decisions), mailboxes, sender, received, message)
         if held:
             try:
                 entry = self.queue.prepare(sender, remote, received + message, held=held, local=mailboxes)
@@ -89,32 +106,55 @@ class Store:
         return d.addCallback(lambda targets: self._write(sender, list(targets[0]), list(targets[1]), b"",
                                                          message))
 
+    def _by_sender(self, sender: str, decisions: Sequence[policy.Decision]) -> dict[str, list[str]]:
+        """The remote recipients grouped by the envelope sender each gets (SRS for forwards)."""
+        groups: dict[str, list[str]] = {}
+        local_sender = not sender or sender.rpartition("@")[2].lower() in self.cfg.domains
+        inbound = self.cfg.inbound_domains()
+        for d in decisions:
+            if not d.remote:
+                continue
+            envelope = sender
+            if self.srs is not None and not local_sender and d.rule in FORWARDING_RULES and inbound:
+                domain = d.recipient.rpartition("@")[2].lower()
+                try:
+                    envelope = self.srs.forward(sender, domain if domain in inbound else inbound[0], self.now())
+                except SRSError:
+                    envelope = sender
+            group = groups.setdefault(envelope, [])
+            group.extend(r for r in d.remote if r not in group)
+        return groups
+
     def _write(self, sender: str, mailboxes: list[str], remote: list[str],
                received: bytes, message: bytes) -> defer.Deferred[str | None]:
-        """One transaction: every local copy and the queue entry become durable and
-        visible together, then the Deferred fires and the runner is woken; on any
-        failure nothing is left and the Deferred fails."""
+        return self._write_groups({sender: remote} if remote else {}, mailboxes, sender, received, message)
+
+    def _write_groups(self, groups: dict[str, list[str]], mailboxes: list[str], sender: str,
+                      received: bytes, message: bytes) -> defer.Deferred[str | None]:
+        """One transaction: every local copy and the queue entries (one per envelope
+        sender) become durable and visible together, then the Deferred fires and the
+        runner is woken; on any failure nothing is left and the Deferred fails."""
         parts: list[Part] = []
-        entry: StagedEntry | None = None
+        entries: list[StagedEntry] = []
         try:
             if mailboxes:
                 paths = [self._maildir(m) for m in mailboxes]
                 return_path = f"Return-Path: <{sender}>\r\n".encode("utf-8", "replace")
                 parts.append(maildir.Copies(self.cfg.mail_dir, paths, return_path + received + message))
-            if remote:
-                entry = self.queue.prepare(sender, remote, received + message)
-                parts.append(entry)
+            for envelope, remote in groups.items():
+                entries.append(self.queue.prepare(envelope, remote, received + message))
+            parts.extend(entries)
         except Exception:
             return defer.fail()
         if not parts:
             return defer.succeed(None)
-        return self.commit.commit(parts).addCallback(self._committed, entry)
+        return self.commit.commit(parts).addCallback(self._committed, entries)
 
-    def _committed(self, _parts: object, entry: StagedEntry | None) -> str | None:
-        if entry is None:
+    def _committed(self, _parts: object, entries: list[StagedEntry]) -> str | None:
+        if not entries:
             return None
         self.wake()
-        return entry.id
+        return entries[0].id
 
     def _maildir(self, mailbox: str) -> str:
         """The maildir of a mailbox, as a string (remembered: this is the hot path)."""
