@@ -329,3 +329,11 @@ def test_trusted_clients_skip_all_but_the_access_lists(tmp_path: Path) -> None:
     assert at_rcpt(checks, "a@gone.test", "b@local.test", trusted=True) is None
     assert reply(at_mail(checks, "x@spam.test", trusted=True)).startswith("550 5.7.1 Sender address rejected")
     assert checks.rules == ["sender_rejected", "dnsbl_listed", "no_reverse_dns", "sender_domain_unknown", "greylisted"]
+
+
+def test_runs_tells_which_stages_have_checks(tmp_path: Path) -> None:
+    """runs() lets the SMTP adapter skip a stage without checks (no pause, no coroutine)."""
+    checks, _, _ = build(tmp_path)
+    assert not checks.runs("mail") and not checks.runs("rcpt") and not checks.runs("data")
+    checks, _, _ = build(tmp_path, checks={"greylist": 10, "dkim_verify": True})
+    assert not checks.runs("mail") and checks.runs("rcpt") and checks.runs("data")

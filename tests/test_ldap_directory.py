@@ -108,6 +108,25 @@ async def test_logins_bind_as_the_entry(slapd: Slapd) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_unknown_logins_cost_a_bind_too(slapd: Slapd) -> None:
+    """An unknown login is answered after a bind, like a wrong password, so timing tells nothing."""
+    d = directory(slapd)
+    binds: list[str] = []
+    real = d._bind_ok
+
+    async def counting(dn: str, password: str) -> bool:
+        binds.append(dn)
+        return await real(dn, password)
+    d._bind_ok = counting  # type: ignore[method-assign]
+    try:
+        assert await d.verify_password(f"nobody@{D}", "guess") is None
+        assert await d.verify_password(f"alice@{D}", "guess") is None
+        assert binds == ["cn=mailguard-no-such-login,dc=realdomain,dc=example", dn_of("alice")]
+    finally:
+        d.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_tls_is_verified(slapd: Slapd, tmp_path: Path) -> None:
     """StartTLS and LDAPS work with the right CA; a server the CA did not sign is refused."""
     import trustme

@@ -616,6 +616,25 @@ def test_auth_plain_continuation(tls_session: Session) -> None:
     assert s.cmd(plain("alice@office.example", "secret"))[0].startswith("235 ")
 
 
+@pytest.mark.parametrize("authzid", ["", "alice@office.example", "ALICE@OFFICE.EXAMPLE", "Alice@Office.example"])
+def test_auth_plain_authzid_empty_or_the_login_in_any_case(tls_session: Session, authzid: str) -> None:
+    """RFC 4616: the authorization identity may be empty or the login itself, compared
+    without regard to case (the rule POP3 AUTH follows too: one decoder for both)."""
+    assert tls_session.cmd(f"AUTH PLAIN {plain('alice@office.example', 'secret', authzid)}") == \
+        [str(replies.AUTH_OK)]
+
+
+def test_auth_plain_proxy_login_is_refused(tls_session: Session, logs: LogCapture) -> None:
+    """An authorization identity other than the login (acting for someone else) is a failed
+    login, logged for fail2ban, and the password is never checked."""
+    s = tls_session
+    assert s.cmd(f"AUTH PLAIN {plain('alice@office.example', 'secret', 'bob@office.example')}") == \
+        [str(replies.AUTH_FAILED)]
+    assert s.host.authenticator.calls == []
+    assert logs.matching("mailguard auth failure") == [
+        "mailguard auth failure: service=smtp client=203.0.113.9 user=alice@office.example"]
+
+
 def test_auth_wrong_password(tls_session: Session) -> None:
     """Wrong password: 535 5.7.8, and relaying stays refused."""
     s = tls_session

@@ -85,6 +85,12 @@ class InboundChecks:
         """The rules of the configured checks, in the order they run."""
         return [c.rule for c in self.checks]
 
+    def runs(self, stage: str) -> bool:
+        """Whether any configured check runs at ``stage`` (MAIL, RCPT, or "data" for DKIM/DMARC)."""
+        if stage == "data":
+            return self.after_data.modes.on
+        return any(c.stage == stage for c in self.checks)
+
     def connected(self, client_ip: str, local_ip: str = "", *, trusted_by_address: bool = False) -> Connection:
         """A new client: its Connection, with its DNS lookups started (none for a trusted address)."""
         conn = Connection(client_ip, local_ip)

@@ -22,11 +22,11 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 #: What every check answers when DNS could not answer now: never a 5xx, never a pass.
 DNS_TEMPFAIL = Reply(451, "4.4.3", "Temporary DNS lookup failure, try again later")
 
-# RFC 5782 section 2.1: a listing is an A record in 127.0.0.0/8; the big lists answer
-# 127.255.255.x to say "you are querying wrongly" (blocked resolver, over quota).
+# RFC 5782 section 2.1: a listing is an A record in 127.0.0.0/8, 127.0.0.2 by convention.
+# Only 127.0.0.2-127.0.0.255 counts: the big lists answer 127.255.255.x to say "you are
+# querying wrongly" (a public resolver, over quota), which must never refuse mail.
 _LISTED_FIRST = ipaddress.IPv4Address("127.0.0.2")
 _LISTED_LAST = ipaddress.IPv4Address("127.0.0.255")
-_LIST_ERRORS = ipaddress.IPv4Network("127.255.255.0/24")
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,7 @@ def dnsbl_listing(addresses: Sequence[str]) -> str | None:
             addr = ipaddress.ip_address(text)
         except ValueError:
             continue
-        if isinstance(addr, ipaddress.IPv4Address) and addr not in _LIST_ERRORS \
-                and _LISTED_FIRST <= addr <= _LISTED_LAST:
+        if isinstance(addr, ipaddress.IPv4Address) and _LISTED_FIRST <= addr <= _LISTED_LAST:
             return text
     return None
 

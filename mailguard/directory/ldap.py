@@ -269,23 +269,34 @@ class LDAPDirectory:
             return None
         found = await self.find(login)
         if len(found.mailboxes) != 1 or found.lists or found.contacts:
+            # Bind anyway, as a DN that does not exist, so that an unknown login
+            # takes as long as a wrong password and does not tell who has an account.
+            try:
+                await self._bind_ok(f"cn=mailguard-no-such-login,{self.cfg.base}", password)
+            except DirectoryError:
+                pass
             return None
         entry = found.mailboxes[0]
-        if self.ad and _disabled(entry):
+        ok = await self._bind_ok(entry.dn, password)
+        if ok and self.ad and _disabled(entry):
             log.info("mailguard ldap: login as {login} refused: the account is disabled", login=login)
             return None
+        return self.own_address(entry) if ok else None
+
+    async def _bind_ok(self, dn: str, password: str) -> bool:
+        """Whether the server accepts ``password`` for ``dn`` (on a connection of its own)."""
         conn = await ldapconn.open_connection(self.reactor, self.cfg, self.timeout)
         try:
-            await conn.bind(entry.dn, password)
+            await conn.bind(dn, password)
         except ldapconn.BindRefused:
-            return None
+            return False
         except DirectoryError:
             raise
         except Exception as e:
             raise DirectoryError(f"{self.cfg.url}: bind as a user: {e or type(e).__name__}") from None
         finally:
             conn.close()
-        return self.own_address(entry)
+        return True
 
     # -- for the CLI --------------------------------------------------------------
 

@@ -32,8 +32,6 @@ Behaviour an administrator can rely on:
 
 from __future__ import annotations
 
-import base64
-import binascii
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,6 +43,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailguard.app import maillog
+from mailguard.auth import sasl
 from mailguard.app.connection import connection
 from mailguard.app.tls import TLSContext
 from mailguard.auth.authenticator import Authenticator, PopBeforeSmtp, Throttled
@@ -94,23 +93,6 @@ def _number(arg: bytes) -> int | None:
     if not arg or len(arg) > 9 or not arg.isdigit():
         return None
     return int(arg)
-
-
-def _decode_plain(response: bytes) -> tuple[str, str] | None:
-    """``authzid NUL authcid NUL passwd`` (RFC 4616) from base64; None when malformed.
-
-    An authorization identity other than the login itself is refused (no proxy logins).
-    """
-    if response == b"=":
-        response = b""
-    try:
-        raw = base64.b64decode(response, validate=True)
-        authzid, authcid, password = raw.decode("utf-8").split("\0")
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        return None
-    if not authcid or (authzid and authzid != authcid):
-        return None
-    return authcid, password
 
 
 @implementer(interfaces.IPushProducer)
@@ -453,11 +435,14 @@ class POP3Server(protocol.Protocol, policies.TimeoutMixin):
         if line.strip() == b"*":
             self._send(ERR_AUTH_CANCELLED)
             return
-        creds = _decode_plain(line.strip())
+        creds = sasl.decode_plain(line.strip())
         if creds is None:
             self._send(ERR_AUTH_MALFORMED)
-            return
-        self._login(*creds)
+        elif creds.proxy:                      # no logins on behalf of someone else
+            maillog.auth_failure("pop3", self.peer, creds.authcid)
+            self._send(ERR_AUTH_FAILED)
+        else:
+            self._login(creds.authcid, creds.password)
 
     def do_APOP(self, rest: bytes) -> None:
         self._send(b"-ERR APOP not supported")

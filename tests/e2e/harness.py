@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 #: The repository checkout under test (``tests/e2e/harness.py`` -> repository root).
 REPO = Path(__file__).resolve().parents[2]
@@ -89,6 +89,78 @@ def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, A
         else:
             merged[k] = v
     return merged
+
+
+# --------------------------------------------------------------------------- waiting
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` every 20 ms until it holds; fail naming ``what`` after ``timeout`` seconds.
+
+    Tests wait for an event, never for a fixed time: a sleep is too short on a loaded
+    machine (a flaky failure) or too long everywhere (a slow suite), and "nothing
+    happened" after a sleep does not show that the server had got that far.  To show
+    that something did *not* happen, first wait for a positive event proving the
+    server has handled the input (a reply, a log line, :func:`wait_server_read`).
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+@dataclass(frozen=True)
+class TCPEnd:
+    """The kernel's view of one end of a TCP connection (a line of ``/proc/net/tcp``)."""
+
+    state: str        # two hex digits: 01 ESTABLISHED, 08 CLOSE_WAIT, 09 LAST_ACK, ...
+    tx_queue: int     # bytes written and not yet acknowledged by the peer
+    rx_queue: int     # bytes received and not yet read by the process
+
+
+def _proc_endpoint(host: str, port: int) -> str:
+    """``127.0.0.1:25`` as ``/proc/net/tcp`` prints it: ``0100007F:0019`` (little-endian host)."""
+    return f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}"
+
+
+def tcp_end(local: tuple[str, int], remote: tuple[str, int]) -> TCPEnd | None:
+    """The end of the IPv4 connection ``local`` <-> ``remote`` that ``local`` owns; None when gone."""
+    want = (_proc_endpoint(*local), _proc_endpoint(*remote))
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if (fields[1], fields[2]) == want:
+            tx, rx = fields[4].split(":")
+            return TCPEnd(fields[3], int(tx, 16), int(rx, 16))
+    return None
+
+
+def wait_server_read(sock: socket.socket, timeout: float = 10.0) -> None:
+    """Wait until the server has read everything sent on ``sock`` (loopback only).
+
+    Twisted hands what it reads to the protocol in the same reactor turn, so an empty
+    receive queue on the server's end means the server has processed those bytes.
+    """
+    mine, theirs = sock.getsockname()[:2], sock.getpeername()[:2]
+
+    def read() -> bool:
+        client, server = tcp_end(mine, theirs), tcp_end(theirs, mine)
+        return client is not None and client.tx_queue == 0 and server is not None and server.rx_queue == 0
+
+    wait_for(read, timeout, f"the server to read what {mine} sent")
+
+
+def wait_server_closed(client: tuple[str, int], server: tuple[str, int], timeout: float = 10.0) -> None:
+    """Wait until the server has closed its end of a connection the client closed.
+
+    The server's end stays ESTABLISHED (01) or CLOSE_WAIT (08) until its process closes
+    the socket, which Twisted does when it runs the protocol's ``connectionLost``.
+    """
+    def closed() -> bool:
+        end = tcp_end(server, client)
+        return end is None or end.state not in ("01", "08")
+
+    wait_for(closed, timeout, f"the server to close its end of {client} -> {server}")
 
 
 # --------------------------------------------------------------------------- ports
@@ -275,6 +347,11 @@ class MailguardServer:
         if not self.log_path.exists():
             return ""
         return self.log_path.read_bytes().decode("utf-8", "replace")
+
+    def log_lines(self, pattern: str) -> list[str]:
+        """Every log line matching the regular expression ``pattern``, so far."""
+        rx = re.compile(pattern)
+        return [line for line in self.log_text().splitlines() if rx.search(line)]
 
     def wait_for_log(self, pattern: str, timeout: float = 5.0) -> str:
         """The first log line matching the regular expression ``pattern`` (waits for it)."""

@@ -35,18 +35,15 @@ from pathlib import Path
 import trustme
 from twisted.names import dns
 
+from .harness import wait_for
+
 #: A zone record: ("MX", (preference, exchange)), ("A", "127.0.0.1"), ("AAAA", "::1"),
 #: ("TXT", "text") (split into 255-octet strings), ("PTR", "name") or ("SERVFAIL", None).
 Record = tuple[str, object]
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``condition`` every 50 ms; fail the test with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
+#: The one polling helper of the end-to-end tests, under the name the sink tests use.
+wait_until = wait_for
 
 
 # --------------------------------------------------------------------------- DNS

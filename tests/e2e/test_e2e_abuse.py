@@ -22,7 +22,7 @@ from typing import Iterator
 import pytest
 
 from .conftest import DOMAIN, OUTSIDER, ServerFactory
-from .harness import MailguardServer, make_message
+from .harness import MailguardServer, make_message, wait_server_closed, wait_server_read
 
 ALICE = f"alice@{DOMAIN}"
 BOB = f"bob@{DOMAIN}"
@@ -181,7 +181,7 @@ def test_smuggling_never_delivers_a_second_message(abuse: MailguardServer, fake_
         assert d.cmd("DATA").code == 354
         if split:
             d.send(head + fake_end)
-            time.sleep(0.3)
+            wait_server_read(d.sock)          # the fake end and the rest arrive in two reads
             d.send(tail)
         else:
             d.send(head + fake_end + tail)
@@ -485,6 +485,13 @@ def limited(server_factory: ServerFactory) -> MailguardServer:
     return server
 
 
+def close_and_wait(sock: socket.socket) -> None:
+    """Close a held connection and wait until the server has closed its end (its slot is free)."""
+    client, server = sock.getsockname()[:2], sock.getpeername()[:2]
+    sock.close()
+    wait_server_closed(client, server)
+
+
 def raw_connect(host: str, port: int, source: str) -> tuple[socket.socket, bytes]:
     """Connect from ``source`` and read the first line the server sends."""
     s = socket.create_connection((host, port), timeout=10, source_address=(source, 0))
@@ -527,8 +534,7 @@ def test_per_ip_connection_limit(limited: MailguardServer, held: list[socket.soc
         other.sendall(b"EHLO other.example\r\n")
         assert b"250 " in other.recv(4096)
     # A slot freed is a slot usable again.
-    held.pop(0).close()
-    time.sleep(0.3)
+    close_and_wait(held.pop(0))
     s, banner = raw_connect("127.0.0.1", port, "127.0.0.7")
     held.append(s)
     assert banner.startswith(ok), banner
@@ -547,8 +553,7 @@ def test_total_connection_limit(limited: MailguardServer, held: list[socket.sock
     s, refusal = raw_connect("127.0.0.1", port, "127.0.0.16")
     s.close()
     assert refusal.startswith(b"421" if service == "smtp" else b"-ERR"), refusal
-    held.pop().close()
-    time.sleep(0.3)
+    close_and_wait(held.pop())
     s, banner = raw_connect("127.0.0.1", port, "127.0.0.16")
     held.append(s)
     assert banner.startswith(ok), banner

@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 
 from .conftest import DOMAIN, ServerFactory
-from .harness import Dialog, MailguardServer, Reply, make_message, split_added_headers, swaks, tls_context
+from .harness import (Dialog, MailguardServer, Reply, make_message, split_added_headers, swaks, tls_context,
+                      wait_server_read)
 
 ALICE = f"alice@{DOMAIN}"
 BOB = f"bob@{DOMAIN}"
@@ -267,8 +268,10 @@ def test_starttls_injection_discarded(auth_office: MailguardServer) -> None:
         d.send(b"STARTTLS\r\nRSET\r\n")
         r = d.read_reply()
         assert r.code == 220, r
-        # Give a server that wrongly runs the RSET time to answer it before the handshake.
-        time.sleep(0.3)
+        # Once the server has read the injected RSET, a server that wrongly ran it has
+        # answered it; an answer still on its way would break the handshake below, or
+        # come before the NOOP's reply inside TLS.
+        wait_server_read(d.sock)
         d.sock.settimeout(0.0)
         try:
             early = d.sock.recv(4096)

@@ -17,7 +17,6 @@ import email.policy
 import re
 import smtplib
 import ssl
-import time
 import uuid
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -114,6 +113,17 @@ def wait_queue_clear(server: MailguardServer, rcpt: str | None = None, timeout: 
         return (rcpt not in listing) if rcpt is not None else listing.strip() == ""
     wait_until(clear, timeout, f"an empty queue{' for ' + rcpt if rcpt else ''}:\n{queue_listing(server)}"
                f"\n{server.log_text()[-3000:]}")
+
+
+def assert_recorded_once(server: MailguardServer, rcpt: str, state: str) -> None:
+    """Wait for the runner's log line recording ``rcpt``'s final ``state``; it must be the only one.
+
+    The line is written after the envelope is updated, so once it is there the runner
+    has finished with that recipient: checks that nothing more happened can follow.
+    """
+    pattern = rf"mailguard outbound: id=\S+ to=<{re.escape(rcpt)}> state={state} "
+    server.wait_for_log(pattern, timeout=DELIVERY_TIMEOUT)
+    assert len(server.log_lines(pattern)) == 1, server.log_lines(rf"to=<{re.escape(rcpt)}>")
 
 
 def all_mail_files(server: MailguardServer) -> set[Path]:
@@ -233,7 +243,7 @@ def test_authenticated_message_arrives_intact(outbound: MailguardServer, mx_sink
     smuggled = [c for c in mx_sink.commands() if "smuggler" in c or "victim@" in c]
     assert smuggled == [], smuggled
     wait_queue_clear(outbound, rcpt)
-    time.sleep(0.3)
+    assert_recorded_once(outbound, rcpt, "delivered")
     assert len(mx_sink.messages_for(rcpt)) == 1
 
 
@@ -411,7 +421,9 @@ def test_null_sender_failure_is_dropped(outbound: MailguardServer, mx_sink: SMTP
     wait_until(lambda: mx_sink.rcpt_commands(rcpt) >= 1, DELIVERY_TIMEOUT, "the attempt at the sink")
     wait_queue_clear(outbound)
     assert queue_listing(outbound) == ""
-    time.sleep(0.5)
+    # The runner logs "dropped" once it has decided not to bounce a bounce: only then
+    # does an unchanged mail folder show that no bounce was made.
+    assert_recorded_once(outbound, rcpt, "dropped")
     assert all_mail_files(outbound) == before, "a bounce of a bounce was stored"
     assert mx_sink.messages_for(rcpt) == []
     assert mx_sink.rcpt_commands(rcpt) == 1
@@ -466,9 +478,11 @@ def test_max_queue_time_bounces(short_lived: MailguardServer, mx_sink: SMTPSink)
     assert block.get("action", "").lower() == "failed", block
     assert reply in block.get("diagnostic-code", ""), block
     wait_queue_clear(short_lived, rcpt)
+    # "bounced" is the runner's last word on the entry (after the failure is recorded and
+    # the bounce stored); the entry is gone from the queue, so nothing can try it again.
+    assert_recorded_once(short_lived, rcpt, "bounced")
     tries = mx_sink.rcpt_commands(rcpt)
     assert tries >= 2, "the 4xx was not retried before giving up"
-    time.sleep(1.5)
     assert mx_sink.rcpt_commands(rcpt) == tries, "tried again after giving up"
     assert mx_sink.messages_for(rcpt) == []
 
@@ -663,7 +677,7 @@ def test_crash_during_delivery(fresh_server_factory: ServerFactory, dns_server: 
         (got,) = sink.wait_for_messages(rcpt, timeout=DELIVERY_TIMEOUT)
         received_prefix_and_rest(got.data, msg)
         wait_queue_clear(server)
-        time.sleep(0.5)
+        assert_recorded_once(server, rcpt, "delivered")
         assert len(sink.messages_for(rcpt)) == 1, "delivered more than once"
     finally:
         sink.close()

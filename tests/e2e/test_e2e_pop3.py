@@ -17,12 +17,15 @@ from typing import Callable, Iterator
 
 import pytest
 
+from mailguard import config
+from mailguard.core import replies
+
 from .conftest import DOMAIN, ServerFactory
-from .harness import MailguardServer, SourcePOP3, tls_context
+from .harness import MailguardServer, SourcePOP3, tls_context, wait_for
 
 PASSWORD = "correct horse battery"
 USERS = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan")
-RELAY_DENIED = "550 5.7.1 Relaying prohibited"
+RELAY_DENIED = str(config.defaults().replies.relay_denied)
 
 
 def marker() -> str:
@@ -444,12 +447,15 @@ def test_pop_before_smtp(pbs_server: MailguardServer) -> None:
     """A POP3 login from 127.0.0.30 lets that IP relay for the window; 127.0.0.31 never could."""
     assert relay_reply(pbs_server, "127.0.0.30") == RELAY_DENIED
     p = pop3(pbs_server, "alice", source="127.0.0.30")
+    logged_in = time.monotonic()
     p.quit()
-    assert relay_reply(pbs_server, "127.0.0.30").startswith("250")
+    assert relay_reply(pbs_server, "127.0.0.30") == str(replies.RECIPIENT_OK)
     assert relay_reply(pbs_server, "127.0.0.31") == RELAY_DENIED
     assert pbs_server.wait_for_log(r"rule=pop_before_smtp")
-    time.sleep(WINDOW + 0.5)
-    assert relay_reply(pbs_server, "127.0.0.30") == RELAY_DENIED
+    # The window closes: polled, and not before WINDOW seconds after the login.
+    wait_for(lambda: relay_reply(pbs_server, "127.0.0.30") == RELAY_DENIED, WINDOW + 10,
+             "the pop_before_smtp window to close")
+    assert time.monotonic() - logged_in >= WINDOW
 
 
 def test_failed_login_grants_nothing(pbs_server: MailguardServer) -> None:
