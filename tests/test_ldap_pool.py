@@ -11,7 +11,8 @@ from twisted.internet import defer, task
 from mailguard.config import ldap as ldap_config
 from mailguard.directory import ldapfilter
 from mailguard.directory.base import DirectoryError
-from mailguard.directory.ldapconn import Connection, Pool
+from mailguard.directory.ldap import LDAPDirectory
+from mailguard.directory.ldapconn import Connection, Entry, Pool
 
 CFG = ldap_config.parse({"url": "ldap://127.0.0.1:1", "base": "dc=example", "starttls": False},
                         lambda k, m: AssertionError(f"{k}: {m}"), Path("/"), required=True)
@@ -119,3 +120,43 @@ def test_rfc4515_escaping(value: str, escaped: str) -> None:
     assert ldapfilter.escape(value) == escaped
     parsed = ldapfilter.parse(ldapfilter.fill("(mail={address})", value))
     assert parsed.assertionValue.value == value.encode()
+
+
+class FakeDirectoryPool:
+    """Answers searches from a table: (base, attributes asked) -> entries; subtree searches by filter text."""
+
+    def __init__(self, by_filter: dict[str, list[Entry]], by_base: dict[str, Entry]) -> None:
+        self.by_filter = by_filter
+        self.by_base = by_base
+        self.asked: list[tuple[str, list[str]]] = []
+
+    def search(self, base: str, scope: int, filt: Any, attributes: list[str]) -> defer.Deferred[list[Entry]]:
+        self.asked.append((base, attributes))
+        if scope == 2:
+            return defer.succeed([e for text, es in self.by_filter.items() if text.encode() in filt.toWire() for e in es])
+        ranged = [a for a in attributes if ";range=" in a]
+        entry = self.by_base.get(base + ("|" + ranged[0] if ranged else ""))
+        return defer.succeed([entry] if entry else [])
+
+    def close(self) -> None:
+        pass
+
+
+def test_active_directory_member_ranges_are_all_read() -> None:
+    """A group AD returns as member;range=0-1 is read on (range=2-*) until the range ends in '*'."""
+    cfg = ldap_config.parse({"url": "ldap://dc1.example", "base": "dc=example", "schema": "ad"},
+                            lambda k, m: AssertionError(f"{k}: {m}"), Path("/"), required=True)
+    users = {f"cn=u{i},dc=example": Entry(f"cn=u{i},dc=example", {"objectclass": ("user",),
+                                                                  "mail": (f"u{i}@example.org",)})
+             for i in range(5)}
+    group = Entry("cn=big,dc=example", {"objectclass": ("group",), "mail": ("big@example.org",),
+                                        "member;range=0-1": ("cn=u0,dc=example", "cn=u1,dc=example")})
+    page2 = Entry("cn=big,dc=example", {"member;range=2-3": ("cn=u2,dc=example", "cn=u3,dc=example")})
+    page3 = Entry("cn=big,dc=example", {"member;range=4-*": ("cn=u4,dc=example",)})
+    pool = FakeDirectoryPool({"group": [group]},
+                             {**users, "cn=big,dc=example|member;range=2-*": page2,
+                              "cn=big,dc=example|member;range=4-*": page3})
+    d = LDAPDirectory(cfg, task.Clock(), ["example.org"], pool=pool)  # type: ignore[arg-type]
+    result = d.expand("big@example.org")
+    got = result.result
+    assert sorted(got.mailboxes) == [f"u{i}@example.org" for i in range(5)]

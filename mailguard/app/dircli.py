@@ -103,9 +103,15 @@ async def _ldap_report(cfg: config.Config, reactor: Any, address: str) -> tuple[
              f"mailbox_filter: {ldapfilter.fill(lc.mailbox_filter, address)}",
              f"list_filter: {ldapfilter.fill(lc.list_filter, address)}"]
     try:
-        found = await d.find(address)
+        return await _describe(cfg, d, address, lines)
     finally:
         d.close()
+
+
+async def _describe(cfg: config.Config, d: Any, address: str, lines: list[str]) -> tuple[list[str], bool]:
+    lc = cfg.directory.ldap
+    assert lc is not None
+    found = await d.find(address)
     for entry in found.mailboxes:
         own = d.own_address(entry)
         path = maildir_path(cfg.mail_dir, own)
@@ -113,7 +119,7 @@ async def _ldap_report(cfg: config.Config, reactor: Any, address: str) -> tuple[
     for entry in found.contacts:
         lines.append(f"contact {entry.dn}: forwards to {d.target_of(entry)}")
     for entry in found.lists:
-        lines.append(f"list {entry.dn}: {len(entry.get(lc.member_attribute))} direct member(s)")
+        lines.append(f"list {entry.dn}: {len(await d.member_values(entry))} direct member(s)")
     if found.expansion is None:
         lines.append(f"no entry matches: {address} is an unknown recipient")
         return lines, False

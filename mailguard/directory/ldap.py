@@ -46,6 +46,7 @@ __all__ = ["Found", "LDAPDirectory", "MAX_DEPTH"]
 
 log = Logger(namespace="mailguard")
 MAX_DEPTH = 8
+MAX_RANGES = 200                # AD member ranges of 1500 read per group (300,000 members)
 GROUP_CLASSES = frozenset({"groupofnames", "groupofuniquenames", "group"})
 ACCOUNTDISABLE = 0x2
 T = TypeVar("T")
@@ -195,9 +196,32 @@ class LDAPDirectory:
             return self.pool.search(self.cfg.base, ldapconn.SCOPE_SUBTREE, filt, self.attributes)
         return self.pool.search(base, ldapconn.SCOPE_BASE, filt, self.attributes)
 
+    async def member_values(self, group: Entry) -> list[str]:
+        """Every value of the group's ``member_attribute``, fetching AD's ranges too.
+
+        Active Directory returns at most 1500 values of ``member`` at a time, as
+        ``member;range=0-1499``; the rest is read with further requests for
+        ``member;range=1500-*`` and so on, until a range ends in ``*``.
+        """
+        attr = self.cfg.member_attribute
+        values = list(group.get(attr))
+        entry: Entry | None = group
+        for _ in range(MAX_RANGES):
+            ranged = [k for k in entry.attrs if k.startswith(attr.lower() + ";range=")] if entry else []
+            if not ranged or entry is None:
+                break
+            values += entry.attrs[ranged[0]]
+            end = ranged[0].rpartition("-")[2]
+            if end == "*" or not end.isdigit():
+                break
+            found = await self.pool.search(group.dn, ldapconn.SCOPE_BASE, pureldap_present_objectclass(),
+                                           [f"{attr};range={int(end) + 1}-*"])
+            entry = found[0] if found else None
+        return values
+
     async def _members(self, group: Entry, walk: _Walk, depth: int) -> None:
         dns = []
-        for value in group.get(self.cfg.member_attribute):
+        for value in await self.member_values(group):
             if "=" not in value and "@" in value:           # a plain address as a member
                 walk.others[value.lower()] = None
             elif value.lower() not in walk.seen:
