@@ -27,6 +27,9 @@ from pathlib import Path
 
 import pytest
 
+from mailguard import config
+from mailguard.core import replies
+
 from .conftest import DOMAIN, ServerFactory
 from .harness import (Dialog, MailguardServer, Reply, make_message, split_added_headers, swaks, tls_context,
                       wait_server_read)
@@ -37,7 +40,7 @@ SALES = f"sales@{DOMAIN}"  # an alias of alice
 PASSWORD = "correct horse battery"
 WRONG = "wrong horse battery"
 
-RELAY_DENIED = "550 5.7.1 Relaying prohibited"
+RELAY_DENIED = str(config.defaults().replies.relay_denied)
 
 #: Client addresses used by single tests, so that their failed logins stay apart.
 WRONG_PASSWORD_CLIENT = "127.0.0.31"
@@ -220,7 +223,7 @@ def test_auth_on_cleartext_refused(auth_office: MailguardServer, listener: str) 
         assert r.code == 538, r
         r = d.cmd("MAIL FROM:<someone@outside.example>")
         if listener == "submission":
-            assert r.last == "530 5.7.0 Authentication required", r
+            assert r.last == str(replies.AUTH_REQUIRED), r
         else:
             assert r.code == 250, r
             r = d.cmd("RCPT TO:<someone@remote.example>")
@@ -282,7 +285,7 @@ def test_starttls_injection_discarded(auth_office: MailguardServer) -> None:
         d.sock = tls_context().wrap_socket(d.sock, server_hostname="mx.realdomain.example")
         d.send(b"NOOP\r\n")
         r = d.read_reply()
-        assert r.lines == ["250 2.0.0 Ok"], r
+        assert r.lines == [str(replies.NOOP_OK)], r
         r = d.cmd("HELP")  # no reply of the RSET is still queued behind the NOOP's
         assert r.code == 214, r
         d.cmd("QUIT")
@@ -448,7 +451,7 @@ def test_submissions_requires_auth(auth_office: MailguardServer) -> None:
     with implicit_tls_dialog(auth_office) as d:
         assert d.cmd("EHLO client.example").code == 250
         r = d.cmd(f"MAIL FROM:<{ALICE}>")
-        assert r.last == "530 5.7.0 Authentication required", r
+        assert r.last == str(replies.AUTH_REQUIRED), r
         d.cmd("QUIT")
 
 
@@ -456,7 +459,7 @@ def test_submission_without_auth(auth_office: MailguardServer) -> None:
     """On ``submission``, MAIL before AUTH gets 530 5.7.0 inside TLS; smtplib reports it as refused sender."""
     with tls_dialog(auth_office, "submission") as d:
         r = d.cmd(f"MAIL FROM:<{ALICE}>")
-        assert r.last == "530 5.7.0 Authentication required", r
+        assert r.last == str(replies.AUTH_REQUIRED), r
         r = d.cmd(f"RCPT TO:<{BOB}>")
         assert r.code == 503, r
         d.cmd("QUIT")
@@ -621,7 +624,7 @@ def test_password_guessing_slows_that_ip_only(fresh_server_factory: ServerFactor
     assert sorted(r.code for r, _ in first) == [454] * 2 + [535] * 4, first
     assert min(took for r, took in first if r.code == 535) >= 4.0, f"guesses past the 5th failure not delayed: {first}"
     assert [r.code for r, _ in later] == [454] * len(later), later
-    assert all(r.last.startswith("454 4.7.0") for r, _ in later), later
+    assert all(r.last == str(replies.AUTH_THROTTLED) for r, _ in later), later
     assert max(took for _, took in later) < 2.0, later
 
     # The guessing address is now refused at once, even with the right password ...

@@ -31,13 +31,16 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from mailguard import config
+from mailguard.core import replies
+
 from .conftest import ALLOWED_HOST, DOMAIN, OUTSIDER, ServerFactory
 from .harness import Dialog, MailguardServer, make_message, split_added_headers
 
 ALICE = f"alice@{DOMAIN}"
 KIB = 1024
-STORE_FAILED = "451 4.3.0"
-DIRECTORY_FAILURE = "451 4.3.0 Directory temporarily unavailable"
+STORE_FAILED = str(replies.STORE_FAILED)
+DIRECTORY_FAILURE = str(config.defaults().replies.directory_failure)
 
 
 def marker() -> str:
@@ -129,7 +132,7 @@ def test_disk_full_is_451_and_nothing_half_written(fresh_server_factory: ServerF
             filler = fill(data, 0)
             full = marker()
             reply = send_one(server, ALICE, make_message("s@outside.example", ALICE, full))
-            assert reply.startswith(STORE_FAILED), reply
+            assert reply == STORE_FAILED, reply
             assert files_in(box / "new") == stored_before
             assert files_in(box / "tmp") == [], files_in(box / "tmp")
 
@@ -138,7 +141,7 @@ def test_disk_full_is_451_and_nothing_half_written(fresh_server_factory: ServerF
             filler = fill(data, 100 * KIB)
             half = marker()
             reply = send_one(server, ALICE, big_message(half, 400 * KIB))
-            assert reply.startswith(STORE_FAILED), reply
+            assert reply == STORE_FAILED, reply
             assert files_in(box / "new") == stored_before
             assert files_in(box / "tmp") == [], files_in(box / "tmp")
             assert not server.messages_containing(ALICE, half.encode())
