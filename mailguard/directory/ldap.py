@@ -170,8 +170,11 @@ class LDAPDirectory:
         return d
 
     async def _find(self, address: str) -> Found:
-        people_filter = ldapfilter.parse(ldapfilter.fill(self.cfg.mailbox_filter, address))
-        list_filter = ldapfilter.parse(ldapfilter.fill(self.cfg.list_filter, address))
+        try:
+            people_filter = ldapfilter.parse(ldapfilter.fill(self.cfg.mailbox_filter, address))
+            list_filter = ldapfilter.parse(ldapfilter.fill(self.cfg.list_filter, address))
+        except ldapfilter.FilterError as e:              # cannot happen with a checked template
+            raise DirectoryError(f"filter for {address!r}: {e}") from None
         people, groups = await defer.gatherResults([
             self._search(people_filter), self._search(list_filter)], consumeErrors=True).addErrback(_first)
         group_dns = {g.dn for g in groups}

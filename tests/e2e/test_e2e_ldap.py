@@ -139,8 +139,7 @@ def test_recipients_come_from_ldap(office: MailguardServer) -> None:
 @pytest.mark.parametrize("address", [f"*@{DOMAIN}", f"al*@{DOMAIN}", f'"*)(uid=*"@{DOMAIN}'])
 def test_filter_injection_is_an_unknown_recipient(office: MailguardServer, address: str) -> None:
     """An address with filter metacharacters matches no entry (RFC 4515 escaping)."""
-    assert rcpt(office, address) in (UNKNOWN, str(replies.BAD_RCPT_SYNTAX))
-    assert rcpt(office, f"*@{DOMAIN}") == UNKNOWN
+    assert rcpt(office, address) == UNKNOWN
 
 
 def test_alias_and_nested_list_delivery_once_per_mailbox(office: MailguardServer) -> None:
