@@ -208,3 +208,16 @@ def dn_of(uid: str) -> str:
 
 def group_dn(cn: str) -> str:
     return f"cn={cn},ou=groups,{SUFFIX}"
+
+
+def ad_user(cn: str, mail: str, proxies: tuple[str, ...], password: str = "", uac: int = 512,
+            hidden: bool = False) -> str:
+    """LDIF for an AD-like user object (``uac`` 514 = disabled)."""
+    lines = [f"dn: cn={cn},ou=people,{SUFFIX}", "objectClass: user", f"cn: {cn}", f"sn: {cn}",
+             f"sAMAccountName: {cn}", f"mail: {mail}", f"userAccountControl: {uac}"]
+    lines += [f"proxyAddresses: {p}" for p in proxies]
+    if password:
+        lines.append(f"userPassword: {password}")
+    if hidden:
+        lines.append("msExchHideFromAddressLists: TRUE")
+    return "\n".join(lines) + "\n\n"

@@ -13,21 +13,9 @@ from mailguard.config import ldap as ldap_config
 from mailguard.directory.base import Expansion
 from mailguard.directory.ldap import LDAPDirectory
 
-from ldap_server import SERVICE_DN, SERVICE_PW, SUFFIX, Slapd
+from ldap_server import SERVICE_DN, SERVICE_PW, SUFFIX, Slapd, ad_user
 
 D = "realdomain.example"
-
-
-def ad_user(cn: str, mail: str, proxies: tuple[str, ...], password: str = "", uac: int = 512,
-            hidden: bool = False) -> str:
-    lines = [f"dn: cn={cn},ou=people,{SUFFIX}", "objectClass: user", f"cn: {cn}", f"sn: {cn}",
-             f"sAMAccountName: {cn}", f"mail: {mail}", f"userAccountControl: {uac}"]
-    lines += [f"proxyAddresses: {p}" for p in proxies]
-    if password:
-        lines.append(f"userPassword: {password}")
-    if hidden:
-        lines.append("msExchHideFromAddressLists: TRUE")
-    return "\n".join(lines) + "\n\n"
 
 
 LDIF = (

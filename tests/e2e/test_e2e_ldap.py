@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterator
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ldap_server import SERVICE_DN, SERVICE_PW, SUFFIX, Slapd, dn_of, group, group_dn, person  # noqa: E402
+from ldap_server import (SERVICE_DN, SERVICE_PW, SUFFIX, Slapd, ad_user, dn_of, group, group_dn,  # noqa: E402
+                         person)
 
 from mailguard import config  # noqa: E402
 from mailguard.core import replies  # noqa: E402
@@ -262,3 +263,31 @@ def test_cli_explain_uses_ldap(office: MailguardServer) -> None:
     out = office.cli_ok("explain", "--client", "127.0.0.5", "-v", SALES, f"nobody@{DOMAIN}").stdout.splitlines()
     assert out[0].startswith(f"{SALES}: 250 ") and out[0].endswith(f"-> mailbox {ALICE}"), out
     assert out[1] == f"nobody@{DOMAIN}: {UNKNOWN} (rule: unknown_recipient)", out
+
+
+# -- Active Directory ------------------------------------------------------------------------
+
+
+def test_active_directory_schema(fresh_server_factory: ServerFactory, tmp_path: Path) -> None:
+    """schema = "ad": smtp: secondaries in any case reach the SMTP: primary's maildir; disabled accounts get mail, no login."""
+    ldif = (ad_user("John Doe", f"jdoe@{DOMAIN}", (f"SMTP:John.Doe@{DOMAIN}", f"smtp:jd@{DOMAIN}"), "john pw")
+            + ad_user("Shared Desk", f"desk@{DOMAIN}", (f"SMTP:desk@{DOMAIN}",), "desk pw", uac=514))
+    ad = Slapd(tmp_path / "ad", ldif, ad=True).start()
+    try:
+        server = fresh_server_factory("ldap-ad", ldap_config(ad, schema="ad"))
+        tag = f"ad-{time.time_ns()}"
+        s = smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=30)
+        try:
+            refused = s.sendmail("someone@outside.example", [f"JD@{DOMAIN.upper()}", f"desk@{DOMAIN}"],
+                                 make_message("someone@outside.example", f"jd@{DOMAIN}", tag))
+        finally:
+            s.quit()
+        assert refused == {}
+        for mailbox in (f"john.doe@{DOMAIN}", f"desk@{DOMAIN}"):
+            poll(lambda: len(server.messages_containing(mailbox, tag.encode())) == 1, 10)
+        assert smtp_auth(server, f"jd@{DOMAIN}", "john pw") == AUTH_OK
+        assert smtp_auth(server, f"desk@{DOMAIN}", "desk pw") == AUTH_FAILED
+        assert pop3_login(server, f"desk@{DOMAIN}", "desk pw").startswith("-ERR [AUTH]")
+        assert pop3_login(server, f"john.doe@{DOMAIN}", "john pw").startswith("+OK")
+    finally:
+        ad.stop()
