@@ -182,6 +182,9 @@ def test_a_failed_sync_after_publishing_withdraws_every_copy(tmp_path: Path, mon
     assert isinstance(result, Failure) and result.check(OSError)
     assert [k for k, _ in rig.events].count("rename") == 4
     assert rig.in_sight() == {"ann@here.example": [], "bob@here.example": [], "queue": []}
+    failed_sync = [i for i, (k, _) in enumerate(rig.events) if k == "syncfs"][1]
+    withdrawn = sorted(p for k, p in rig.events[failed_sync:] if k == "fsync_dir")
+    assert withdrawn == sorted([str(rig.box(m) / "new") for m in LOCAL] + [str(rig.cfg.queue_dir)])
     assert rig.leftovers() == []
     assert ("wake", "") not in rig.events
 

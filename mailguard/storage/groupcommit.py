@@ -79,11 +79,20 @@ class _Job:
     done: bool = False          # answered (or about to be, through the reactor)
 
     def abort(self) -> None:
-        """Unlink everything the job wrote, the published names first (the last one first)."""
+        """Unlink everything the job wrote, the published names first (the last one first).
+
+        Published names are withdrawn durably (best effort: the disk is failing), so
+        a crash cannot bring back a copy the client was told to send again.
+        """
         for p in reversed(self.placed):
             safeio.unlink_quietly(p)
         for tmp, _ in self.staged:
             safeio.unlink_quietly(tmp)
+        for folder in dict.fromkeys(os.path.dirname(p) for p in self.placed):
+            try:
+                safeio.fsync_dir(folder)
+            except OSError:
+                pass
         self.finish(False)
 
     def finish(self, published: bool) -> None:
