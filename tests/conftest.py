@@ -76,7 +76,7 @@ def office_config(**changes: dict[str, Any]) -> config.Config:
 
 @pytest.fixture
 def office_cfg() -> config.Config:
-    """The small office of SPEC.md: two inbound domains, reroutes, a relay domain, IP rules."""
+    """The small office of these tests: two inbound domains, reroutes, a relay domain, IP rules."""
     return make_config(**OFFICE)
 
 

@@ -214,7 +214,7 @@ def test_absolute_paths_kept(tmp_path: Path) -> None:
 
 
 def test_defaults(tmp_path: Path) -> None:
-    """defaults() serves at once: localhost inbound, data under ./var, the SPEC.md ports and replies."""
+    """defaults() serves at once: localhost inbound, data under ./var, the documented ports and replies."""
     cfg = config.defaults(tmp_path)
     assert cfg.server.hostname == "localhost"
     assert cfg.server.data_dir == tmp_path / "var"

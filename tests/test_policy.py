@@ -104,7 +104,7 @@ TABLE = [
                          ids=[f"{i}-{r[4]}" for i, r in enumerate(TABLE)])
 def test_rule_table(office_cfg: config.Config, gal: FakeDirectory, rcpt: str, ip: str, extra: dict[str, Any],
                     reply: str, rule: str) -> None:
-    """Each recipient/client pair gets the reply and names the rule of SPEC.md's first-match order."""
+    """Each recipient/client pair gets the reply and names the rule of the first-match order (the rule table in README.rst)."""
     d = decide(office_cfg, gal, rcpt, ip, **extra)
     assert str(d.reply).startswith(reply), (str(d.reply), d.rule)
     assert d.rule == rule

@@ -502,8 +502,8 @@ def test_commit_failure_is_reported(logged_in: Session, env: Env, monkeypatch: p
 def test_dot_lines_on_chunk_boundaries(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """'.' lines at the body start and at offsets 16384 and 32768 arrive stuffed and intact.
 
-    The sender reads 16 KiB chunks here, so those lines start chunks (TWISTED-NOTES
-    "16 KiB hole"); a dot starting a chunk mid-line must stay single.
+    The sender reads 16 KiB chunks here, so those lines start chunks (the "16 KiB hole"
+    of docs/twisted.rst); a dot starting a chunk mid-line must stay single.
     """
     monkeypatch.setattr(stream, "CHUNK", 16384)
     header = b"Subject: dots\n\n"

@@ -42,13 +42,15 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Callable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Callable, Mapping, TypeVar
 
 from mailguard.core import replies
 from mailguard.core.srs import SRS, SRSError, is_srs
 from mailguard.core.address import Address, AddressError, parse_path
-from mailguard.config import Config, IPAddress
 from mailguard.core.entries import Expansion
+
+if TYPE_CHECKING:                      # core imports only the standard library at run time
+    from mailguard.config import Config, IPAddress
 
 Facts = Mapping[str, "Expansion | None"]
 T = TypeVar("T")

@@ -1,6 +1,6 @@
 """End-to-end harness: the real ``twistd -n mailguard`` on loopback, and clients for it.
 
-Everything here drives mailguard through its operator surface only (SPEC.md): a
+Everything here drives mailguard through its operator surface only (README.rst): a
 configuration file, the ``twistd`` start command, the admin CLI (``python -m
 mailguard``), the wire, the maildirs on disk and the log on standard output.  Nothing
 imports the ``mailguard`` package, so these tests hold whatever the internals are.
@@ -366,7 +366,7 @@ class MailguardServer:
             time.sleep(0.1)
 
     def maildir(self, address: str) -> Path:
-        """``data_dir/mail/<domain>/<local>`` (SPEC.md "Storage layout")."""
+        """``data_dir/mail/<domain>/<local>`` (README.rst "Storage")."""
         local, _, domain = address.rpartition("@")
         return self.data_dir / "mail" / domain / local
 

@@ -3,7 +3,7 @@
 The office's users send through mailguard from their mail programs: ``smtplib``, the
 real ``swaks`` and ``msmtp``, over STARTTLS (RFC 3207) on the ``smtp`` and
 ``submission`` listeners and over implicit TLS (RFC 8314) on ``submissions``.  Nobody
-else may relay.  Reply strings are the defaults of SPEC.md and RFC 4954 / RFC 6409.
+else may relay.  Replies come from the reply catalogue and the ``[replies]`` defaults.
 Every server here uses the self-signed certificate mailguard makes under data_dir/tls,
 so the clients do not verify it.
 """

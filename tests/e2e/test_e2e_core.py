@@ -1,8 +1,8 @@
 """End to end: the core mail host of issue 2, driven over loopback like an administrator would.
 
 Every test talks to a real ``twistd -n mailguard`` (see ``harness.py``) through the wire,
-the admin CLI, the maildirs and the log.  Exact reply strings are the defaults of
-SPEC.md ``[replies]`` unless a test configures its own.
+the admin CLI, the maildirs and the log.  Exact replies come from the reply catalogue
+(``mailguard.core.replies``) and the ``[replies]`` defaults, unless a test configures its own.
 """
 
 from __future__ import annotations

@@ -175,7 +175,7 @@ db.close()
 
 
 def directory_path(server: MailguardServer) -> Path:
-    """data_dir/directory.sqlite (SPEC.md, [directory] default)."""
+    """data_dir/directory.sqlite (the ``[directory] path`` default)."""
     return server.data_dir / "directory.sqlite"
 
 

@@ -128,7 +128,7 @@ def filler(n: int) -> bytes:
 
 def test_dot_lines_at_chunk_boundaries(popserver: MailguardServer) -> None:
     """'.' lines at the body start and at 16 KiB / 64 KiB chunk boundaries of the stored file
-    come out of RETR intact (TWISTED-NOTES "16 KiB hole")."""
+    come out of RETR intact (the "16 KiB hole" of docs/twisted.rst)."""
     boundaries = (16384, 32768, 65536, 131072)
     send(popserver, "carol", b"probe\r\n")
     (probe,) = popserver.messages(addr("carol"))

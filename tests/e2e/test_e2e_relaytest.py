@@ -1,4 +1,4 @@
-"""End to end: ``mailguard relay-test HOST:PORT`` (SPEC.md admin CLI, issue 6 item 7).
+"""End to end: ``mailguard relay-test HOST:PORT``, the admin's open-relay check.
 
 The administrator's own open-relay check, run as a real command line against three
 servers: mailguard from a client that may not relay (verdict: not open, exit 0),
