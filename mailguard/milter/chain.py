@@ -22,7 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from twisted.internet import defer, endpoints, error
+from twisted.internet import defer, error, protocol
+from twisted.python.failure import Failure
 
 from mailguard.app import maillog
 from mailguard.core.replies import Reply
@@ -68,18 +69,16 @@ class MilterChain:
         self.connect = connect or self._connect
 
     def _connect(self, address: str) -> defer.Deferred[MilterConnection]:
+        """Connect to one milter (a quiet factory: no log line per connection)."""
         kind, where, port = codec.parse_address(address)
-        endpoint: Any
-        if kind == "unix":
-            endpoint = endpoints.UNIXClientEndpoint(self.reactor, where, timeout=self.timeout)
-        elif ":" in where:
-            endpoint = endpoints.TCP6ClientEndpoint(self.reactor, where, port, timeout=self.timeout)
-        elif where.replace(".", "").isdigit():
-            endpoint = endpoints.TCP4ClientEndpoint(self.reactor, where, port, timeout=self.timeout)
-        else:
-            endpoint = endpoints.HostnameEndpoint(self.reactor, where, port, timeout=self.timeout)
         conn = MilterConnection(self.reactor, self.timeout)
-        return endpoints.connectProtocol(endpoint, conn)  # type: ignore[no-any-return]
+        factory = _Connecting(conn)
+        if kind == "unix":
+            self.reactor.connectUNIX(where, factory, timeout=self.timeout)
+        else:
+            self.reactor.connectTCP(where, port, factory, timeout=self.timeout)
+        return factory.connected
+
 
     def check(self, facts: Facts, message: bytes) -> defer.Deferred[Outcome]:
         """Run the chain for one message (CRLF, this host's ``Received:`` first)."""
@@ -128,3 +127,25 @@ class MilterChain:
     def _log(facts: Facts, address: str, what: str, **fields: object) -> None:
         maillog.event("milter", what, facts.client_addr, milter=address, id=facts.queue_id,
                       **{"from": f"<{facts.sender}>"}, **fields)
+
+
+class _Connecting(protocol.ClientFactory):
+    """Hands out one MilterConnection; ``connected`` fires with it, or with the failure."""
+
+    noisy = False
+
+    def __init__(self, conn: MilterConnection) -> None:
+        self.conn = conn
+        self.connected: defer.Deferred[MilterConnection] = defer.Deferred()
+        conn.on_connect = self._made
+
+    def buildProtocol(self, addr: object) -> MilterConnection:
+        return self.conn
+
+    def _made(self) -> None:
+        if not self.connected.called:
+            self.connected.callback(self.conn)
+
+    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
+        if not self.connected.called:
+            self.connected.errback(reason)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IReactorTime
@@ -51,6 +51,11 @@ class MilterConnection(protocol.Protocol):
         self._waiting: defer.Deferred[tuple[bytes, bytes]] | None = None
         self._timer: Any = None             # IDelayedCall
         self._error: Exception | None = None
+        self.on_connect: Callable[[], None] | None = None
+
+    def connectionMade(self) -> None:
+        if self.on_connect is not None:
+            self.on_connect()
 
     def dataReceived(self, data: bytes) -> None:
         if self._error is not None:
