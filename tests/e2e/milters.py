@@ -7,6 +7,8 @@ runs as a ``/usr/bin/python3`` subprocess.  A missing program fails the test.
 
 from __future__ import annotations
 
+import getpass
+import hashlib
 import shutil
 import subprocess
 import time
@@ -106,3 +108,46 @@ def rspamd(folder: Path) -> Process:
     argv = [exe, "-f", "-i", "-c", "/etc/rspamd/rspamd.conf", "--var", f"LOCAL_CONFDIR={folder}",
             "--var", f"RUNDIR={folder / 'run'}", "--var", f"DBDIR={folder / 'db'}", "--var", f"LOGDIR={folder}"]
     return Process(argv, port, folder / "rspamd.out", cwd=folder, timeout=240.0)
+
+
+EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+
+
+class ClamAV:
+    """Debian's clamd with one local signature (the EICAR test file's MD5, an ``.hdb``: no
+    download) and clamav-milter in front of it on a free loopback port."""
+
+    def __init__(self, folder: Path) -> None:
+        clamd, milter = require("clamd"), require("clamav-milter")
+        db = folder / "db"
+        db.mkdir(parents=True, exist_ok=True)
+        (db / "eicar.hdb").write_text(f"{hashlib.md5(EICAR).hexdigest()}:{len(EICAR)}:Eicar-Test-Signature\n")
+        sock = folder / "clamd.sock"
+        (folder / "clamd.conf").write_text(
+            f"LocalSocket {sock}\nDatabaseDirectory {db}\nForeground yes\nLogFile {folder}/clamd.log\n"
+            f"PidFile {folder}/clamd.pid\nTemporaryDirectory {folder}\nUser {getpass.getuser()}\n")
+        port = free_port()
+        (folder / "clamav-milter.conf").write_text(
+            f"MilterSocket inet:{port}@127.0.0.1\nClamdSocket unix:{sock}\nForeground yes\n"
+            f"LogFile {folder}/clamav-milter.log\nPidFile {folder}/clamav-milter.pid\nUser {getpass.getuser()}\n"
+            "OnInfected Reject\nOnFail Defer\nAddHeader Replace\nRejectMsg Virus found: %v\n")
+        self.clamd = subprocess.Popen([clamd, "-c", str(folder / "clamd.conf")], stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            if self.clamd.poll() is not None or time.monotonic() > deadline:
+                self.clamd.kill()
+                log = folder / "clamd.log"
+                raise AssertionError(f"clamd did not start:\n{log.read_text() if log.exists() else ''}")
+            time.sleep(0.1)
+        self.milter = Process([milter, "-c", str(folder / "clamav-milter.conf")], port, folder / "milter.out")
+
+    @property
+    def address(self) -> str:
+        return self.milter.address
+
+    def stop(self) -> None:
+        self.milter.stop()
+        if self.clamd.poll() is None:
+            self.clamd.terminate()
+            self.clamd.wait(10)
