@@ -8,6 +8,8 @@ Deferreds the test fires itself.
 from __future__ import annotations
 
 import copy
+import functools
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,13 +17,15 @@ from typing import Any, Callable, Iterator, Sequence
 
 import pytest
 from hypothesis import HealthCheck, settings
-from twisted.internet import defer, interfaces, task
+from twisted.internet import defer, interfaces, protocol, ssl, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent, capturedLogs, formatEvent
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import directlyProvides
 
 from mailguard import config
+from mailguard.app.tls import TLSContext
 from mailguard.auth.authenticator import PopBeforeSmtp
 from mailguard.smtp.context import SMTPContext
 from mailguard.directory.base import DirectoryError
@@ -183,25 +187,59 @@ class FakeAuthenticator:
         return defer.succeed(found[1] if found and found[0] == password else None)
 
 
-class FakeTLS:
-    """Stands in for TLSContext: options() returns a marker the transport records."""
+HOSTNAME = "mx.office.example"
 
-    def options(self) -> str:
-        return "tls-options"
+
+@functools.lru_cache(maxsize=1)
+def server_tls() -> TLSContext:
+    """mailguard's own TLSContext with a self-signed certificate for mx.office.example (made once)."""
+    folder = Path(tempfile.mkdtemp(prefix="mailguard-test-tls-"))
+    return TLSContext(make_config(folder, server={"hostname": HOSTNAME, "data_dir": str(folder)}))
+
+
+class Plaintext(protocol.Protocol):
+    """What the client side of a TLS session reads, decrypted."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
 
 
 class TLSCapableTransport(StringTransport):
-    """A StringTransport that can "start TLS": afterwards it provides ISSLTransport."""
+    """A StringTransport that can really start TLS.
+
+    Before ``startTLS`` the server's writes collect in the StringTransport as usual.
+    ``startTLS`` puts a server-side TLS layer (Twisted's ``TLSMemoryBIOProtocol``, with
+    the options the server passed) between the protocol and the wire, as the TCP
+    transport does; from then on the server's writes are encrypted into ``cipher``,
+    and :class:`Session` speaks TLS to it through a client-side layer that trusts
+    :func:`server_tls`'s certificate.  ``encrypted=True`` stands in for an
+    implicit-TLS listener (the transport just provides ISSLTransport).
+    """
 
     def __init__(self, *args: Any, encrypted: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.tls_started: list[Any] = []
+        self.protocol: protocol.Protocol | None = None        # set by Session
+        self.tls_layer: TLSMemoryBIOProtocol | None = None
+        self.cipher = StringTransport()
         if encrypted:
             directlyProvides(self, interfaces.ISSLTransport)
 
     def startTLS(self, options: Any) -> None:
         self.tls_started.append(options)
+        factory = TLSMemoryBIOFactory(options, False, None)
+        self.tls_layer = TLSMemoryBIOProtocol(factory, self.protocol, False)
         directlyProvides(self, interfaces.ISSLTransport)
+        self.tls_layer.makeConnection(self.cipher)
+
+    def write(self, data: bytes) -> None:
+        if self.tls_layer is not None:
+            self.tls_layer.write(data)
+        else:
+            super().write(data)
 
 
 @dataclass
@@ -213,7 +251,7 @@ class FakeContext(SMTPContext):
     directory: FakeDirectory = field(default_factory=FakeDirectory)
     store: FakeStore = field(default_factory=FakeStore)
     authenticator: FakeAuthenticator = field(default_factory=FakeAuthenticator)
-    tls: FakeTLS | None = None
+    tls: Any = field(default_factory=server_tls)
     limiter: Any = None
     pop_before_smtp: Any = None
 
@@ -238,15 +276,54 @@ class Session:
             hostAddress=IPv4Address("TCP", local_ip, 25),
             peerAddress=IPv4Address("TCP", client_ip, 40000),
             encrypted=encrypted)
+        self.transport.protocol = self.proto
         self.proto.makeConnection(self.transport)
         self._seen = 0
+        self.plaintext = Plaintext()
+        self.client_wire = StringTransport()
+        self.client_tls: TLSMemoryBIOProtocol | None = None
 
     def send(self, data: bytes | str) -> None:
-        """Write raw bytes (or text) to the server exactly as given."""
-        self.proto.dataReceived(data.encode() if isinstance(data, str) else data)
+        """Write raw bytes (or text) to the server exactly as given (encrypted after STARTTLS)."""
+        raw = data.encode() if isinstance(data, str) else data
+        if self.transport.tls_layer is None:
+            self.proto.dataReceived(raw)
+            return
+        if self.closed:
+            return                  # the server hung up: nothing more reaches it, or comes back
+        if self.client_tls is None:
+            trust = ssl.Certificate.loadPEM(server_tls().cert_path.read_bytes())
+            factory = TLSMemoryBIOFactory(ssl.optionsForClientTLS(HOSTNAME, trustRoot=trust), True, None)
+            self.client_tls = TLSMemoryBIOProtocol(factory, self.plaintext)
+            self.client_tls.makeConnection(self.client_wire)
+        self.client_tls.write(raw)
+        self.pump()
+
+    def pump(self) -> None:
+        """Carry TLS records both ways until neither side has anything more to say."""
+        assert self.transport.tls_layer is not None and self.client_tls is not None
+        while True:
+            to_server, to_client = self.client_wire.value(), self.transport.cipher.value()
+            if not to_server and not to_client:
+                return
+            self.client_wire.clear()
+            self.transport.cipher.clear()
+            if to_server:
+                self.transport.tls_layer.dataReceived(to_server)
+            if to_client:
+                self.client_tls.dataReceived(to_client)
+
+    @property
+    def handshake_done(self) -> bool:
+        """True once the client side of STARTTLS has verified the server and finished the handshake."""
+        return self.client_tls is not None and self.client_tls._handshakeDone
+
+    def raw_output(self) -> bytes:
+        """Everything the server wrote: the cleartext part, then what the client decrypted."""
+        return self.transport.value() + bytes(self.plaintext.received)
 
     def output(self) -> str:
-        return self.transport.value().decode("utf-8", "replace")
+        return self.raw_output().decode("utf-8", "replace")
 
     def lines(self) -> list[str]:
         """Every reply line written so far."""

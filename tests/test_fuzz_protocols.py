@@ -109,8 +109,9 @@ smtp_steps = st.lists(smtp_step, max_size=25).map(lambda groups: [step for g in 
 REPLY_LINE = re.compile(r"^[2-5]\d\d[ -]")
 
 
-def new_output(transport: StringTransport, seen: int) -> tuple[bytes, int]:
-    value = transport.value()
+def new_output(session: Session, seen: int) -> tuple[bytes, int]:
+    """What the server wrote since ``seen`` (decrypted, after STARTTLS), and the new mark."""
+    value = session.raw_output()
     return value[seen:], len(value)
 
 
@@ -164,14 +165,14 @@ def smtp_session(auth_ok: bool = False) -> Session:
 def test_smtp_one_reply_per_line(steps: list[tuple[str, Any]]) -> None:
     """Random commands, bytes and clock jumps: one well-formed reply per line, never a relay, close after a reply."""
     s = smtp_session()
-    seen = len(s.transport.value())
+    seen = len(s.raw_output())
     in_data = False
     auth_pending = False
     for kind, value in steps:
         was_closed = s.closed
         if kind == "advance":
             s.host.clock.advance(value)
-            out, seen = new_output(s.transport, seen)
+            out, seen = new_output(s, seen)
             replies = split_replies(out)
             if was_closed:
                 assert replies == []
@@ -181,7 +182,7 @@ def test_smtp_one_reply_per_line(steps: list[tuple[str, Any]]) -> None:
             continue
         line: bytes = value
         s.send(line + b"\r\n")
-        out, seen = new_output(s.transport, seen)
+        out, seen = new_output(s, seen)
         replies = split_replies(out)
         if was_closed:
             assert replies == [], f"output after close: {replies}"
@@ -224,7 +225,7 @@ def test_smtp_random_bytes(chunks: list[bytes]) -> None:
     for chunk in chunks:
         s.send(chunk)
         assert remote_accepted(s) == []
-    out = s.transport.value()
+    out = s.raw_output()
     complete = out[: out.rfind(b"\r\n") + 2] if b"\r\n" in out else b""
     assert complete == out, f"a partial reply line: {out[-100:]!r}"
     replies = split_replies(out)
@@ -241,7 +242,7 @@ def test_smtp_pipelined_floods_answered_in_order(lines: list[bytes]) -> None:
     """Hundreds of pipelined commands in one write: one reply each, in order, until a closing 421."""
     s = smtp_session()
     s.send(b"".join(ln + b"\r\n" for ln in lines))
-    replies = split_replies(s.transport.value())[1:]
+    replies = split_replies(s.raw_output())[1:]
     if s.closed:
         assert replies[-1][-1].startswith("421"), replies[-1]
         body = replies[:-1]

@@ -230,7 +230,7 @@ def test_stls_discards_pipelined_cleartext(env: Env) -> None:
     out = s.send(b"STLS\r\nUSER alice\r\nPASS " + PASSWORD.encode() + b"\r\nSTAT\r\n")
     assert out == b"+OK Begin TLS negotiation\r\n"
     assert env.auth.calls == []
-    assert s.cmd("STAT") == b"-ERR Not logged in\r\n"
+    assert s.cmd("STAT") == pop3.ERR_LOGIN_FIRST + b"\r\n"
 
 
 def test_stls_refused_when_pointless(env: Env, tmp_path: Path) -> None:
@@ -262,10 +262,10 @@ def test_bad_password(env: Env) -> None:
     """A wrong password gets -ERR [AUTH], records nothing, and leaves the session logged out."""
     s = env.session(tls=True)
     s.cmd("USER alice")
-    assert s.cmd("PASS wrong") == b"-ERR [AUTH] Authentication failed\r\n"
+    assert s.cmd("PASS wrong") == pop3.ERR_AUTH_FAILED + b"\r\n"
     assert env.pbs.recorded == []
-    assert s.cmd("STAT") == b"-ERR Not logged in\r\n"
-    assert s.cmd("PASS again") == b"-ERR USER first\r\n"
+    assert s.cmd("STAT") == pop3.ERR_LOGIN_FIRST + b"\r\n"
+    assert s.cmd("PASS again") == pop3.ERR_USER_FIRST + b"\r\n"
     assert s.login().startswith(b"+OK Logged in")
 
 
@@ -273,7 +273,7 @@ def test_throttled_login(env: Env) -> None:
     """An authenticator that throttles the client gives -ERR [SYS/TEMP]."""
     env.auth.error = Throttled("192.0.2.1")
     s = env.session(tls=True)
-    assert s.login() == b"-ERR [SYS/TEMP] Too many failed logins, try later\r\n"
+    assert s.login() == pop3.ERR_THROTTLED + b"\r\n"
     assert not s.closed
 
 
@@ -283,7 +283,7 @@ def test_throttled_logins_end_the_session(env: Env) -> None:
     s = env.session(tls=True)
     attempt = b"AUTH PLAIN " + plain("", "alice", "x").encode() + b"\r\n"
     out = s.send(attempt * 100)
-    assert out == b"-ERR [SYS/TEMP] Too many failed logins, try later\r\n" * 3
+    assert out == (pop3.ERR_THROTTLED + b"\r\n") * 3
     assert s.closed
 
 
@@ -348,7 +348,7 @@ def test_second_login_refused(env: Env) -> None:
     s = env.session(tls=True)
     s.login()
     for line in ("USER bob", "PASS bobpw", f"AUTH PLAIN {plain('', 'bob', 'bobpw')}"):
-        assert s.cmd(line) == b"-ERR Already logged in\r\n"
+        assert s.cmd(line) == pop3.ERR_ALREADY + b"\r\n"
     assert len(env.auth.calls) == 1
 
 
@@ -356,7 +356,7 @@ def test_in_use(env: Env) -> None:
     """A second session on a locked mailbox gets -ERR [IN-USE]; it may log in after QUIT."""
     first, second = env.session(tls=True), env.session(tls=True)
     first.login()
-    assert second.login() == b"-ERR [IN-USE] Mailbox is locked by another session\r\n"
+    assert second.login() == pop3.ERR_IN_USE + b"\r\n"
     assert not second.closed
     first.cmd("QUIT")
     assert second.login().startswith(b"+OK Logged in")
@@ -478,7 +478,7 @@ def test_noop_rset_and_quit_in_authorization(env: Env) -> None:
     """QUIT before login says goodbye and closes; transaction commands before login get -ERR."""
     s = env.session()
     for line in ("STAT", "LIST", "RETR 1", "NOOP", "DELE 1"):
-        assert s.cmd(line) == b"-ERR Not logged in\r\n"
+        assert s.cmd(line) == pop3.ERR_LOGIN_FIRST + b"\r\n"
     assert s.cmd("QUIT") == b"+OK Bye\r\n"
     assert s.closed
 
@@ -491,7 +491,7 @@ def test_commit_failure_is_reported(logged_in: Session, env: Env, monkeypatch: p
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(os, "unlink", refuse)
-    assert logged_in.cmd("QUIT") == b"-ERR [SYS/TEMP] Some deleted messages not removed\r\n"
+    assert logged_in.cmd("QUIT") == pop3.ERR_COMMIT + b"\r\n"
     monkeypatch.undo()
     assert Mailbox.open(env.box).stat()[0] == 3
 
@@ -583,8 +583,8 @@ def test_connection_lost_during_login(env: Env) -> None:
 def test_long_command_line(env: Env) -> None:
     """A command over 255 octets gets -ERR and the session goes on."""
     s = env.session()
-    assert s.cmd("NOOP " + "x" * 251) == b"-ERR Line too long\r\n"
-    assert s.cmd("USER " + "x" * 248) == b"-ERR [AUTH] Authentication requires TLS: use STLS first\r\n"
+    assert s.cmd("NOOP " + "x" * 251) == pop3.ERR_TOO_LONG + b"\r\n"
+    assert s.cmd("USER " + "x" * 248) == pop3.ERR_NEEDS_TLS + b"\r\n"
     assert not s.closed
 
 
@@ -593,7 +593,7 @@ def test_unterminated_line_closes(env: Env) -> None:
     s = env.session()
     assert s.send(b"x" * 4000) == b""
     assert not s.closed
-    assert s.send(b"x" * 5000) == b"-ERR Line too long\r\n"
+    assert s.send(b"x" * 5000) == pop3.ERR_TOO_LONG + b"\r\n"
     assert s.closed
     assert s.send(b"\r\nCAPA\r\n") == b""
 
@@ -621,7 +621,7 @@ def test_idle_timeout_logs_out_without_update(logged_in: Session, env: Env) -> N
     env.clock.advance(env.cfg.limits.idle_timeout - 1)
     assert not logged_in.closed
     env.clock.advance(1)
-    assert logged_in.read() == b"-ERR Autologout; idle for too long\r\n"
+    assert logged_in.read() == pop3.ERR_AUTOLOGOUT + b"\r\n"
     assert logged_in.closed
     logged_in.proto.connectionLost(None)
     assert Mailbox.open(env.box).stat()[0] == 3
@@ -647,7 +647,7 @@ def test_session_timeout_ends_a_busy_session(tmp_path: Path) -> None:
         e.clock.advance(1)
     assert not s.closed
     e.clock.advance(1)
-    assert s.read().endswith(b"-ERR Autologout; idle for too long\r\n")
+    assert s.read().endswith(pop3.ERR_AUTOLOGOUT + b"\r\n")
     assert s.closed
 
 
@@ -717,8 +717,8 @@ def test_error_flood_closes_the_session(env: Env) -> None:
     """50 -ERR replies in one session: the last is followed by a closing -ERR, and nothing more."""
     s = env.session()
     out = s.send(b"\r\n" * 1000).split(b"\r\n")
-    assert out[:50] == [b"-ERR Unknown command"] * 50
-    assert out[50:] == [b"-ERR Too many errors, closing connection", b""]
+    assert out[:50] == [pop3.ERR_UNKNOWN] * 50
+    assert out[50:] == [pop3.ERR_TOO_MANY_ERRORS, b""]
     assert s.closed
 
 

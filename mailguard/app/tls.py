@@ -14,8 +14,9 @@ from __future__ import annotations
 import datetime
 import os
 from pathlib import Path
+from typing import Any
 
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.protocols.tls import TLSMemoryBIOProtocol
@@ -82,8 +83,11 @@ class TLSContext:
         if not isinstance(private, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey,
                                     ed448.Ed448PrivateKey, dsa.DSAPrivateKey)):
             raise ValueError(f"{self.key_path}: a {type(private).__name__} cannot sign for TLS")
-        key = crypto.PKey.from_cryptography_key(private)
-        certs = [crypto.X509.from_cryptography(cert) for cert in chain]
+        # The cryptography objects go to OpenSSL as they are (Twisted hands them to
+        # pyOpenSSL untouched, whose X509/PKey wrappers are deprecated: a
+        # DeprecationWarning at every handshake); Twisted's annotations still say X509.
+        certs: list[Any] = list(chain)
+        key: Any = private
         return ssl.CertificateOptions(privateKey=key, certificate=certs[0], extraCertChain=certs[1:],
                                       raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
 
