@@ -8,6 +8,8 @@ from pathlib import Path
 
 import dkim
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 
 from mailguard.dkim import keys, records
@@ -162,3 +164,32 @@ def test_check_states(tmp_path: Path, published: dict[str, list[str]], expected:
     result: list[tuple[records.Record, str]] = []
     defer.ensureDeferred(records.check(cfg, "office.example", txt, mx)).addCallback(result.extend)
     assert [state for _, state in result] == expected
+
+
+@settings(max_examples=60)
+@given(st.lists(st.sampled_from([
+    b"To: a@b.example", b"To: c@d.example,\r\n\te@f.example", b"Cc:   spaced   out  ", b"Subject: \tfolded\r\n  twice",
+    b"X-Custom: not signed", b"Received: from x by y", b"Reply-To: r@office.example", b"MIME-Version: 1.0",
+    b"Content-Type: text/plain;\r\n charset=utf-8", b"DATE: Tue, 1 Dec 2026 10:00:00 +0000",
+]), max_size=6), st.lists(st.sampled_from([
+    b"line", b"  indented", b"trailing space   ", b"", b"\ttab\tinside", b".", b"..", b"x" * 200,
+]), max_size=8), st.booleans())
+def test_any_message_verifies(extra: list[bytes], body_lines: list[bytes], final_crlf: bool) -> None:
+    """Folded, repeated and odd headers, empty and whitespace-heavy bodies: dkimpy verifies every one."""
+    made = _FUZZ_KEYS
+    head = b"From: Joe <joe@office.example>\r\n" + b"".join(h + b"\r\n" for h in extra)
+    body = b"\r\n".join(body_lines) + (b"\r\n" if final_crlf and body_lines else b"")
+    message = head + b"\r\n" + body
+    signed = sign(message, made) + message
+    for idx in range(len(made)):
+        assert dkim.DKIM(signed).verify(idx=idx, dnsfunc=_dns_of(*made)), (idx, message)
+
+
+_FUZZ_KEYS: list[keys.Key] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fuzz_keys(tmp_path_factory: pytest.TempPathFactory) -> None:
+    folder = tmp_path_factory.mktemp("fuzzkeys")
+    _FUZZ_KEYS[:] = [keys.generate(folder, "office.example", "mail", "rsa"),
+                     keys.generate(folder, "office.example", "mail-ed25519", "ed25519")]
