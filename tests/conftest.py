@@ -392,3 +392,11 @@ def logs() -> Iterator[LogCapture]:
     """Capture every log event emitted while the test runs."""
     with capturedLogs() as events:
         yield LogCapture(events)
+
+
+@pytest.fixture(autouse=True)
+def fresh_auth_log_budget() -> Iterator[None]:
+    """Each test starts with an empty failed-login log budget (it is per process)."""
+    from mailguard.app import maillog
+    maillog.AUTH_LINES._windows.clear()
+    yield

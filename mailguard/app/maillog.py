@@ -12,6 +12,9 @@ Passwords and AUTH payloads are never logged.
 
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 from twisted.logger import Logger
 
 log = Logger(namespace="mailguard")
@@ -41,9 +44,54 @@ def event(service: str, what: str, client: str, **fields: object) -> None:
     log.info("{line}", line=f"mailguard {service} {what}: client={client}{extra}")
 
 
-def auth_failure(service: str, client: str, user: str) -> None:
-    """Log a failed login in the line the fail2ban filter matches."""
-    log.warn("{line}", line=f"mailguard auth failure: service={service} client={client} user={clean(user)}")
+class RepeatLimiter:
+    """Lets the first ``burst`` lines per key through in each ``span`` seconds, counts the rest.
+
+    ``allow(key)`` is True for a line to write; once the key's window has passed,
+    ``take_suppressed(key)`` gives how many lines were held back (then 0 again).
+    """
+
+    def __init__(self, burst: int = 10, span: float = 60.0, now: Callable[[], float] = time.monotonic) -> None:
+        self.burst = burst
+        self.span = span
+        self.now = now
+        self._windows: dict[str, tuple[float, int, int]] = {}   # key -> (start, written, held back)
+
+    def allow(self, key: str) -> tuple[bool, int]:
+        """(write this line?, lines held back in the window that just ended)."""
+        t = self.now()
+        start, written, held = self._windows.get(key, (t, 0, 0))
+        ended = 0
+        if t - start >= self.span:
+            ended, start, written, held = held, t, 0, 0
+        if written < self.burst:
+            self._windows[key] = (start, written + 1, held)
+            ok = True
+        else:
+            self._windows[key] = (start, written, held + 1)
+            ok = False
+        if len(self._windows) > 10_000:
+            self._windows = {k: v for k, v in self._windows.items() if t - v[0] < self.span}
+        return ok, ended
+
+
+#: Failed-login lines per (service, client): the first 10 a minute, then a count.
+AUTH_LINES = RepeatLimiter()
+
+
+def auth_failure(service: str, client: str, user: str, throttled: bool = False) -> None:
+    """Log a failed (or refused, ``throttled``) login in the line the fail2ban filter matches.
+
+    A client that keeps failing gets its first lines each minute in full (enough for
+    fail2ban), then one ``mailguard auth suppressed`` line with the count of the rest.
+    """
+    ok, held = AUTH_LINES.allow(f"{service} {client}")
+    if held:
+        log.warn("{line}", line=f"mailguard auth suppressed: service={service} client={client} count={held}")
+    if ok:
+        extra = " throttled=yes" if throttled else ""
+        log.warn("{line}", line=f"mailguard auth failure: service={service} client={client} "
+                               f"user={clean(user)}{extra}")
 
 
 def directory_entry(what: str, **fields: object) -> None:

@@ -3,15 +3,21 @@
 :class:`Authenticator` checks a login through the directory's ``verify_password``
 (which hashes in a thread, never on the reactor) and slows down guessing:
 
-- failures are counted per client IP and per account over a sliding window of
-  ``[limits] login_lockout`` seconds;
-- from ``login_failures`` failures on, each further attempt from that IP waits
+- failures are counted per client (an IPv4 address, an IPv6 /64) and per account
+  over a sliding window of ``[limits] login_lockout`` seconds;
+- from ``login_failures`` failures on, each further attempt from that client waits
   ``2**(n - login_failures)`` seconds (at most 16) before it is checked;
-- from ``3 * login_failures`` failures, the IP gets :class:`Throttled`
+- from ``3 * login_failures`` failures, the client gets :class:`Throttled`
   (SMTP ``454 4.7.0``) until its oldest failures leave the window;
-- failures against one account delay further attempts on it by at most 4 s, and only
-  for clients that have failed before: a user's own correct login from a clean IP is
-  never delayed, so an attacker cannot lock a user out.
+- each account has the same budget, counted over every client: guesses spread over
+  many addresses wait, then get :class:`Throttled` — except from a client that has
+  logged in to that account successfully before (remembered for
+  :data:`TRUST_SECONDS`), so an attacker cannot lock the owner out;
+- attempts under way count as failures-to-be (on the account always, on the client
+  once it has failed), so parallel guesses cannot all slip in under the current count;
+- when more than :data:`MAX_QUEUED_CHECKS` checks wait for a hash slot, further
+  attempts from unknown clients get :class:`Throttled` at once, and known clients
+  go first (:mod:`mailguard.auth.hashqueue`).
 
 :class:`PopBeforeSmtp` remembers, in memory only, the IPs that logged in over POP3;
 a restart forgets them (clients log in again at their next mail check).
@@ -27,15 +33,20 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from mailguard.app import maillog
+from mailguard.app.limits import client_key
+from mailguard.auth.hashqueue import HashQueue
 from mailguard.config import LimitsConfig
 
 MAX_IP_DELAY = 16.0
-MAX_ACCOUNT_DELAY = 4.0
+MAX_ACCOUNT_DELAY = 16.0
 MAX_PARALLEL_CHECKS = 2         # password hashes computed at once (one per core here)
+MAX_QUEUED_CHECKS = 16          # ordinary attempts waiting for a hash before refusing early
+TRUST_SECONDS = 30 * 86400      # how long a successful login vouches for its client
+MAX_TRUSTED = 100_000
 
 
 class Throttled(Exception):
-    """Too many failed logins from this client: answer 454 / -ERR [SYS/TEMP]."""
+    """Too many failed logins from this client or on this account: answer 454 / -ERR [SYS/TEMP]."""
 
 
 class _Window:
@@ -65,6 +76,10 @@ class _Window:
                 self.count(k)
 
 
+def _backoff(n: int, threshold: int, cap: float) -> float:
+    return min(2.0 ** (n - threshold), cap) if n >= threshold else 0.0
+
+
 Verify = Callable[[str, str], "defer.Deferred[str | None] | str | None"]
 
 
@@ -82,56 +97,75 @@ class Authenticator:
         self.by_ip = _Window(clock, max(limits.login_lockout, 1))
         self.by_account = _Window(clock, max(limits.login_lockout, 1))
         self.run_in_thread = run_in_thread or defer.maybeDeferred
-        self._in_flight: dict[str, int] = {}       # checks under way per IP
-        # Each argon2 check holds ~19 MiB and a core: run at most this many at once, so a
-        # login storm queues instead of multiplying memory by the thread pool's size.
-        self._slots = defer.DeferredSemaphore(MAX_PARALLEL_CHECKS)
+        self._in_flight: dict[str, int] = {}       # checks under way per client and per account
+        self._trusted: dict[tuple[str, str], float] = {}   # (login, client) -> until
+        self.hashes = HashQueue(MAX_PARALLEL_CHECKS, MAX_QUEUED_CHECKS)
+
+    def trusted(self, login: str, client_ip: str) -> bool:
+        """True when this client logged in to ``login`` successfully within TRUST_SECONDS."""
+        until = self._trusted.get((login, client_key(client_ip)))
+        return until is not None and until > self.clock.seconds()
+
+    def _trust(self, login: str, client: str) -> None:
+        now = self.clock.seconds()
+        self._trusted[(login, client)] = now + TRUST_SECONDS
+        if len(self._trusted) > MAX_TRUSTED:
+            self._trusted = {k: v for k, v in self._trusted.items() if v > now}
+            while len(self._trusted) > MAX_TRUSTED // 2:
+                del self._trusted[next(iter(self._trusted))]
 
     def delay_for(self, login: str, client_ip: str) -> float:
-        """Seconds to wait before checking this attempt; raises Throttled past the hard limit."""
-        # Once an IP has failed, its attempts still being checked count as failures-to-be:
-        # parallel guesses cannot all slip in under the current count.  (An office behind
-        # one NAT address, with no failures, is not slowed by its own concurrent logins.)
-        n_ip = self.by_ip.count(client_ip)
+        """Seconds to wait before checking this attempt; raises Throttled past a hard limit."""
+        client = client_key(client_ip)
+        n_ip = self.by_ip.count(client)
         if n_ip:
-            n_ip += self._in_flight.get(client_ip, 0)
+            n_ip += self._in_flight.get(client, 0)
         if n_ip >= 3 * self.threshold:
             raise Throttled(client_ip)
-        delay = 0.0
-        if n_ip >= self.threshold:
-            delay = min(2.0 ** (n_ip - self.threshold), MAX_IP_DELAY)
-        if n_ip:
-            n_acct = self.by_account.count(login)
-            if n_acct >= self.threshold:
-                delay = max(delay, min(0.5 * (n_acct - self.threshold + 1), MAX_ACCOUNT_DELAY))
-        return delay
+        delay = _backoff(n_ip, self.threshold, MAX_IP_DELAY)
+        if self.trusted(login, client_ip):
+            return delay
+        # Guesses from unknown clients still being checked always count: a botnet's
+        # first guesses arrive together, before any of them has failed.
+        n_acct = self.by_account.count(login) + self._in_flight.get("@" + login, 0)
+        if n_acct >= 3 * self.threshold:
+            raise Throttled(login)
+        if self.hashes.full():
+            raise Throttled("hash queue")
+        return max(delay, _backoff(n_acct, self.threshold, MAX_ACCOUNT_DELAY))
 
     def check(self, login: str, password: str, client_ip: str, service: str) -> defer.Deferred[str | None]:
         """Fire with the mailbox address, or None for bad credentials; errback Throttled."""
         login = login.strip().lower()
+        client = client_key(client_ip)
         try:
             delay = self.delay_for(login, client_ip)
         except Throttled as e:
-            maillog.auth_failure(service, client_ip, login)
+            maillog.auth_failure(service, client_ip, login, throttled=True)
             return defer.fail(e)
-        self._in_flight[client_ip] = self._in_flight.get(client_ip, 0) + 1
+        urgent = self.trusted(login, client_ip)
+        keys = (client,) if urgent else (client, "@" + login)
+        for key in keys:
+            self._in_flight[key] = self._in_flight.get(key, 0) + 1
         d = task.deferLater(self.clock, delay).addCallback(
-            lambda _: self._slots.run(self.run_in_thread, self.verify, login, password))
+            lambda _: self.hashes.run(urgent, self.run_in_thread, self.verify, login, password))
 
         def settled(result: str | None | Failure) -> str | None | Failure:
-            n = self._in_flight.get(client_ip, 1) - 1
-            if n:
-                self._in_flight[client_ip] = n
-            else:
-                self._in_flight.pop(client_ip, None)
+            for key in keys:
+                n = self._in_flight.get(key, 1) - 1
+                if n:
+                    self._in_flight[key] = n
+                else:
+                    self._in_flight.pop(key, None)
             return result
 
         def done(mailbox: str | None) -> str | None:
             if mailbox is None:
-                self.by_ip.add(client_ip)
+                self.by_ip.add(client)
                 self.by_account.add(login)
                 maillog.auth_failure(service, client_ip, login)
             else:
+                self._trust(login, client)
                 maillog.event(service, "login", client_ip, user=mailbox)
             return mailbox
 
