@@ -193,3 +193,16 @@ def _fuzz_keys(tmp_path_factory: pytest.TempPathFactory) -> None:
     folder = tmp_path_factory.mktemp("fuzzkeys")
     _FUZZ_KEYS[:] = [keys.generate(folder, "office.example", "mail", "rsa"),
                      keys.generate(folder, "office.example", "mail-ed25519", "ed25519")]
+
+
+def test_keys_belong_to_the_data_folders_owner(tmp_path: Path) -> None:
+    """Made by root for a service user: the key and its folders take the data folder's owner."""
+    if os.geteuid() != 0:
+        pytest.fail("this test checks ownership changes and must run as root (as CI does)")
+    data = tmp_path / "var"
+    data.mkdir()
+    os.chown(data, 4242, 4243)
+    key = keys.generate(data / "dkim", "office.example", "mail", "rsa")
+    for path in (data / "dkim", key.path.parent, key.path):
+        st = os.stat(path)
+        assert (st.st_uid, st.st_gid) == (4242, 4243), path

@@ -119,8 +119,27 @@ def keys_for(keys_dir: Path, domain: str, selector: str | None = None) -> list[K
     return out
 
 
+def _owner(path: Path) -> tuple[int, int] | None:
+    """The (uid, gid) new key files take: those of the nearest existing folder above ``path``.
+
+    Run as root (the admin's ``mailguard dkim keygen``), the key must still be
+    readable by the service user that owns the data folder.
+    """
+    for parent in (path, *path.parents):
+        try:
+            st = parent.stat()
+        except FileNotFoundError:
+            continue
+        return st.st_uid, st.st_gid
+    return None
+
+
 def generate(keys_dir: Path, domain: str, selector: str, algorithm: str = "rsa") -> Key:
-    """Make a new key; refuses to overwrite one (rotate by choosing a new selector)."""
+    """Make a new key; refuses to overwrite one (rotate by choosing a new selector).
+
+    Files and folders made here belong to the owner of the folder they are made in,
+    so a key made by root for a service running as its own user is readable by it.
+    """
     if algorithm not in ALGORITHMS:
         raise KeyFileError(f"algorithm must be rsa or ed25519, not {algorithm!r}")
     folder = _domain_dir(keys_dir, domain)
@@ -137,10 +156,16 @@ def generate(keys_dir: Path, domain: str, selector: str, algorithm: str = "rsa")
     if taken:
         raise KeyFileError(f"selector {selector} of {domain} has a key already ({taken[0].path}); "
                            "choose another selector to rotate keys")
+    owner = _owner(keys_dir)
     try:
         for d in (keys_dir, folder):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not d.exists():
+                d.mkdir(mode=0o700, parents=True)
+                if owner is not None and os.geteuid() == 0:
+                    os.chown(d, *owner)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        if owner is not None and os.geteuid() == 0:
+            os.fchown(fd, *owner)
     except FileExistsError:
         raise KeyFileError(f"{path} exists already; choose another selector to rotate keys") from None
     except OSError as e:
