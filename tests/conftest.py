@@ -141,6 +141,7 @@ class StoreCall:
     received: bytes
     message: bytes
     deferred: defer.Deferred = field(default_factory=defer.Deferred)
+    held: str = ""
 
 
 class FakeStore:
@@ -151,8 +152,9 @@ class FakeStore:
         self.auto = True
         self.fail = False
 
-    def store(self, msg_id: str, sender: str, decisions: Any, received: bytes, message: bytes) -> defer.Deferred:
-        call = StoreCall(msg_id, sender, list(decisions), received, message)
+    def store(self, msg_id: str, sender: str, decisions: Any, received: bytes, message: bytes,
+              held: str = "") -> defer.Deferred:
+        call = StoreCall(msg_id, sender, list(decisions), received, message, held=held)
         self.calls.append(call)
         if self.auto:
             if self.fail:
