@@ -71,7 +71,7 @@ def test_helo_required_before_mail(session_factory: Open) -> None:
     assert s.cmd("MAIL FROM:<joe@sender.example>") == [str(replies.HELO_FIRST)]
     assert s.cmd("HELO")[0].startswith("501 ")
     assert s.cmd("HELO client.example") == ["250 mx.office.example"]
-    assert s.cmd("MAIL FROM:<joe@sender.example>")[0].startswith("250 2.1.0")
+    assert s.cmd("MAIL FROM:<joe@sender.example>") == [str(replies.SENDER_OK)]
 
 
 def test_ehlo_keywords_cleartext_without_tls(ctx: FakeContext) -> None:
@@ -156,7 +156,7 @@ def test_pop_before_smtp_from_the_shared_record(ctx: FakeContext) -> None:
     for _ in range(3):                       # keep the session alive past the 600 s window
         ctx.clock.advance(201)
         s.cmd("NOOP")
-    assert s.cmd("RCPT TO:<b@remote.example>")[0].startswith("550 5.7.1")
+    assert s.cmd("RCPT TO:<b@remote.example>") == [str(REPLIES.relay_denied)]
 
 
 def test_relay_trick_refused_at_rcpt(session_factory: Open) -> None:
@@ -164,8 +164,8 @@ def test_relay_trick_refused_at_rcpt(session_factory: Open) -> None:
     s = session_factory(client_ip=ALLOWED)
     ehlo(s)
     s.cmd("MAIL FROM:<joe@office.example>")
-    assert s.cmd("RCPT TO:<victim%remote.example@office.example>")[0].startswith("550 5.7.1")
-    assert s.cmd('RCPT TO:<"victim@remote.example"@office.example>')[0].startswith("550 5.7.1")
+    assert s.cmd("RCPT TO:<victim%remote.example@office.example>") == [str(replies.RELAY_TRICK)]
+    assert s.cmd('RCPT TO:<"victim@remote.example"@office.example>') == [str(replies.RELAY_TRICK)]
 
 
 def test_unknown_local_user(session_factory: Open) -> None:
@@ -233,10 +233,10 @@ def test_mail_sequence_errors(session_factory: Open) -> None:
     """RCPT before MAIL, a second MAIL, DATA without MAIL or without recipients: 503 each."""
     s = session_factory()
     ehlo(s)
-    assert s.cmd("RCPT TO:<alice@office.example>")[0].startswith("503 5.5.1")
-    assert s.cmd("DATA")[0].startswith("503 5.5.1")
+    assert s.cmd("RCPT TO:<alice@office.example>") == [str(replies.MAIL_FIRST)]
+    assert s.cmd("DATA") == [str(replies.MAIL_FIRST)]
     s.cmd("MAIL FROM:<joe@sender.example>")
-    assert s.cmd("MAIL FROM:<joe@sender.example>")[0].startswith("503 5.5.1")
+    assert s.cmd("MAIL FROM:<joe@sender.example>") == [str(replies.NESTED_MAIL)]
     s.cmd("RCPT TO:<friend@remote.example>")
     assert s.cmd("DATA") == [str(replies.NO_VALID_RCPT)]
     assert s.cmd("RSET")[0].startswith("250 ")
@@ -277,7 +277,7 @@ def test_rcpt_parameters_refused(session_factory: Open) -> None:
     s = session_factory()
     ehlo(s)
     s.cmd("MAIL FROM:<joe@sender.example>")
-    assert s.cmd("RCPT TO:<alice@office.example> NOTIFY=NEVER")[0].startswith("555 5.5.4")
+    assert s.cmd("RCPT TO:<alice@office.example> NOTIFY=NEVER") == [str(replies.BAD_PARAM)]
 
 
 def test_max_recipients() -> None:
@@ -302,7 +302,7 @@ def test_noop_vrfy_help(session_factory: Open) -> None:
     assert s.cmd("VRFY")[0].startswith("501 ")
     assert s.cmd("HELP")[0].startswith("214 ")
     assert s.cmd("EXPN staff")[0].startswith("502 ")
-    assert s.cmd("FROB")[0].startswith("500 5.5.2")
+    assert s.cmd("FROB") == [str(replies.SYNTAX_ERROR)]
 
 
 # -- DATA: storing, dot-unstuffing, sizes, bare CR/LF, smuggling --------------------------------
@@ -392,7 +392,7 @@ def test_bare_cr_or_lf_refused(session_factory: Open, body: str) -> None:
     ehlo(s)
     transaction(s)
     s.send(body + ".\r\n")
-    assert s.lines()[-1].startswith("550 5.6.2")
+    assert s.lines()[-1] == str(replies.BARE_LINEFEED)
     assert s.host.store.calls == []
 
 
@@ -414,7 +414,7 @@ def test_smuggling_never_stores_a_second_message(session_factory: Open, separato
     after_data = s.lines()[s.lines().index("354 End data with <CR><LF>.<CR><LF>") + 1:]
     assert len(after_data) == 2 and after_data[1].startswith("221 "), after_data
     if "\x00" not in separator:
-        assert after_data[0].startswith("550 5.6.2") and stored == []
+        assert after_data[0] == str(replies.BARE_LINEFEED) and stored == []
 
 
 def test_data_line_over_limit_closes_and_later_commands_never_run(session_factory: Open) -> None:
@@ -522,7 +522,7 @@ def test_idle_timeout(ctx: FakeContext) -> None:
     ctx.clock.advance(299)
     assert not s.closed
     ctx.clock.advance(1)
-    assert s.lines()[-1].startswith("421 4.4.2") and s.closed
+    assert s.lines()[-1] == str(replies.TIMEOUT) and s.closed
 
 
 def test_session_deadline(ctx: FakeContext) -> None:
@@ -532,7 +532,7 @@ def test_session_deadline(ctx: FakeContext) -> None:
         ctx.clock.advance(200)
         assert s.cmd("NOOP")[0].startswith("250 ")
     ctx.clock.advance(200)
-    assert s.lines()[-1].startswith("421 4.4.2") and s.closed
+    assert s.lines()[-1] == str(replies.TIMEOUT) and s.closed
 
 
 def test_timers_cancelled_on_close(ctx: FakeContext) -> None:
@@ -662,7 +662,7 @@ def test_auth_wrong_password(tls_session: Session) -> None:
     assert s.cmd(f"AUTH PLAIN {plain('alice@office.example', 'guess')}") == \
         [str(replies.AUTH_FAILED)]
     s.cmd("MAIL FROM:<alice@office.example>")
-    assert s.cmd("RCPT TO:<friend@remote.example>")[0].startswith("550 5.7.1")
+    assert s.cmd("RCPT TO:<friend@remote.example>") == [str(REPLIES.relay_denied)]
 
 
 def test_auth_login_flow(tls_session: Session) -> None:
@@ -752,7 +752,7 @@ def test_auth_on_cleartext_is_538(session_factory: Open) -> None:
     """With auth_requires_tls, AUTH on a cleartext channel is 538 5.7.11 and no check is made."""
     s = session_factory()
     ehlo(s)
-    assert s.cmd(f"AUTH PLAIN {plain('alice@office.example', 'secret')}")[0].startswith("538 5.7.11")
+    assert s.cmd(f"AUTH PLAIN {plain('alice@office.example', 'secret')}") == [str(replies.AUTH_NEEDS_TLS)]
     assert s.host.authenticator.calls == []
 
 
@@ -784,7 +784,7 @@ def test_auth_relay_permission_lasts_for_the_connection_only(ctx: FakeContext) -
     again = Session(ctx, encrypted=True)
     ehlo(again)
     again.cmd("MAIL FROM:<joe@sender.example>")
-    assert again.cmd("RCPT TO:<friend@remote.example>")[0].startswith("550 5.7.1")
+    assert again.cmd("RCPT TO:<friend@remote.example>") == [str(REPLIES.relay_denied)]
 
 
 def test_received_header_says_authenticated(tls_session: Session) -> None:
@@ -837,14 +837,14 @@ def test_enforce_sender_directory_failure_is_4xx(submission: Session) -> None:
     s = submission
     s.cmd(f"AUTH PLAIN {plain('alice@office.example', 'secret')}")
     s.host.directory.broken = True
-    assert s.cmd("MAIL FROM:<alice@office.example>")[0].startswith("451 4.3.0")
+    assert s.cmd("MAIL FROM:<alice@office.example>") == [str(REPLIES.directory_failure)]
 
 
 def test_smtp_port_enforces_sender_for_authenticated_clients_too(tls_session: Session) -> None:
     """On the MX port an authenticated client is held to its own addresses as well."""
     s = tls_session
     s.cmd(f"AUTH PLAIN {plain('alice@office.example', 'secret')}")
-    assert s.cmd("MAIL FROM:<ceo@office.example>")[0].startswith("553 5.7.1")
+    assert s.cmd("MAIL FROM:<ceo@office.example>") == [str(replies.SENDER_NOT_OWNED)]
 
 
 
@@ -914,8 +914,9 @@ command_lines = st.one_of(
 @given(st.lists(command_lines, max_size=25), st.integers(1, 64))
 def test_random_command_sequences(lines: list[bytes], chunk: int) -> None:
     """Random commands, bytes, 8-bit, NUL and over-long lines from an outsider, in random chunking:
-    every line gets exactly one well-formed reply, in order, until the server closes — and it
-    closes only after a reply; no exception escapes; no remote recipient is ever accepted."""
+    every line gets exactly one well-formed reply, in order, until the server closes (or STARTTLS
+    discards what followed it) — and it closes only after a reply; no exception escapes; no
+    remote recipient is ever accepted."""
     h = host()
     with capturedLogs() as events:
         s = Session(h)
@@ -929,6 +930,9 @@ def test_random_command_sequences(lines: list[bytes], chunk: int) -> None:
     if s.closed:
         assert finals and finals[-1][:3] in ("221", "421", "500"), finals[-3:]
         assert len(finals) <= len(lines)
+    elif str(replies.TLS_READY) in finals:
+        # What was pipelined behind STARTTLS in cleartext is discarded, unanswered (RFC 3207).
+        assert len(finals) <= len(lines), (lines, finals)
     else:
         assert len(finals) == len(lines), (lines, finals)
     for event in events:
