@@ -9,6 +9,7 @@ flush requests).  Exit status: 0 on success, 1 on an error (one line on stderr),
 from __future__ import annotations
 
 import argparse
+import os
 import getpass
 import sys
 from typing import Callable, Sequence
@@ -245,6 +246,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    os.umask(0o077)            # what the CLI makes (the directory, keys, the data folder) is private
     try:
         cfg = None if getattr(args, "no_config", False) else config.find(args.config)
         refusal = dircli.managed_elsewhere(cfg, args.command) if cfg is not None else None

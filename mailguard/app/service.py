@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from twisted.application import service
@@ -44,36 +45,52 @@ log = Logger(namespace="mailguard")
 
 
 class ListenerService(service.Service):
-    """Listens on one endpoint description; ``ssl:`` ones get mailguard's certificate."""
+    """Listens on one endpoint description; ``ssl:`` ones get mailguard's certificate.
+
+    The socket is opened in :meth:`privilegedStartService`, which twistd runs before
+    it gives up root for ``--uid/--gid`` (port 25 needs root to bind), and which
+    runs in the daemon before twistd's parent process returns: a port that cannot be
+    had stops start-up with one line on standard error (``-n``) or in the parent's
+    error message (daemon mode), and a non-zero exit status.
+    """
 
     def __init__(self, reactor: IReactorCore, description: str, factory: IProtocolFactory,
-                 tls: TLSContext | None) -> None:
+                 tls: TLSContext | None, daemon: bool = False) -> None:
         self.reactor = reactor
         self.description = description
         self.factory = factory
         self.tls = tls
+        self.daemon = daemon
         self.port: IListeningPort | None = None
 
-    def startService(self) -> None:
-        service.Service.startService(self)
+    def privilegedStartService(self) -> None:
+        service.Service.privilegedStartService(self)
         desc, factory = self.description, self.factory
         if desc.startswith("ssl:"):
             if self.tls is None:
                 raise RuntimeError("ssl: listener without TLS")
             desc = "tcp:" + desc[4:]
             factory = TLSMemoryBIOFactory(self.tls, False, factory)
-        d: Deferred[IListeningPort] = endpoints.serverFromString(self.reactor, desc).listen(factory)
-        d.addCallbacks(self._listening, self._failed)
-
-    def _listening(self, port: IListeningPort) -> None:
-        self.port = port
-        log.info("mailguard listening: {desc}", desc=self.description)
+        outcome: list[IListeningPort | Failure] = []
+        endpoints.serverFromString(self.reactor, desc).listen(factory).addBoth(outcome.append)
+        if not outcome:
+            raise RuntimeError(f"listening on {self.description} did not complete at start-up")
+        if isinstance(outcome[0], Failure):
+            self._failed(outcome[0])
+        else:
+            self.port = outcome[0]
+            log.info("mailguard listening: {desc}", desc=self.description)
 
     def _failed(self, failure: Failure) -> None:
-        sys.stderr.write(f"mailguard: cannot listen on {self.description}: {failure.getErrorMessage()}\n")
+        error = failure.value
+        reason = getattr(getattr(error, "socketError", None), "strerror", None) or failure.getErrorMessage()
+        line = f"cannot listen on {self.description}: {reason}"
+        if self.daemon:
+            # twistd's parent prints the exception of a daemon that failed to start.
+            raise RuntimeError(line)
+        sys.stderr.write(f"mailguard: {line}\n")
         sys.stderr.flush()
-        sys.stdout.flush()
-        os._exit(1)
+        raise SystemExit(1)
 
     def stopService(self) -> Deferred[None] | None:
         service.Service.stopService(self)
@@ -84,13 +101,32 @@ class ListenerService(service.Service):
         return None
 
 
+def give_away(data_dir: Path, uid: int, gid: int) -> None:
+    """Hand every file and folder under ``data_dir`` to the service user.
+
+    twistd builds the service as root and only then switches to ``--uid/--gid``:
+    whatever the start-up made (the data folder, ``directory.sqlite``, the queue,
+    the generated certificate, the SRS secret) must belong to the user that will
+    write to it.  Only root can do this, and only root needs to.
+    """
+    if os.geteuid() != 0:
+        return
+    for root, dirs, files in os.walk(data_dir):
+        for name in (root, *(os.path.join(root, n) for n in dirs + files)):
+            st = os.lstat(name)
+            if (st.st_uid, st.st_gid) != (uid, gid):
+                os.lchown(name, uid, gid)
+
+
 class Mailhost(service.MultiService):
     """Everything the listeners share; start it and mail flows."""
 
-    def __init__(self, cfg: Config, reactor: IReactorCore) -> None:
+    def __init__(self, cfg: Config, reactor: IReactorCore, *, owner: tuple[int, int] | None = None,
+                 daemon: bool = False) -> None:
         service.MultiService.__init__(self)
         self.cfg = cfg
         self.reactor = reactor
+        self.daemon = daemon
         self.clock = IReactorTime(reactor)
         self.threads = IReactorThreads(reactor)
         cfg.server.data_dir.mkdir(parents=True, exist_ok=True)
@@ -120,6 +156,8 @@ class Mailhost(service.MultiService):
         if self.runner is not None:
             service.Service.setServiceParent(self.runner, self)
         self._listen()
+        if owner is not None:
+            give_away(cfg.server.data_dir, *owner)
 
     def _open_directory(self, cfg: Config) -> Directory:
         """The directory backend named by ``[directory] backend``."""
@@ -173,11 +211,11 @@ class Mailhost(service.MultiService):
                           outgoing=Outgoing(self.cfg), srs=self.srs)
         for kind in ("smtp", "submission", "submissions"):
             for desc in getattr(listen, kind):
-                listener = ListenerService(self.reactor, desc, SMTPFactory(ctx, kind), self.tls)
+                listener = ListenerService(self.reactor, desc, SMTPFactory(ctx, kind), self.tls, self.daemon)
                 service.Service.setServiceParent(listener, self)
         pop3_factory = self._pop3_factory()
         for desc in listen.pop3 + listen.pop3s:
-            listener = ListenerService(self.reactor, desc, pop3_factory, self.tls)
+            listener = ListenerService(self.reactor, desc, pop3_factory, self.tls, self.daemon)
             service.Service.setServiceParent(listener, self)
 
     def _pop3_factory(self) -> POP3Factory:

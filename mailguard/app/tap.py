@@ -6,6 +6,8 @@ the file and the key, and a non-zero exit status.
 
 from __future__ import annotations
 
+import os
+import pwd
 import sys
 
 from twisted.application import service
@@ -22,8 +24,23 @@ class Options(usage.Options):
     ]
 
 
+def _twistd_option(options: Options, name: str) -> object:
+    """An option given to twistd itself (``--uid``, ``--nodaemon``): the plugin's parent options."""
+    parent = getattr(options, "parent", None)
+    try:
+        return parent[name] if parent is not None else None
+    except KeyError:
+        return None
+
+
 def makeService(options: Options) -> service.IService:
-    """Parse and validate the configuration, then build the mail host."""
+    """Parse and validate the configuration, then build the mail host.
+
+    Files are private from the start (umask 077, unless twistd's ``--umask`` says
+    otherwise): the directory holds password hashes, the data folder keys.  With
+    twistd's ``--uid``/``--gid`` the data folder is handed to that user once built,
+    and the listening sockets are opened before the switch.
+    """
     try:
         cfg = config.find(options["config"])
     except config.ConfigError as e:
@@ -33,4 +50,13 @@ def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
     from mailguard.app.service import Mailhost
-    return Mailhost(cfg, reactor)
+    if _twistd_option(options, "umask") is None:
+        os.umask(0o077)
+    uid, gid = _twistd_option(options, "uid"), _twistd_option(options, "gid")
+    owner = None
+    if isinstance(uid, int):
+        owner = (uid, gid if isinstance(gid, int) else pwd.getpwuid(uid).pw_gid)
+    elif isinstance(gid, int):
+        owner = (os.getuid(), gid)
+    nodaemon = _twistd_option(options, "nodaemon")
+    return Mailhost(cfg, reactor, owner=owner, daemon=nodaemon is not None and not nodaemon)

@@ -27,6 +27,7 @@ tens of milliseconds of CPU, on the pool it is given for hashing.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -107,6 +108,19 @@ class SQLiteStore:
     def _db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
+            try:
+                # Password hashes: the file is private (SQLite gives its -wal and -shm files
+                # the same mode).  Made here with 0600 rather than left to the umask.
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+                try:
+                    if os.fstat(fd).st_mode & 0o077:      # made 0644 by an older version
+                        os.fchmod(fd, 0o600)
+                finally:
+                    os.close(fd)
+            except FileNotFoundError:
+                pass                                  # its folder is gone: connect() says so
+            except OSError as e:
+                raise DirectoryError(f"cannot open {self.path}: {e.strerror or e}") from None
             try:
                 db = sqlite3.connect(f"file:{self.path}?mode=rwc", uri=True, timeout=self.timeout,
                                      isolation_level=None, check_same_thread=True)
