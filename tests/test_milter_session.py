@@ -183,7 +183,7 @@ def test_every_recipient_refused_is_a_refusal() -> None:
 
 
 def test_header_edits() -> None:
-    """Add (end), insert (index 0 is after this host's Received:), change, delete."""
+    """Add (end), insert (index 0 is the top, above this host's Received:, as in Postfix), change, delete."""
     script = at_eom(
         codec.packet(codec.ADDHEADER, z("X-Spam-Score", "5.1")),
         codec.packet(codec.INSHEADER, struct.pack("!I", 0) + z("X-First", "1")),
@@ -191,8 +191,9 @@ def test_header_edits() -> None:
         codec.packet(codec.CHGHEADER, struct.pack("!I", 1) + z("X-Secret", "")),
     )
     v = result(FakeMilter(script).run())
-    assert v.message == (b"Received: from client.example ([192.0.2.9])\r\n\tby mx.example (mailguard) with ESMTP id X1\r\n"
-                         b"X-First: 1\r\nSubject: [SPAM] hello\r\nX-Spam-Score: 5.1\r\n\r\nline one\r\n.dot line\r\n")
+    assert v.message == (b"X-First: 1\r\n"
+                         b"Received: from client.example ([192.0.2.9])\r\n\tby mx.example (mailguard) with ESMTP id X1\r\n"
+                         b"Subject: [SPAM] hello\r\nX-Spam-Score: 5.1\r\n\r\nline one\r\n.dot line\r\n")
 
 
 def test_leading_space_negotiated() -> None:

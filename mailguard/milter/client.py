@@ -235,8 +235,6 @@ class _Exchange:
         self.quarantine = ""
         self.edits: list[str] = []
         self.leadspc = bool(neg.protocol & codec.P_HDR_LEADSPC)
-        heads = self.msg.headers
-        self.hidden = 1 if heads and heads[0].name.lower() == "received" else 0
         self._new_body: bytearray | None = None
 
     def send_macros(self, command: bytes, rcpt: str = "") -> None:
@@ -300,8 +298,8 @@ class _Exchange:
             self.edits.append(f"add-header:{name}")
         elif reply == codec.INSHEADER:
             index, name, value = codec.indexed(data)
-            # This host's Received: stays first (as stored); index 0 is the header after it.
-            edit.insert_header(msg, index + self.hidden, name, value, lead)
+            # Index 0 is the very top, above this host's Received: (as Postfix does).
+            edit.insert_header(msg, index, name, value, lead)
             self.edits.append(f"insert-header:{name}")
         elif reply == codec.CHGHEADER:
             index, name, value = codec.indexed(data)
