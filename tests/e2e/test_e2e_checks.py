@@ -13,6 +13,9 @@ from typing import Any
 
 import pytest
 
+from mailguard import config
+from mailguard.core import checks as core_checks
+
 from .conftest import DOMAIN, ServerFactory
 from .harness import MailguardServer
 from .sinks import DNSServer
@@ -59,14 +62,16 @@ ZONE: dict[str, list[tuple[str, object]]] = {
     "spam.test": [("MX", (10, "mx.real.test"))],
 }
 
-CLIENT_REJECTED = "554 5.7.1 Access denied"
-SENDER_REJECTED = "550 5.7.1 Sender address rejected"
-DOMAIN_UNKNOWN = "550 5.1.8 Sender address rejected: domain not found"
-NO_REVERSE = "450 4.7.25 Client host has no verified reverse DNS name"
-LISTED_REPLY = "554 5.7.1 Client host blocked by a DNS block list"
-DNS_TEMPFAIL = "451 4.4.3 Temporary DNS lookup failure, try again later"
-GREYLISTED = "451 4.7.1 Greylisted, please try again later"
-RATE_LIMITED = "451 4.7.0 Too much mail, slow down"
+# The servers here keep the default [replies] of the checks; DNS trouble has a fixed reply.
+_REPLIES = config.defaults().checks.replies
+CLIENT_REJECTED = str(_REPLIES.client_rejected)
+SENDER_REJECTED = str(_REPLIES.sender_rejected)
+DOMAIN_UNKNOWN = str(_REPLIES.sender_domain_unknown)
+NO_REVERSE = str(_REPLIES.no_reverse_dns)
+LISTED_REPLY = str(_REPLIES.dnsbl_listed)
+DNS_TEMPFAIL = str(core_checks.DNS_TEMPFAIL)
+GREYLISTED = str(_REPLIES.greylisted)
+RATE_LIMITED = str(_REPLIES.rate_limited)
 
 
 @pytest.fixture(scope="module")

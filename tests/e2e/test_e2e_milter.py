@@ -14,6 +14,8 @@ from typing import Any, Iterator
 
 import pytest
 
+from mailguard.core import replies
+
 from .conftest import ALLOWED_HOST, DOMAIN, OFFICE_CONFIG, OUTSIDER, ServerFactory, populate_office
 from .harness import MailguardServer, deep_merge, free_port, make_message, split_added_headers
 from .milters import Process, action_milter
@@ -23,7 +25,7 @@ ALICE = f"alice@{DOMAIN}"
 BOB = f"bob@{DOMAIN}"
 REFUSED = f"refuse-me@{DOMAIN}"
 SENDER = "joe@outside.example"
-TEMPFAIL = "451 4.7.1 Service unavailable - try again later"
+TEMPFAIL = str(replies.MILTER_TEMPFAIL)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +91,7 @@ def test_header_edits_and_macros(filtered: MailguardServer) -> None:
 
 @pytest.mark.parametrize("action,expected", [
     ("reject", "550 5.7.1 Rejected by the test milter"),
-    ("reject-plain", "550 5.7.1 Command rejected"),
+    ("reject-plain", str(replies.MILTER_REJECTED)),
     ("tempfail", "451 4.7.1 Try again later, says the test milter"),
     ("tempfail-plain", TEMPFAIL),
 ])
@@ -182,7 +184,7 @@ def test_slow_milter_follows_default_action(filtered: MailguardServer) -> None:
     assert filtered.messages_containing(ALICE, tag.encode()) == []
 
 
-@pytest.mark.parametrize("default,expected", [("tempfail", TEMPFAIL), ("reject", "550 5.7.1 Command rejected"),
+@pytest.mark.parametrize("default,expected", [("tempfail", TEMPFAIL), ("reject", str(replies.MILTER_REJECTED)),
                                               ("accept", None)])
 def test_unreachable_milter(fresh_server_factory: ServerFactory, default: str, expected: str | None) -> None:
     """Nothing listening: milter_default_action decides; one log line names the milter."""

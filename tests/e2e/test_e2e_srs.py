@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from mailguard.core import replies
+from mailguard import config
 
 from .conftest import DOMAIN, OUTSIDER, ServerFactory
 from .harness import MailguardServer, make_message
@@ -82,7 +82,7 @@ def test_forged_srs_address_refused(forwarder: MailguardServer) -> None:
         c.ehlo("spammer.example")
         c.mail("")
         code, text = c.rcpt(forged)
-    assert f"{code} {text.decode()}" == str(replies.parse("550 5.1.1 User unknown"))
+    assert f"{code} {text.decode()}" == str(config.defaults().replies.unknown_recipient)
     forwarder.wait_for_log(r"rule=srs_invalid ")
 
 
