@@ -21,7 +21,7 @@ ALLOWED: dict[str, set[str]] = {
     "config": {"core", "directory.ldapfilter", "milter.codec"},
     "dns": set(),
     "directory": {"core", "config", "app.maillog"},
-    "auth": {"core", "config", "app.maillog"},
+    "auth": {"core", "config", "app.maillog", "app.limits"},
     "storage": {"core", "config"} | DIRECTORY_SEAM,
     "senderauth": {"core", "config", "dns", "app.maillog"},
     "dkim": {"core", "config", "dns", "app.maillog"},
