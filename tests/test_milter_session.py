@@ -224,6 +224,22 @@ def test_envelope_edits_and_quarantine() -> None:
     assert v.edits == ["change-sender", "add-rcpt", "add-rcpt", "delete-rcpt"]
 
 
+def test_milter_cannot_grow_a_message_without_bound() -> None:
+    """A replacement body, or headers, past max_size are nonsense (the default action follows)."""
+    big = at_eom(*[codec.packet(codec.REPLBODY, b"x" * 60000)] * 3)
+    m = FakeMilter(big)
+    d = defer.ensureDeferred(converse(m.conn, facts(), MESSAGE, max_size=100000))
+    m.pump()
+    with pytest.raises(codec.ProtocolError, match="replacement body past 100000"):
+        result(d)
+    m = FakeMilter(at_eom(*[codec.packet(codec.ADDHEADER, z("X-Pad", "p" * 900))] * 3))
+    d = defer.ensureDeferred(converse(m.conn, facts(), MESSAGE, max_size=len(MESSAGE) + 2000))
+    m.pump()
+    with pytest.raises(codec.ProtocolError, match="message grew past"):
+        result(d)
+    assert result(FakeMilter(big).run()).message.endswith(b"x" * 180000)      # no bound: kept
+
+
 def test_edit_not_negotiated_is_nonsense() -> None:
     """A change the milter did not ask for in option negotiation is a protocol error."""
     m = FakeMilter(at_eom(codec.packet(codec.REPLBODY, b"x")), actions=codec.F_ADDHDRS)

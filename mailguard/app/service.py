@@ -149,7 +149,7 @@ class Mailhost(service.MultiService):
         self.commit = GroupCommit(self.threads, cfg.mail_dir)
         filters = cfg.filters
         self.milters = MilterChain(reactor, filters.milters, filters.milter_default_action,
-                                   float(filters.milter_timeout))
+                                   float(filters.milter_timeout), max_message_size=cfg.limits.max_message_size)
         self.srs = SRS(srskey.load_or_create(cfg.server.data_dir / "srs.key"))
         self.store = delivery.Store(cfg, self.directory, self.queue, wake=self._wake, commit=self.commit,
                                     srs=self.srs)

@@ -32,6 +32,9 @@ from mailguard.core.replies import MILTER_REJECTED, MILTER_TEMPFAIL
 from mailguard.milter.client import Facts, MilterConnection, MilterGone
 from mailguard.milter.client import MilterTimeout, converse
 
+#: How much a milter may add to a message of max_message_size (headers, a disclaimer).
+HEADROOM = 1 << 20
+
 Connect = Callable[[str], "defer.Deferred[MilterConnection]"]
 
 
@@ -58,10 +61,13 @@ class MilterChain:
     """Runs ``milters`` (``inet:HOST:PORT`` / ``unix:PATH``) in order; see the module docstring.
 
     :param connect: opens a connection to one milter address (tests replace it).
+    :param max_message_size: ``[limits] max_message_size``; a milter that leaves a message
+        larger than this plus :data:`HEADROOM` is treated as speaking nonsense (0: no bound).
     """
 
     def __init__(self, reactor: Any, milters: tuple[str, ...], default_action: str, timeout: float,
-                 connect: Connect | None = None) -> None:
+                 connect: Connect | None = None, max_message_size: int = 0) -> None:
+        self.max_size = max_message_size + HEADROOM if max_message_size else 0
         self.reactor = reactor
         self.milters = milters
         self.default_action = default_action
@@ -90,7 +96,7 @@ class MilterChain:
             step = Facts(**{**facts.__dict__, "sender": out.sender, "recipients": list(out.recipients)})
             try:
                 conn = await self.connect(address)
-                verdict = await converse(conn, step, out.message)
+                verdict = await converse(conn, step, out.message, self.max_size)
             except (codec.ProtocolError, MilterTimeout, MilterGone, error.ConnectError, error.TimeoutError,
                     error.ConnectionLost, OSError) as e:
                 refusal = self._failed(address, facts, e)

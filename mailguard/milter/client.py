@@ -224,7 +224,9 @@ def _final(command: bytes, data: bytes) -> tuple[str, Reply | None]:
 class _Exchange:
     """The state of one message's exchange with one milter."""
 
-    def __init__(self, conn: MilterConnection, neg: codec.Negotiated, facts: Facts, message: bytes) -> None:
+    def __init__(self, conn: MilterConnection, neg: codec.Negotiated, facts: Facts, message: bytes,
+                 max_size: int) -> None:
+        self.max_size = max_size
         self.conn = conn
         self.neg = neg
         self.facts = facts
@@ -310,6 +312,8 @@ class _Exchange:
                 self._new_body = bytearray()
                 self.edits.append("replace-body")
             self._new_body += data
+            if self.max_size and len(self._new_body) > self.max_size:
+                raise codec.ProtocolError(f"replacement body past {self.max_size} octets")
         elif reply == codec.QUARANTINE:
             (reason,) = codec.strings(data, 1)
             self.quarantine = reason or "quarantined by a milter"
@@ -335,7 +339,10 @@ class _Exchange:
         if self._new_body is not None:
             self.msg.body = edit.crlf(bytes(self._new_body))
             self.msg.had_separator = True
-        return Verdict(action, self.msg.to_bytes(), self.sender, self.recipients, reply, self.refused,
+        message = self.msg.to_bytes()
+        if self.max_size and len(message) > self.max_size:
+            raise codec.ProtocolError(f"message grew past {self.max_size} octets")
+        return Verdict(action, message, self.sender, self.recipients, reply, self.refused,
                        self.quarantine, self.edits)
 
 
@@ -357,20 +364,22 @@ async def negotiate(conn: MilterConnection) -> codec.Negotiated:
     return codec.parse_optneg(data)
 
 
-async def converse(conn: MilterConnection, facts: Facts, message: bytes) -> Verdict:
+async def converse(conn: MilterConnection, facts: Facts, message: bytes, max_size: int = 0) -> Verdict:
     """The whole exchange for one message (see the module docstring); QUIT at the end.
 
     :param message: CRLF, dot-stuffing removed, with this host's ``Received:`` first.
+    :param max_size: the largest message the milter may leave (0: no bound); past it the
+        milter's changes are nonsense (:class:`~mailguard.milter.codec.ProtocolError`).
     """
     try:
-        return await _converse(conn, facts, message)
+        return await _converse(conn, facts, message, max_size)
     finally:
         conn.close()
 
 
-async def _converse(conn: MilterConnection, facts: Facts, message: bytes) -> Verdict:
+async def _converse(conn: MilterConnection, facts: Facts, message: bytes, max_size: int) -> Verdict:
     neg = await negotiate(conn)
-    ex = _Exchange(conn, neg, facts, message)
+    ex = _Exchange(conn, neg, facts, message, max_size)
     try:
         family = "6" if ":" in facts.client_addr else "4"
         await ex.step(codec.CONNECT, codec.connect(facts.client_name, family, facts.client_port, facts.client_addr))

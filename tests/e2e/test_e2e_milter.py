@@ -37,8 +37,8 @@ def milter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
 
 @pytest.fixture(scope="module")
 def filtered(server_factory: ServerFactory, milter: Process) -> MailguardServer:
-    """The office server with the test milter; replies past 2 s count as a failure."""
-    cfg = deep_merge(OFFICE_CONFIG, {"filters": {"milters": [milter.address], "milter_timeout": 2}})
+    """The office server with the test milter; replies past 5 s count as a failure."""
+    cfg = deep_merge(OFFICE_CONFIG, {"filters": {"milters": [milter.address], "milter_timeout": 5}})
     server = server_factory("filtered", cfg)
     populate_office(server)
     server.add_user(REFUSED)
@@ -177,7 +177,7 @@ def test_trusted_client_not_filtered(filtered: MailguardServer) -> None:
 
 def test_slow_milter_follows_default_action(filtered: MailguardServer) -> None:
     """A milter silent past milter_timeout: tempfail, one log line, and the session goes on."""
-    tag, _, reply = send(filtered, "sleep:4,add-header")
+    tag, _, reply = send(filtered, "sleep:8,add-header")
     assert reply.last == TEMPFAIL
     line = filtered.wait_for_log(r"mailguard milter failure: client=127.0.0.5 .*error=MilterTimeout")
     assert line.endswith("action=tempfail")
