@@ -31,8 +31,8 @@ Facts, not calls
 The policy never asks the directory.  :func:`decide` and :func:`resolve_targets`
 take ``facts``, a mapping from a lower-case address to its :class:`Expansion` (None:
 not in the directory).  When they need an address that is not in ``facts`` they
-return :class:`Missing` naming it; the caller fetches it (the SMTP adapter
-asynchronously, the CLI synchronously, see :func:`settle`) and calls again.  The
+return :class:`Missing` naming it; the caller fetches it (the adapters through a
+Directory, asynchronously; a blocking caller with :func:`settle`) and calls again.  The
 answer for the same facts is always the same.
 
 This module imports only the standard library (and the pure config values).
@@ -80,8 +80,10 @@ def _look(facts: Facts, key: str) -> Expansion | None:
 def settle(step: Callable[[Facts], "T | Missing"], lookup: Callable[[str], "Expansion | None"]) -> T:
     """Run ``step`` until it stops asking, answering each :class:`Missing` with ``lookup``.
 
-    For callers that may block (the CLI); the servers fetch facts asynchronously.
-    Whatever ``lookup`` raises (a directory error) propagates.
+    For callers that may block (tests, scripts over the blocking SQLite store); the
+    servers and the CLI fetch facts through a Directory with
+    :func:`mailguard.directory.facts.gather`.  Whatever ``lookup`` raises (a directory
+    error) propagates.
     """
     facts: dict[str, Expansion | None] = {}
     while True:
