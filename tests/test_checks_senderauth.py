@@ -28,8 +28,8 @@ def zone() -> FakeResolver:
     })
 
 
-def at_once(work: Callable[[], list[DKIMResult]]) -> "defer.Deferred[list[DKIMResult]]":
-    return defer.succeed(work())
+def at_once(work: Callable[..., list[DKIMResult]], *args: Any) -> "defer.Deferred[list[DKIMResult]]":
+    return defer.succeed(work(*args))
 
 
 def build(tmp_path: Path, resolver: FakeResolver | None = None, soft_bounce: bool = False,

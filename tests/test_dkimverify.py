@@ -4,6 +4,7 @@ altered messages, missing keys and DNS trouble give the RFC 8601 results."""
 from __future__ import annotations
 
 import base64
+import os
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -13,7 +14,7 @@ import pytest_twisted
 from dkim_doubles import MESSAGE, key_pair, sign_dkimpy, sign_perl
 from senderauth_doubles import FakeLookup, run
 from nacl.signing import SigningKey
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 
 from mailguard.senderauth import dkimverify
 from mailguard.senderauth.dkimverify import DKIMResult
@@ -24,8 +25,8 @@ def zone(**extra: list[tuple[str, Any]]) -> FakeLookup:
     return FakeLookup({"sel._domainkey.example.org": [("TXT", record)], **extra})
 
 
-def at_once(work: Callable[[], list[DKIMResult]]) -> "defer.Deferred[list[DKIMResult]]":
-    return defer.succeed(work())
+def at_once(work: Callable[..., list[DKIMResult]], *args: Any) -> "defer.Deferred[list[DKIMResult]]":
+    return defer.succeed(work(*args))
 
 
 def verify(message: bytes, lookup: FakeLookup | None = None) -> list[DKIMResult]:
@@ -103,13 +104,13 @@ def test_each_signature_has_its_result() -> None:
 def test_crypto_runs_in_a_thread(monkeypatch: Any) -> Any:
     """By default the hashing and RSA check run in the reactor's thread pool, not on the reactor."""
     seen: list[threading.Thread] = []
-    check_all = dkimverify._check_all
+    check_all = dkimverify.check_all
 
     def spy(*args: Any) -> list[DKIMResult]:
         seen.append(threading.current_thread())
         return check_all(*args)
 
-    monkeypatch.setattr(dkimverify, "_check_all", spy)
+    monkeypatch.setattr(dkimverify, "check_all", spy)
     results = yield defer.ensureDeferred(dkimverify.verify(zone(), sign_dkimpy(MESSAGE)))
     assert [r.result for r in results] == ["pass"]
     assert seen and seen[0] is not threading.main_thread()
@@ -127,3 +128,19 @@ def test_ed25519_signature_passes() -> None:
     assert (r.result, r.algorithm, r.selector) == ("pass", "ed25519-sha256", "ed")
     (r,) = verify(signed.replace(b"quarterly", b"annual"), lookup)
     assert r.result == "fail"
+
+
+@pytest_twisted.inlineCallbacks
+def test_worker_processes_verify_on_another_process() -> Any:
+    """WorkerProcesses runs the verification in a spawned process and answers on the reactor;
+    work it cannot send there (an unpicklable function) still runs, in a thread."""
+    workers = dkimverify.WorkerProcesses(reactor, workers=1)
+    try:
+        results = yield defer.ensureDeferred(dkimverify.verify(zone(), sign_dkimpy(MESSAGE), to_thread=workers))
+        assert [r.result for r in results] == ["pass"]
+        pid = yield workers(os.getpid)
+        assert pid != os.getpid()
+        here = yield workers(lambda: [DKIMResult("neutral", reason=str(threading.current_thread().name))])
+        assert here[0].reason != threading.main_thread().name
+    finally:
+        workers.close()

@@ -31,8 +31,8 @@ def test_spf_never_raises(record: str, other: str, ip: str) -> None:
     assert result.result in spf.RESULTS
 
 
-def at_once(work: Callable[[], list[DKIMResult]]) -> "defer.Deferred[list[DKIMResult]]":
-    return defer.succeed(work())
+def at_once(work: Callable[..., list[DKIMResult]], *args: Any) -> "defer.Deferred[list[DKIMResult]]":
+    return defer.succeed(work(*args))
 
 
 @given(st.binary(max_size=300), st.binary(max_size=200))

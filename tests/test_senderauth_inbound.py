@@ -31,8 +31,8 @@ def zone() -> FakeLookup:
     })
 
 
-def at_once(work: Callable[[], list[DKIMResult]]) -> "defer.Deferred[list[DKIMResult]]":
-    return defer.succeed(work())
+def at_once(work: Callable[..., list[DKIMResult]], *args: Any) -> "defer.Deferred[list[DKIMResult]]":
+    return defer.succeed(work(*args))
 
 
 def at_mail(mode: str, ip: str, sender: str) -> tuple[Any, Any]:

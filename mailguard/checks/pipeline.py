@@ -73,7 +73,8 @@ class InboundChecks:
         modes = Modes(c.spf, c.dkim_verify, c.dmarc)
         if modes.runs_spf:
             checks.append(senderauth.SPF(lookup, modes, r.spf_fail, cfg.server.hostname))
-        self.after_data = senderauth.AfterData(lookup, modes, r.spf_fail, r.dmarc_reject, cfg.server.hostname)
+        self.after_data = senderauth.AfterData(lookup, modes, r.spf_fail, r.dmarc_reject, cfg.server.hostname,
+                                               reactor=clock if hasattr(clock, "callFromThread") else None)
         if c.greylist:
             self.greylist_store = greylist.GreylistStore(
                 greylist_path or cfg.server.data_dir / "greylist.sqlite")
@@ -148,6 +149,7 @@ class InboundChecks:
         return await reverse.received_name(self.lookup, conn)
 
     def close(self) -> None:
+        self.after_data.close()
         if self.greylist_store is not None:
             self.greylist_store.close()
 

@@ -20,7 +20,7 @@ from mailguard.checks.base import MAIL, Connection, Facts
 from mailguard.core.checks import Refusal
 from mailguard.core.replies import Reply
 from mailguard.dns.resolver import Lookup as DNSLookup
-from mailguard.senderauth import dmarc, inbound
+from mailguard.senderauth import dkimverify, dmarc, inbound
 from mailguard.senderauth.lookup import ResolverLookup
 from mailguard.senderauth.spf import SPFResult
 
@@ -66,15 +66,23 @@ class Outcome:
 
 
 class AfterData:
-    """DKIM, DMARC and Authentication-Results at the final dot (untrusted clients only)."""
+    """DKIM, DMARC and Authentication-Results at the final dot (untrusted clients only).
+
+    With a ``reactor``, DKIM's hashing and RSA run in worker processes
+    (:class:`~mailguard.senderauth.dkimverify.WorkerProcesses`); without, in threads.
+    """
 
     def __init__(self, lookup: DNSLookup, modes: inbound.Modes, spf_fail: Reply, dmarc_reject: Reply,
-                 hostname: str, **options: Any) -> None:
+                 hostname: str, reactor: Any = None, **options: Any) -> None:
         self.lookup = ResolverLookup(lookup)
         self.modes = modes
         self.spf_fail = spf_fail
         self.dmarc_reject = dmarc_reject
         self.hostname = hostname
+        self.workers: dkimverify.WorkerProcesses | None = None
+        if reactor is not None and modes.runs_dkim and "to_thread" not in options:
+            self.workers = dkimverify.WorkerProcesses(reactor)
+            options["to_thread"] = self.workers
         self.options = options
         if modes.dmarc != "off":
             dmarc.org_domain("example.com")      # load the public suffix list now, not on a message
@@ -89,3 +97,8 @@ class AfterData:
         verdict = await inbound.after_data(self.modes, self.lookup, self.hostname, spf_result, message,
                                            self.dmarc_reject, **self.options)
         return Outcome(verdict.header, verdict.message, verdict.refusal)
+
+    def close(self) -> None:
+        """Stop the worker processes, if any were started."""
+        if self.workers is not None:
+            self.workers.close()

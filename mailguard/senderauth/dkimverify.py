@@ -13,13 +13,21 @@
 The order of work keeps the reactor free: the header block is parsed on the reactor
 (it is small), every key record is asked at once through a
 :class:`~mailguard.senderauth.lookup.Lookup`, then the hashing and the RSA/Ed25519
-checks, which cost milliseconds on a big message, run in one thread call, dkimpy
-reading the keys fetched ahead through its ``dnsfunc`` argument (it does no DNS itself).
+checks, which cost a millisecond of pure Python per signature and more on a big
+message, run off the reactor in one call, dkimpy reading the keys fetched ahead
+through its ``dnsfunc`` argument (it does no DNS itself).  That call goes to a thread
+(``deferToThread``) by default; the server hands it to :class:`WorkerProcesses`
+instead, because a thread still holds Python's interpreter lock while it hashes, so
+it slows the reactor down as much as doing the work on it would; a worker process
+uses another core.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import multiprocessing
+import os
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -32,7 +40,8 @@ from mailguard.senderauth.lookup import DomainNotFound, Lookup, TemporaryDNSErro
 MAX_SIGNATURES = 5      # more are not verified: each costs a key lookup and an RSA check
 MIN_KEY_BITS = 1024     # RFC 8301 section 3.2: smaller RSA keys do not verify
 
-ToThread = Callable[[Callable[[], list["DKIMResult"]]], Awaitable[list["DKIMResult"]]]
+#: Runs ``work(*args)`` off the reactor: ``deferToThread``, or a :class:`WorkerProcesses`.
+ToThread = Callable[..., Awaitable[list["DKIMResult"]]]
 _quiet = logging.getLogger("mailguard.senderauth.dkimpy")
 _quiet.addHandler(logging.NullHandler())
 _quiet.propagate = False
@@ -62,8 +71,56 @@ class _Signature:
         return f"{self.selector}._domainkey.{self.domain}"
 
 
-def _in_thread(work: Callable[[], list[DKIMResult]]) -> Awaitable[list[DKIMResult]]:
-    return threads.deferToThread(work)
+def _in_thread(work: Callable[..., list[DKIMResult]], *args: Any) -> Awaitable[list[DKIMResult]]:
+    return threads.deferToThread(work, *args)
+
+
+class WorkerProcesses:
+    """Runs the verification in worker processes (started, with ``spawn``, at the first use).
+
+    A worker that cannot be started or breaks is replaced by a thread for that call: the
+    message is still verified, only less cheaply.  :meth:`close` stops the workers.
+
+    :param reactor: for ``callFromThread`` (results come back on the reactor thread).
+    :param workers: processes; default one fewer than the CPUs, at least one.
+    """
+
+    def __init__(self, reactor: Any, workers: int | None = None) -> None:
+        self.reactor = reactor
+        self.workers = workers or max(1, (os.cpu_count() or 2) - 1)
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def __call__(self, work: Callable[..., list[DKIMResult]], *args: Any) -> "defer.Deferred[list[DKIMResult]]":
+        d: defer.Deferred[list[DKIMResult]] = defer.Deferred()
+
+        def in_thread() -> None:
+            threads.deferToThread(work, *args).chainDeferred(d)
+
+        try:
+            if self._pool is None:
+                self._pool = concurrent.futures.ProcessPoolExecutor(
+                    self.workers, mp_context=multiprocessing.get_context("spawn"))
+            future = self._pool.submit(work, *args)
+        except Exception:
+            self._pool = None
+            in_thread()
+            return d
+
+        def done(f: "concurrent.futures.Future[list[DKIMResult]]") -> None:
+            try:
+                result = f.result()
+            except Exception:
+                self.reactor.callFromThread(in_thread)
+            else:
+                self.reactor.callFromThread(d.callback, result)
+
+        future.add_done_callback(done)
+        return d
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
 
 def header_block(message: bytes) -> bytes:
@@ -120,12 +177,12 @@ async def verify(lookup: Lookup, message: bytes,
     answers = await defer.gatherResults(
         [defer.Deferred.fromCoroutine(_key(lookup, name)) for name in names], consumeErrors=True)
     keys = dict(zip(names, answers))
-    return await to_thread(lambda: _check_all(message, signatures, keys))
+    return await to_thread(check_all, message, signatures, keys)
 
 
-def _check_all(message: bytes, signatures: list[_Signature | None],
-               keys: dict[str, bytes | str]) -> list[DKIMResult]:
-    """The CPU part, run in a thread: hash and check each signature against its key."""
+def check_all(message: bytes, signatures: list[_Signature | None],
+              keys: dict[str, bytes | str]) -> list[DKIMResult]:
+    """The CPU part, run off the reactor: hash and check each signature against its key."""
     signer = dkim.DKIM(message, logger=_quiet, minkey=MIN_KEY_BITS)
     return [_check_one(signer, idx, sig, keys) for idx, sig in enumerate(signatures)]
 
