@@ -12,6 +12,8 @@ import os
 import secrets
 from pathlib import Path
 
+from mailguard.storage import safeio
+
 SIZE = 32
 
 
@@ -24,16 +26,13 @@ def load_or_create(path: Path) -> bytes:
     except FileNotFoundError:
         pass
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, secrets.token_bytes(SIZE))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    safeio.unlink_quietly(tmp)      # left by a crash of an earlier process with this pid
+    safeio.write_new(tmp, secrets.token_bytes(SIZE))
     try:
         os.link(tmp, path)          # never replaces a secret another process made meanwhile
     except FileExistsError:
         pass
     finally:
         os.unlink(tmp)
+    safeio.fsync_dir(path.parent)   # the name is durable too: a crash cannot lose a key in use
     return path.read_bytes()
