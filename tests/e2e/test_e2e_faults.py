@@ -235,6 +235,37 @@ def test_locked_directory_is_451_at_rcpt(fresh_server_factory: ServerFactory) ->
     assert send_one(server, ALICE, make_message("s@outside.example", ALICE, marker())).startswith("250")
 
 
+def test_locked_directory_stalls_only_the_lookups(fresh_server_factory: ServerFactory) -> None:
+    """While the directory is locked, RCPTs wait out its busy timeout one after another, but on
+    the directory's own thread: another session is answered at once meanwhile (a lookup on the
+    reactor thread would hold every session for the whole run of RCPTs)."""
+    server = fresh_server_factory("dirstall", {"domains": {DOMAIN: {"route": "inbound"}}})
+    server.add_user(ALICE)
+    db = directory_path(server)
+    assert rcpt_reply(server, ALICE)[0].startswith("250")
+    aside = db.with_name(db.name + ".aside")
+    os.rename(db, aside)                      # the server drops its connection (see above)
+    assert rcpt_reply(server, ALICE)[0] == DIRECTORY_FAILURE
+    os.rename(aside, db)
+    n = 24
+    with holding_lock(db), server.dialog(source=OUTSIDER) as slow, server.dialog(source=OUTSIDER) as quick:
+        slow.cmd("EHLO client.example")
+        assert slow.cmd("MAIL FROM:<sender@outside.example>").code == 250
+        start = time.monotonic()
+        slow.send(b"".join(f"RCPT TO:<user{i}@{DOMAIN}>\r\n".encode() for i in range(n)))
+        waits = []
+        for line in ("EHLO client.example", "NOOP", "NOOP", "NOOP"):
+            before = time.monotonic()
+            assert quick.cmd(line).code == 250
+            waits.append(time.monotonic() - before)
+        answers = [slow.read_reply().last for _ in range(n)]
+        slow_run = time.monotonic() - start
+    assert answers == [DIRECTORY_FAILURE] * n
+    assert slow_run > 2.0, f"the lock did not slow the lookups ({slow_run:.2f} s for {n}): nothing measured"
+    assert max(waits) < 0.5 * slow_run, f"other sessions waited {max(waits):.2f} s of the lookups' {slow_run:.2f} s"
+    assert max(waits) < 1.0, waits
+
+
 def test_server_starts_while_directory_is_locked(fresh_server_factory: ServerFactory) -> None:
     """A directory locked when the server starts: it still starts and answers 451 4.3.0, then 250 once free."""
     server = fresh_server_factory("dirlockedatstart", {"domains": {DOMAIN: {"route": "inbound"}}})
