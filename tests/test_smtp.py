@@ -763,6 +763,27 @@ def test_auth_throttled_is_454(tls_session: Session) -> None:
         [str(replies.AUTH_THROTTLED)]
 
 
+def test_throttled_auth_flood_is_closed(tls_session: Session) -> None:
+    """100,000 pipelined AUTH PLAIN against a throttled client: the third 454 ends the session."""
+    s = tls_session
+    s.host.authenticator.outcome = Throttled("198.51.100.66")
+    s.new_lines()
+    s.send(f"AUTH PLAIN {plain('alice@office.example', 'secret')}\r\n" * 1000)
+    assert s.new_lines() == [str(replies.AUTH_THROTTLED)] * 3 + [str(replies.AUTH_THROTTLED_CLOSE)]
+    assert s.closed
+    assert len(s.host.authenticator.calls) == 3
+
+
+def test_auth_initial_response_of_12288_octets(tls_session: Session) -> None:
+    """RFC 4954 section 4: an initial response may be 12,288 octets; it is decoded, not refused as too long."""
+    s = tls_session
+    s.host.authenticator.outcome = None
+    long_password = "p" * 9000                      # base64 of the PLAIN message: ~12,040 octets
+    reply = s.cmd(f"AUTH PLAIN {plain('alice@office.example', long_password)}")
+    assert reply == [str(replies.AUTH_FAILED)]
+    assert s.host.authenticator.calls[-1][1] == long_password
+
+
 def test_auth_waits_and_holds_pipelined_commands(tls_session: Session) -> None:
     """While the password check runs, pipelined commands wait; replies stay in order."""
     s = tls_session
@@ -941,3 +962,20 @@ def test_random_command_sequences(lines: list[bytes], chunk: int) -> None:
         if "smtp decision" in text and remote:
             assert 'reply="250' not in text, text
     assert h.store.calls == []
+
+
+def test_client_that_does_not_read_stops_the_session() -> None:
+    """While the transport's write buffer is full (pauseProducing) no pipelined command is
+    answered, and past MAX_PENDING_INPUT reading stops; once the client reads, all are answered."""
+    s = Session(host())
+    s.cmd("EHLO client.example")
+    s.proto.pauseProducing()                    # what the transport does when its buffer is full
+    before = len(s.lines())
+    s.send(b"NOOP\r\n" * 20)
+    assert len(s.lines()) == before
+    s.send(b"RSET\r\n" * (wire.MAX_PENDING_INPUT // 6 + 1))
+    assert s.transport.producerState == "paused"
+    s.proto.resumeProducing()
+    out = s.lines()[before:]
+    assert out[:20] == [str(replies.NOOP_OK)] * 20
+    assert s.transport.producerState == "producing" or s.closed

@@ -17,7 +17,9 @@ from mailguard.auth.authenticator import Throttled
 from mailguard.core import replies
 from mailguard.smtp.context import SMTPContext
 from mailguard.smtp.session import Session
-from mailguard.smtp.wire import AUTH, COMMAND
+from mailguard.smtp.wire import AUTH, CLOSED, COMMAND
+
+MAX_THROTTLED = 3            # throttled AUTH attempts in one session before it is closed
 
 EHLO_FIRST = replies.Reply(503, "5.5.1", "Send EHLO first")
 AUTH_SYNTAX = replies.Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
@@ -29,6 +31,7 @@ class AuthCommands(Session):
     def __init__(self, ctx: SMTPContext, kind: str) -> None:
         super().__init__(ctx, kind)
         self._auth_state: tuple[str, str] | None = None   # (mechanism, username so far)
+        self._throttled = 0
 
     def auth_offered(self) -> bool:
         """May AUTH be used on this channel?"""
@@ -121,7 +124,12 @@ class AuthCommands(Session):
 
         def failed(f: Failure) -> None:
             if f.check(Throttled):
+                # A refusal costs the client nothing to provoke: a few end the session.
+                self._throttled += 1
                 self.reply(replies.AUTH_THROTTLED)
+                if self._throttled >= MAX_THROTTLED and self.mode != CLOSED:
+                    maillog.event("smtp", "throttled-close", self.client_ip, refusals=self._throttled)
+                    self.close(replies.AUTH_THROTTLED_CLOSE)
             else:
                 maillog.log.failure("mailguard smtp auth error", f)
                 self.reply(replies.AUTH_TEMPFAIL)

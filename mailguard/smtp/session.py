@@ -68,6 +68,7 @@ class Session(SMTPWire):
             self.close(refusal)
             return
         self._admitted = True
+        self.start_flow_control()
         limits = self.cfg.limits
         self._idle_call = self.clock.callLater(limits.idle_timeout, self._timed_out)
         self._session_call = self.clock.callLater(limits.session_timeout, self._timed_out)

@@ -5,7 +5,7 @@
 the session above it:
 
 - Commands and DATA are parsed from one buffer.  A command line past
-  :data:`MAX_COMMAND` (an AUTH response past :data:`MAX_AUTH_LINE`) is answered
+  :data:`MAX_COMMAND` (an AUTH response or initial response past :data:`MAX_AUTH_LINE`) is answered
   500; a line with no end past it, or a DATA line past :data:`MAX_DATA_LINE`, is
   answered 500 and the connection closed: the rest is never read as commands.
 - Only ``CRLF.CRLF`` ends DATA.  The message goes up with its dot-stuffing and any
@@ -14,12 +14,16 @@ the session above it:
 - Replies go out strictly in order: while the session waits (:meth:`pause`, for a
   password check, a directory lookup, a store), later pipelined input waits in the
   buffer, and past :data:`MAX_PENDING_INPUT` the transport stops reading (RFC 2920).
+- A client that does not read its replies is not answered without bound: the wire
+  is the transport's streaming producer, and while the transport's write buffer is
+  full no command runs (input then waits, and reading stops, as above).
 - More than :data:`MAX_ERRORS` error replies close the session with 421.
 """
 
 from __future__ import annotations
 
-from twisted.internet import protocol
+from twisted.internet import interfaces, protocol
+from zope.interface import implementer
 
 from mailguard.app.connection import connection
 from mailguard.core import replies
@@ -35,6 +39,7 @@ TOO_MANY_ERRORS = replies.Reply(421, "4.7.0", "Too many errors, closing connecti
 COMMAND, DATA, AUTH, CLOSED = "command", "data", "auth", "closed"
 
 
+@implementer(interfaces.IPushProducer)
 class SMTPWire(protocol.Protocol):
     """Framing and limits for one connection; the session overrides the ``*_received`` hooks."""
 
@@ -44,6 +49,8 @@ class SMTPWire(protocol.Protocol):
         self.mode = COMMAND                     # command | data | auth | closed
         self._buf = bytearray()
         self._paused = False
+        self._out_paused = False                # the client is not reading its replies
+        self._reading_paused = False
         self._processing = False
         self._errors = 0
         self._body: bytearray | None = None
@@ -91,7 +98,44 @@ class SMTPWire(protocol.Protocol):
         self.send_raw(f"{r}\r\n")
         self.mode = CLOSED
         self._buf.clear()
-        connection(self.transport).loseConnection()
+        if self._out_paused:
+            # The client stopped reading: a graceful close would wait for it forever.
+            connection(self.transport).abortConnection()
+        else:
+            connection(self.transport).loseConnection()
+
+    # -- IPushProducer: the transport's write buffer -------------------------------------
+
+    def start_flow_control(self) -> None:
+        """Become the transport's producer: :meth:`pauseProducing` when its buffer fills."""
+        connection(self.transport).registerProducer(self, True)
+
+    def pauseProducing(self) -> None:
+        """The client is not reading: run no more commands until it does."""
+        self._out_paused = True
+
+    def resumeProducing(self) -> None:
+        """The write buffer drained: go on with the pipelined input."""
+        self._out_paused = False
+        if self.mode != CLOSED and not self._paused and self._buf:
+            self._process()
+        self._flow()
+
+    def stopProducing(self) -> None:
+        """The connection is going away."""
+        self._out_paused = True
+
+    def _flow(self) -> None:
+        """Stop reading while blocked (a pending reply, an unread client) with a large backlog."""
+        if self.mode == CLOSED:
+            return
+        backlog = (self._paused or self._out_paused) and len(self._buf) > MAX_PENDING_INPUT
+        if backlog and not self._reading_paused:
+            self._reading_paused = True
+            connection(self.transport).pauseProducing()
+        elif not backlog and self._reading_paused:
+            self._reading_paused = False
+            connection(self.transport).resumeProducing()
 
     # -- input -------------------------------------------------------------------------
 
@@ -100,11 +144,9 @@ class SMTPWire(protocol.Protocol):
             return
         self.input_seen()
         self._buf += data
-        if self._paused:
-            if len(self._buf) > MAX_PENDING_INPUT:
-                connection(self.transport).pauseProducing()
-            return
-        self._process()
+        if not self._paused and not self._out_paused:
+            self._process()
+        self._flow()
 
     def discard_input(self) -> None:
         """Forget buffered input (what a client pipelined after STARTTLS, RFC 3207 section 4.2)."""
@@ -126,9 +168,9 @@ class SMTPWire(protocol.Protocol):
         self._paused = False
         if self.mode == CLOSED:
             return
-        connection(self.transport).resumeProducing()
-        if self._buf:
+        if self._buf and not self._out_paused:
             self._process()
+        self._flow()
 
     def _process(self) -> None:
         if self._processing:                    # resumed from inside the loop: it goes on
@@ -140,13 +182,13 @@ class SMTPWire(protocol.Protocol):
             self._processing = False
 
     def _process_buffer(self) -> None:
-        while not self._paused and self.mode != CLOSED and self._buf:
+        while not self._paused and not self._out_paused and self.mode != CLOSED and self._buf:
             if self.mode == DATA:
                 if not self._data_input():
                     return
                 continue
             nl = self._buf.find(b"\n")
-            limit = MAX_AUTH_LINE if self.mode == AUTH else MAX_COMMAND
+            limit = self._line_limit()
             if nl < 0:
                 if len(self._buf) > limit:
                     self.close(replies.LINE_TOO_LONG)
@@ -164,6 +206,14 @@ class SMTPWire(protocol.Protocol):
                 self.auth_response_received(line)
             else:
                 self.command_received(line)
+
+    def _line_limit(self) -> int:
+        """Octets allowed in the next line: an AUTH initial response may be 12,288 (RFC 4954)."""
+        if self.mode == AUTH:
+            return MAX_AUTH_LINE
+        if self._buf[:5].upper() == b"AUTH ":
+            return MAX_AUTH_LINE + len(b"AUTH XOAUTH2 ")
+        return MAX_COMMAND
 
     def _data_input(self) -> bool:
         """Consume buffered DATA; True when the message ended and commands follow."""

@@ -180,3 +180,21 @@ def test_pop3_top_flood(server: MailguardServer) -> None:
                                 login=True)
     assert rss.growth_mib < BOUND_MIB
     assert_still_serves(server)
+
+
+def test_smtp_pipelined_rcpt_flood(server: MailguardServer) -> None:
+    """60 MB of pipelined RCPT past max_recipients, never reading the 452s: the server stops
+    reading (the sends stall) and memory stays bounded."""
+    assert server.process is not None
+    s = socket.create_connection(("127.0.0.1", server.smtp_port), timeout=10, source_address=(OUTSIDER, 0))
+    s.recv(1024)
+    s.sendall(b"EHLO flood.example\r\nMAIL FROM:<flood@outside.example>\r\n")
+    payload = f"RCPT TO:<{ALICE}>\r\n".encode() * (60_000_000 // len(f"RCPT TO:<{ALICE}>\r\n"))
+    with RssSampler(server.process.pid) as rss:
+        sent, outcome = flood(s, payload, stall=5.0, limit=40.0)
+        time.sleep(3.0)
+    s.close()
+    print(f"\n[memory] smtp 60 MB pipelined RCPT: RSS before {rss.before / 1024:.1f} MiB, peak "
+          f"{rss.peak / 1024:.1f} MiB, added {rss.growth_mib:.1f} MiB; {outcome} after {sent / MIB:.1f} MiB sent")
+    assert rss.growth_mib < BOUND_MIB
+    assert outcome in ("throttled", "closed"), (outcome, sent)
