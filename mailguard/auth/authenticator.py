@@ -33,7 +33,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from mailguard.app import maillog
-from mailguard.app.limits import client_key
+from mailguard.core.clients import client_key
 from mailguard.auth.hashqueue import HashQueue
 from mailguard.config import LimitsConfig
 
