@@ -25,6 +25,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from mailguard.storage import safeio
+
 ALGORITHMS = ("rsa", "ed25519")
 _SUFFIX = {"rsa": ".rsa.pem", "ed25519": ".ed25519.key"}
 _NAME = re.compile(r"^(?P<selector>[a-z0-9._-]+)\.(?P<alg>rsa\.pem|ed25519\.key)$")
@@ -163,16 +165,12 @@ def generate(keys_dir: Path, domain: str, selector: str, algorithm: str = "rsa")
                 d.mkdir(mode=0o700, parents=True)
                 if owner is not None and os.geteuid() == 0:
                     os.chown(d, *owner)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        safeio.write_new(path, data)          # 0600, fsynced; nothing left behind on failure
         if owner is not None and os.geteuid() == 0:
-            os.fchown(fd, *owner)
+            os.chown(path, *owner)
+        safeio.fsync_dir(folder)
     except FileExistsError:
         raise KeyFileError(f"{path} exists already; choose another selector to rotate keys") from None
     except OSError as e:
         raise KeyFileError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
     return Key(folder.name, selector, algorithm, path)
