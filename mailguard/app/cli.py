@@ -177,6 +177,17 @@ def cmd_queue(cfg: config.Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(cfg: config.Config, args: argparse.Namespace) -> int:
+    from mailguard.app import reload
+
+    try:
+        pid = reload.signal_reload(cfg.server.data_dir)
+    except reload.ReloadError as e:
+        raise CommandError(str(e)) from None
+    print(f"SIGHUP sent to mailguard (process {pid}); its log says whether {cfg.source} was taken")
+    return 0
+
+
 def cmd_relay_test(cfg: config.Config | None, args: argparse.Namespace) -> int:
     from mailguard.app import relaytest
 
@@ -230,6 +241,9 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("action", choices=["list", "flush", "delete", "release"])
     q.add_argument("id", nargs="?")
     q.set_defaults(func=cmd_queue)
+
+    rl = sub.add_parser("reload", help="make the running server read its configuration again (SIGHUP)")
+    rl.set_defaults(func=cmd_reload)
 
     cli_dns.register(sub)
 

@@ -8,7 +8,6 @@ POP-before-SMTP record, TLS, connection limits, queue runner) and is a twisted
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +31,7 @@ from mailguard.directory.sqlite import SQLiteDirectory, SQLiteStore
 from mailguard.dns import resolver as dns_resolver
 from mailguard.storage.groupcommit import GroupCommit
 from mailguard.storage.queue import Queue
+from mailguard.app import reload
 from mailguard.app.limits import ConnectionLimiter
 from mailguard.milter.chain import MilterChain
 from mailguard.smtp.server import SMTPContext, SMTPFactory
@@ -155,7 +155,11 @@ class Mailhost(service.MultiService):
                                     srs=self.srs)
         if self.runner is not None:
             service.Service.setServiceParent(self.runner, self)
+        self.smtp_factories: list[SMTPFactory] = []
+        self.pop3_factory: POP3Factory | None = None
         self._listen()
+        source = Path(cfg.source)
+        self.reloader = reload.Reloader(self, source if source.is_file() else None)
         if owner is not None:
             give_away(cfg.server.data_dir, *owner)
 
@@ -209,11 +213,14 @@ class Mailhost(service.MultiService):
                           authenticator=self.authenticator, pop_before_smtp=self.pop_before_smtp,
                           limiter=self.limiter, tls=self.tls, clock=self.clock, milters=self.milters,
                           outgoing=Outgoing(self.cfg), srs=self.srs)
+        self.smtp_context = ctx
         for kind in ("smtp", "submission", "submissions"):
             for desc in getattr(listen, kind):
-                listener = ListenerService(self.reactor, desc, SMTPFactory(ctx, kind), self.tls, self.daemon)
+                factory = SMTPFactory(ctx, kind)
+                self.smtp_factories.append(factory)
+                listener = ListenerService(self.reactor, desc, factory, self.tls, self.daemon)
                 service.Service.setServiceParent(listener, self)
-        pop3_factory = self._pop3_factory()
+        self.pop3_factory = pop3_factory = self._pop3_factory()
         for desc in listen.pop3 + listen.pop3s:
             listener = ListenerService(self.reactor, desc, pop3_factory, self.tls, self.daemon)
             service.Service.setServiceParent(listener, self)
@@ -223,8 +230,8 @@ class Mailhost(service.MultiService):
         return POP3Factory(self.cfg, self.authenticator, self.pop_before_smtp, self.tls, clock=self.clock)
 
     def startService(self) -> None:
-        if hasattr(signal, "SIGHUP"):
-            signal.signal(signal.SIGHUP, lambda *_: self.threads.callFromThread(self.tls.reload))
+        reload.install_sighup(self.reloader, self.threads.callFromThread)
+        reload.write_pidfile(self.cfg.server.data_dir)
         self.threads.suggestThreadPoolSize(20)
         self.hash_pool.start()
         log.info("mailguard starting: hostname={host} data_dir={data}",
@@ -234,6 +241,7 @@ class Mailhost(service.MultiService):
     def stopService(self) -> Deferred[None] | None:
         d: Deferred[None] | None = service.MultiService.stopService(self)
         self.commit.stop()
+        reload.remove_pidfile(self.cfg.server.data_dir)
         self.directory.close()
         self.hash_pool.stop()
         return d

@@ -5,8 +5,9 @@ first start under ``data_dir/tls/`` (so STARTTLS and AUTH work out of the box) a
 reused afterwards.  Only TLS 1.2 and newer are offered (RFC 8996, RFC 8314).
 
 :class:`TLSContext` is handed to ``transport.startTLS`` and to implicit-TLS
-listeners; :meth:`TLSContext.reload` (on SIGHUP) reads the files again, and new
-connections use the new certificate without a restart.
+listeners; on SIGHUP the reload (:mod:`mailguard.app.reload`) reads the files again
+through :meth:`TLSContext.staged` and :meth:`TLSContext.use`, and new connections use
+the new certificate without a restart.
 """
 
 from __future__ import annotations
@@ -58,38 +59,60 @@ def generate_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
+def paths_for(cfg: Config) -> tuple[Path, Path]:
+    """The certificate and key ``cfg`` uses; a self-signed pair is made once when it names none."""
+    if cfg.tls.certificate is not None and cfg.tls.key is not None:
+        return cfg.tls.certificate, cfg.tls.key
+    tls_dir = cfg.server.data_dir / "tls"
+    cert_path, key_path = tls_dir / "cert.pem", tls_dir / "key.pem"
+    if not (cert_path.is_file() and key_path.is_file()):
+        generate_self_signed(cert_path, key_path, cfg.server.hostname)
+    return cert_path, key_path
+
+
+def _options(cert_path: Path, key_path: Path) -> ssl.CertificateOptions:
+    """TLS 1.2+ server options for one certificate (chain) and key file."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    pem = cert_path.read_bytes()
+    chain = x509.load_pem_x509_certificates(pem)
+    private = load_pem_private_key(key_path.read_bytes(), password=None)
+    if not isinstance(private, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey,
+                                ed448.Ed448PrivateKey, dsa.DSAPrivateKey)):
+        raise ValueError(f"{key_path}: a {type(private).__name__} cannot sign for TLS")
+    # The cryptography objects go to OpenSSL as they are (Twisted hands them to
+    # pyOpenSSL untouched, whose X509/PKey wrappers are deprecated: a
+    # DeprecationWarning at every handshake); Twisted's annotations still say X509.
+    certs: list[Any] = list(chain)
+    key: Any = private
+    return ssl.CertificateOptions(privateKey=key, certificate=certs[0], extraCertChain=certs[1:],
+                                  raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+
+
 @implementer(IOpenSSLServerConnectionCreator)
 class TLSContext:
     """The server-side TLS settings, reloadable; a connection creator for Twisted's TLS."""
 
     def __init__(self, cfg: Config) -> None:
-        if cfg.tls.certificate is not None and cfg.tls.key is not None:
-            self.cert_path, self.key_path = cfg.tls.certificate, cfg.tls.key
-        else:
-            tls_dir = cfg.server.data_dir / "tls"
-            self.cert_path, self.key_path = tls_dir / "cert.pem", tls_dir / "key.pem"
-            if not (self.cert_path.is_file() and self.key_path.is_file()):
-                generate_self_signed(self.cert_path, self.key_path, cfg.server.hostname)
+        self.cert_path, self.key_path = paths_for(cfg)
         self._options = self._load()
 
-    def _load(self) -> ssl.CertificateOptions:
-        from cryptography import x509
-        from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
-        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    def staged(self, cfg: Config) -> tuple[Path, Path, ssl.CertificateOptions]:
+        """The certificate ``cfg`` names, loaded but not yet used (a reload's first step).
 
-        pem = self.cert_path.read_bytes()
-        chain = x509.load_pem_x509_certificates(pem)
-        private = load_pem_private_key(self.key_path.read_bytes(), password=None)
-        if not isinstance(private, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey,
-                                    ed448.Ed448PrivateKey, dsa.DSAPrivateKey)):
-            raise ValueError(f"{self.key_path}: a {type(private).__name__} cannot sign for TLS")
-        # The cryptography objects go to OpenSSL as they are (Twisted hands them to
-        # pyOpenSSL untouched, whose X509/PKey wrappers are deprecated: a
-        # DeprecationWarning at every handshake); Twisted's annotations still say X509.
-        certs: list[Any] = list(chain)
-        key: Any = private
-        return ssl.CertificateOptions(privateKey=key, certificate=certs[0], extraCertChain=certs[1:],
-                                      raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+        :raises OSError, ValueError, SSL.Error: the files cannot be read or used.
+        """
+        cert, key = paths_for(cfg)
+        return cert, key, _options(cert, key)
+
+    def use(self, staged: tuple[Path, Path, ssl.CertificateOptions]) -> None:
+        """New connections get the certificate :meth:`staged` loaded."""
+        self.cert_path, self.key_path, self._options = staged
+
+    def _load(self) -> ssl.CertificateOptions:
+        return _options(self.cert_path, self.key_path)
 
     def reload(self) -> None:
         """Read the certificate and key again; on error keep the old ones and log it."""

@@ -101,6 +101,11 @@ class Authenticator:
         self._trusted: dict[tuple[str, str], float] = {}   # (login, client) -> until
         self.hashes = HashQueue(MAX_PARALLEL_CHECKS, MAX_QUEUED_CHECKS)
 
+    def configure(self, limits: LimitsConfig) -> None:
+        """Use a reloaded ``[limits]`` login_failures/login_lockout; failures so far still count."""
+        self.threshold = limits.login_failures
+        self.by_ip.span = self.by_account.span = max(limits.login_lockout, 1)
+
     def trusted(self, login: str, client_ip: str) -> bool:
         """True when this client logged in to ``login`` successfully within TRUST_SECONDS."""
         until = self._trusted.get((login, client_key(client_ip)))

@@ -113,6 +113,15 @@ class QueueRunner(Service):
         self._poll: task.LoopingCall | None = None
         self._limit = defer.DeferredSemaphore(self.MAX_PARALLEL)
 
+    def reconfigure(self, config: Config) -> None:
+        """Use a reloaded configuration from the next delivery on (same resolver, same queue)."""
+        self.config = config
+        old = self.courier
+        if isinstance(old, SMTPCourier):
+            self.courier = new = SMTPCourier(config, old.reactor, old.resolver)
+            if new.mta_sts is not None and old.mta_sts is not None:
+                new.mta_sts = old.mta_sts          # the policies fetched so far stay good
+
     # -- service ------------------------------------------------------------
 
     def startService(self) -> None:

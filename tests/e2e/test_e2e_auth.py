@@ -422,7 +422,7 @@ def test_configured_certificate_reloaded_on_sighup(fresh_server_factory: ServerF
     second = write_certificate(cert, key, "second.realdomain.example")
     assert server.process is not None
     server.process.send_signal(signal.SIGHUP)
-    server.wait_for_log("certificate reloaded")
+    server.wait_for_log("mailguard reload: .* in use for new connections")
     assert served_certificate(server) == second
     with tls_dialog(server, "submission") as d:  # STARTTLS uses the new one too
         assert d.sock.getpeercert(binary_form=True) == second
