@@ -16,8 +16,8 @@ setup(
         "zope.interface",
         "libpass>=1.9",
         "argon2-cffi",
-        "dkimpy>=1.1",      # DKIM signing and verification (RFC 6376, RFC 8463)
-        "pynacl",           # dkimpy's Ed25519 signatures
+        "dkimpy>=1.1",      # DKIM verification (RFC 6376, RFC 8463); signing is mailguard's own
+        "pynacl",           # dkimpy's Ed25519 verification
         "publicsuffixlist",  # DMARC's organisational domain (RFC 7489 section 3.2)
         "ldaptor>=21.2",
     ],
@@ -29,8 +29,7 @@ setup(
             "hypothesis",
             "mypy",
             "mypy-zope",
-            "pyyaml",
-            "trustme",
+            "pyyaml",           # the RFC 7208 SPF test suite is YAML
         ],
     },
     entry_points={"console_scripts": ["mailguard = mailguard.app.cli:main"]},
