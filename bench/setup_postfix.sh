@@ -23,6 +23,7 @@ install -d -o mguser -g mguser -m 700 /home/mguser/Maildir /home/mguser/Maildir/
 
 postconf -e \
   "compatibility_level = 3.6" \
+  "local_destination_concurrency_limit = 20" \
   "myhostname = postfix.bench.example" \
   "mydomain = bench.example" \
   "myorigin = bench.example" \
