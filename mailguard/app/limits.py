@@ -1,8 +1,11 @@
 """Connection limits: open connections counted in total and per client IP.
 
 ``[limits] max_connections`` and ``max_connections_per_ip`` are enforced with one
-:class:`ConnectionLimiter` per service (SMTP listeners share one, POP3 listeners
-another).  This module imports nothing from Twisted.
+:class:`ConnectionLimiter` per listener kind: the MX (``smtp``), submission
+(``submission`` and ``submissions``) and POP3 (``pop3`` and ``pop3s``) each count
+their own, so a flood of idle connections to port 25 leaves submission free for
+staff.  A client is an IPv4 address or an IPv6 /64 (:func:`client_key`).  This
+module imports nothing from Twisted.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class ConnectionLimiter:
 
     def admit(self, ip: str) -> str | None:
         """Count a new connection; return which limit refuses it (``TOTAL``/``PER_IP``), or None."""
+        ip = client_key(ip)
         if self.total >= self.total_limit:
             return TOTAL
         if self.by_ip.get(ip, 0) >= self.per_ip_limit:
@@ -36,6 +40,7 @@ class ConnectionLimiter:
 
     def release(self, ip: str) -> None:
         """Forget one connection admitted by :meth:`admit`."""
+        ip = client_key(ip)
         self.total -= 1
         n = self.by_ip.get(ip, 1) - 1
         if n:

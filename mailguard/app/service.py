@@ -212,7 +212,9 @@ class Mailhost(service.MultiService):
         ctx = SMTPContext(cfg=self.cfg, directory=self.directory, store=self.store,
                           authenticator=self.authenticator, pop_before_smtp=self.pop_before_smtp,
                           limiter=self.limiter, tls=self.tls, clock=self.clock, milters=self.milters,
-                          outgoing=Outgoing(self.cfg), srs=self.srs)
+                          outgoing=Outgoing(self.cfg), srs=self.srs,
+                          submission_limiter=ConnectionLimiter(self.cfg.limits.max_connections,
+                                                               self.cfg.limits.max_connections_per_ip))
         self.smtp_context = ctx
         for kind in ("smtp", "submission", "submissions"):
             for desc in getattr(listen, kind):

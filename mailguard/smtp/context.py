@@ -67,3 +67,12 @@ class SMTPContext:
     milters: MilterChain | None = None         # [filters]; None when no milter is configured
     outgoing: OutgoingMail | None = None       # Date/Message-ID and DKIM for trusted clients' mail
     srs: SRS | None = None                     # the SRS secret: bounces to forwarded mail verify
+    #: submission and submissions count their connections apart from port 25, so idle
+    #: connections to the MX cannot lock staff out; None: they share ``limiter``.
+    submission_limiter: ConnectionLimiter | None = None
+
+    def limiter_for(self, kind: str) -> ConnectionLimiter:
+        """The connection limiter of a listener kind (``smtp``, ``submission``, ``submissions``)."""
+        if kind != "smtp" and self.submission_limiter is not None:
+            return self.submission_limiter
+        return self.limiter

@@ -61,7 +61,7 @@ class Session(SMTPWire):
         self.local_ip = getattr(local, "host", str(local))
         self.client_ip_obj = policy.parse_ip(self.client_ip)
         self.local_ip_obj = policy.parse_ip(self.local_ip)
-        over = self.ctx.limiter.admit(self.client_ip)
+        over = self.ctx.limiter_for(self.kind).admit(self.client_ip)
         if over is not None:
             refusal = replies.TOO_MANY_CONNECTIONS if over == limits_mod.TOTAL else replies.TOO_MANY_FROM_IP
             maillog.event("smtp", "refused", self.client_ip, reason=refusal.text)
@@ -82,7 +82,7 @@ class Session(SMTPWire):
         self._idle_call = self._session_call = None
         if self._admitted:
             self._admitted = False
-            self.ctx.limiter.release(self.client_ip)
+            self.ctx.limiter_for(self.kind).release(self.client_ip)
 
     def input_seen(self) -> None:
         if self._idle_call is not None and self._idle_call.active():

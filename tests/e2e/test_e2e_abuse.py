@@ -559,3 +559,18 @@ def test_total_connection_limit(limited: MailguardServer, held: list[socket.sock
     s, banner = raw_connect("127.0.0.1", port, "127.0.0.16")
     held.append(s)
     assert banner.startswith(ok), banner
+
+
+def test_port_25_flood_leaves_submission_free(limited: MailguardServer, held: list[socket.socket]) -> None:
+    """max_connections idle connections to port 25 do not lock staff out of submission (issue 17 item 4)."""
+    sources = ["127.0.0.21", "127.0.0.22", "127.0.0.23", "127.0.0.24", "127.0.0.25"]
+    for src in sources[:TOTAL]:
+        s, banner = raw_connect("127.0.0.1", limited.smtp_port, src)
+        held.append(s)
+        assert banner.startswith(b"220"), banner
+    s, refusal = raw_connect("127.0.0.1", limited.smtp_port, "127.0.0.26")
+    s.close()
+    assert refusal.startswith(b"421"), refusal
+    staff, banner = raw_connect("127.0.0.1", limited.ports["submission"], "127.0.0.26")
+    held.append(staff)
+    assert banner.startswith(b"220"), banner
