@@ -347,3 +347,28 @@ def test_unparsable_member_in_the_database_is_an_other(gal: SQLiteStore) -> None
     gal.add_list_members("staff@office.example", ["bob@office.example"])
     gal._write("INSERT INTO list_members VALUES (?, ?)", ("staff@office.example", "bob"))
     assert gal.expand("staff@office.example") == Expansion(mailboxes=("bob@office.example",), others=("bob",))
+
+
+@pytest.mark.parametrize("address, reason", [
+    ("a/b@office.example", "a mailbox name may not hold '/', '\\', '..' or start with '.'"),
+    ('"../../../etc"@office.example', "a mailbox name may not hold '/', '\\', '..' or start with '.'"),
+    ('"a\\\\b"@office.example', "a mailbox name may not hold '/', '\\', '..' or start with '.'"),
+])
+@pytest.mark.parametrize("command", [["user", "add", "{a}", "--password-stdin"], ["list", "add", "team@office.example", "{a}"],
+                                     ["alias", "add", "{a}", "alice@office.example"]])
+def test_cli_refuses_addresses_delivery_cannot_store(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch, address: str, reason: str,
+                                                     command: list[str]) -> None:
+    """Addresses whose mailbox would be a path (a '/', '..') or hold a control character are
+    refused by the CLI with one line saying why, exit 1, nothing written (issue 17 item 10)."""
+    import io
+    conf = tmp_path / "mailguard.toml"
+    conf.write_text('[server]\nhostname = "mx.office.example"\ndata_dir = "data"\n'
+                    '[domains."office.example"]\nroute = "inbound"\n')
+    monkeypatch.setattr("sys.stdin", io.StringIO("pw\n"))
+    argv = [part.replace("{a}", address) for part in command]
+    assert cli.main(["--config", str(conf), *argv]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("mailguard: ") and err.endswith(f"{address!r} cannot be used: {reason}\n"), err
+    assert SQLiteStore(tmp_path / "data" / "directory.sqlite").entries() == []

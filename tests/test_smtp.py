@@ -511,6 +511,21 @@ def test_failing_store_is_451(ctx: FakeContext) -> None:
     assert s.cmd("NOOP")[0].startswith("250 ")
 
 
+def test_store_that_raises_at_once_is_451(ctx: FakeContext) -> None:
+    """A store raising before it returns a Deferred (an address it cannot make a path of) is
+    still answered 451, and the session goes on, never a dropped connection (issue 17 item 10)."""
+    def unusable(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("unsafe mailbox address: 'a/b@office.example'")
+    ctx.store.store = unusable  # type: ignore[method-assign]
+    s = Session(ctx)
+    ehlo(s)
+    transaction(s)
+    s.send("x\r\n.\r\n")
+    assert s.lines()[-1] == str(replies.STORE_FAILED)
+    assert not s.closed
+    assert s.cmd("NOOP")[0].startswith("250 ")
+
+
 # -- timeouts and connection limits ----------------------------------------------------------------
 
 

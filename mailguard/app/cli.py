@@ -12,12 +12,14 @@ import argparse
 import os
 import getpass
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from mailguard import config
 from mailguard.app import cli_dns, dircli
 from mailguard.core import policy
 from mailguard.core.address import AddressError, parse_path
+from mailguard.storage.maildir import maildir_path
 from mailguard.directory.sqlite import DirectoryError, EntryError, SQLiteStore
 
 
@@ -26,12 +28,26 @@ class CommandError(Exception):
 
 
 def _address(text: str) -> str:
+    """The normalised address, refused when delivery could not store mail for it.
+
+    Besides bad syntax, an address holding a control character or a part that is
+    not a plain file name (``a/b@...``, ``"../../../etc"@...``, a leading dot) is
+    refused here: accepted, it would pass RCPT and then fail every delivery.
+    """
     try:
         addr = parse_path(text)
     except AddressError as e:
         raise CommandError(f"{text!r} is not a mail address: {e}") from None
     assert addr is not None
-    return addr.key
+    key = addr.key
+    if not key.isprintable():
+        raise CommandError(f"{text!r} cannot be used: it holds a control character")
+    try:
+        maildir_path(Path("/"), key.replace('"', ""))
+    except ValueError:
+        raise CommandError(f"{text!r} cannot be used: a mailbox name may not hold '/', '\\', "
+                           f"'..' or start with '.'") from None
+    return key
 
 
 def _read_password(args: argparse.Namespace) -> str:

@@ -22,7 +22,7 @@
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
 
 from mailguard.app import maillog
@@ -176,7 +176,8 @@ class MailCommands(Session):
                                                                      filtering.applies(self.cfg, who)))
             filtered.addErrback(self._filter_failed, msg_id).addBoth(lambda _: self.resume())
             return
-        d = self.ctx.store.store(msg_id, env.sender or "", env.decisions, received, message)
+        # A store that raises at once (an address it cannot turn into a path) is a 451 too.
+        d = maybeDeferred(self.ctx.store.store, msg_id, env.sender or "", env.decisions, received, message)
 
         def stored(_: object) -> None:
             maillog.event("smtp", "stored", self.client_ip, id=msg_id, sender=env.sender,
