@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 from mailguard import config
 from mailguard.app import cli_dns, dircli
+from mailguard.config import lookup
 from mailguard.core import policy
 from mailguard.core.address import AddressError, parse_path
 from mailguard.storage.maildir import maildir_path
@@ -141,6 +142,13 @@ def cmd_contact(cfg: config.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(cfg: config.Config, args: argparse.Namespace) -> int:
+    from mailguard.app import checkconfig
+
+    problems = checkconfig.problems(cfg)
+    for line in problems:
+        print(f"mailguard: {line}", file=sys.stderr)
+    if problems:
+        return 1
     print(f"{cfg.source}: ok")
     for line in config.routing_table(cfg):
         print(line)
@@ -212,7 +220,10 @@ def cmd_relay_test(cfg: config.Config | None, args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mailguard", description="mailguard administration")
-    p.add_argument("--config", "-c", help="configuration file (default ./etc/mailguard.toml)")
+    p.add_argument("--config", "-c", help="configuration file (else $MAILGUARD_CONFIG, ./etc/mailguard.toml, "
+                                          "/etc/mailguard/mailguard.toml)")
+    p.add_argument("--defaults", action="store_true",
+                   help="with no configuration file, use the built-in defaults (data in ./var)")
     sub = p.add_subparsers(dest="command", required=True)
 
     u = sub.add_parser("user", help="mailboxes")
@@ -274,11 +285,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _configuration(args: argparse.Namespace) -> config.Config:
+    """The configuration file :mod:`mailguard.config.lookup` finds; none is an error unless ``--defaults``."""
+    found = lookup.locate(args.config)
+    if found is None:
+        if args.defaults:
+            return config.defaults()
+        raise CommandError(lookup.none_found())
+    if found.how != "--config":
+        print(f"mailguard: configuration {found.path} (from {found.how})", file=sys.stderr)
+    return config.load(found.path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.umask(0o077)            # what the CLI makes (the directory, keys, the data folder) is private
     try:
-        cfg = None if getattr(args, "no_config", False) else config.find(args.config)
+        cfg = None if getattr(args, "no_config", False) else _configuration(args)
         refusal = dircli.managed_elsewhere(cfg, args.command) if cfg is not None else None
         if refusal:
             print(f"mailguard: {refusal}", file=sys.stderr)
@@ -289,6 +312,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except (CommandError, cli_dns.DNSCommandError, EntryError, DirectoryError, dircli.DirectoryCommandError) as e:
         print(f"mailguard: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:                # a data folder that cannot be made or written
+        where = f": {e.filename}" if e.filename else ""
+        print(f"mailguard: {e.strerror or e}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -20,7 +20,8 @@ class Options(usage.Options):
     """Options for ``twistd mailguard``."""
 
     optParameters = [
-        ["config", "c", None, "configuration file (default: ./etc/mailguard.toml, else built-in defaults)"],
+        ["config", "c", None, "configuration file (else $MAILGUARD_CONFIG, ./etc/mailguard.toml, "
+                               "/etc/mailguard/mailguard.toml, else built-in defaults)"],
     ]
 
 
@@ -47,6 +48,12 @@ def makeService(options: Options) -> service.IService:
         sys.stderr.write(f"mailguard: {e}\n")
         sys.stderr.flush()
         raise SystemExit(1) from None
+    from mailguard.app import checkconfig
+    problems = checkconfig.problems(cfg, inherited=True)
+    if problems:
+        sys.stderr.write("".join(f"mailguard: {line}\n" for line in problems))
+        sys.stderr.flush()
+        raise SystemExit(1)
     from twisted.internet import reactor
 
     from mailguard.app.service import Mailhost

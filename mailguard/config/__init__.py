@@ -34,6 +34,7 @@ from mailguard.config.filters import FiltersConfig
 from mailguard.config import checks as checks_cfg
 from mailguard.config import dns as dns_cfg
 from mailguard.config import ldap as ldap_config
+from mailguard.config import lookup
 from mailguard.config.ldap import LDAPConfig
 
 from mailguard.config.reader import (ConfigError, IPAddress, IPNetwork, Reader, host_port, network as _network,
@@ -440,13 +441,9 @@ def defaults(base: Path | None = None) -> Config:
 
 
 def find(explicit: str | None) -> Config:
-    """The configuration twistd and the CLI use: ``--config``, else ./etc/mailguard.toml, else defaults."""
-    if explicit:
-        return load(explicit)
-    default = Path("etc/mailguard.toml")
-    if default.is_file():
-        return load(default)
-    return defaults()
+    """The configuration twistd uses: the file :func:`lookup.locate` finds, else the built-in defaults."""
+    found = lookup.locate(explicit)
+    return load(found.path) if found is not None else defaults()
 
 
 def routing_table(cfg: Config) -> list[str]:
