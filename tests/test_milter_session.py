@@ -135,11 +135,14 @@ def test_symlist_limits_macros() -> None:
     (codec.packet(codec.TEMPFAIL), "tempfail", Reply(451, "4.7.1", "Service unavailable - try again later")),
     (codec.packet(codec.REPLYCODE, b"554 5.7.1 Gtube pattern\0"), "reject", Reply(554, "5.7.1", "Gtube pattern")),
     (codec.packet(codec.REPLYCODE, b"452 4.3.1 Busy\0"), "tempfail", Reply(452, "4.3.1", "Busy")),
+    (codec.packet(codec.CONN_FAIL), "tempfail", Reply(451, "4.7.1", "Service unavailable - try again later")),
+    (codec.packet(codec.SHUTDOWN), "tempfail", Reply(451, "4.7.1", "Service unavailable - try again later")),
     (codec.packet(codec.DISCARD), "discard", None),
     (codec.packet(codec.ACCEPT), "accept", None),
 ])
 def test_final_replies_at_end_of_message(final: bytes, action: str, reply: Reply | None) -> None:
-    """Reject, tempfail (plain or with the milter's own reply), discard, accept."""
+    """Reject, tempfail (plain, with the milter's own reply, or a connection failure or shutdown
+    the milter announces), discard, accept."""
     v = result(FakeMilter(at_eom(final=final)).run())
     assert (v.action, v.reply) == (action, reply)
 

@@ -19,6 +19,7 @@ its changes dropped).  Each such failure, and each refusal, is one log line.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -93,7 +94,7 @@ class MilterChain:
     async def _check(self, facts: Facts, message: bytes) -> Outcome:
         out = Outcome("pass", message, facts.sender, list(facts.recipients))
         for address in self.milters:
-            step = Facts(**{**facts.__dict__, "sender": out.sender, "recipients": list(out.recipients)})
+            step = dataclasses.replace(facts, sender=out.sender, recipients=list(out.recipients))
             try:
                 conn = await self.connect(address)
                 verdict = await converse(conn, step, out.message, self.max_size)

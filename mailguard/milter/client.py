@@ -211,7 +211,7 @@ def _final(command: bytes, data: bytes) -> tuple[str, Reply | None]:
         return "discard", None
     if command == codec.REJECT:
         return "reject", REJECT_REPLY
-    if command == codec.TEMPFAIL:
+    if command in (codec.TEMPFAIL, codec.CONN_FAIL, codec.SHUTDOWN):
         return "tempfail", TEMPFAIL_REPLY
     if command == codec.REPLYCODE:
         r = codec.reply_text(data)

@@ -1,6 +1,7 @@
 """The milter wire format (Sendmail's libmilter, protocol version 6), as pure functions.
 
-This module imports only the standard library: it builds the packets the MTA sends
+This module imports only the standard library (and the pure reply catalogue of
+``mailguard.core``): it builds the packets the MTA sends
 and parses the packets a milter answers, and knows nothing of sockets or time.
 
 Format

@@ -15,7 +15,7 @@ The rules follow Sendmail and Postfix:
   change of an n-th that does not exist adds the header (Sendmail 8.14 behaviour);
 - ``SMFIR_REPLBODY`` chunks replace the whole body; line ends become CRLF.
 
-This module imports only the standard library.
+This module imports only the standard library and the pure codec.
 """
 
 from __future__ import annotations
