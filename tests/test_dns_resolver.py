@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import pytest_twisted
 from twisted.internet import defer, task
 from twisted.names import dns, error
 
@@ -180,3 +181,27 @@ def test_reverse_and_dnsbl_names() -> None:
     assert reverse_name("::ffff:192.0.2.1") == "1.2.0.192.in-addr.arpa"
     assert dnsbl_name("192.0.2.99", "bl.example.") == "99.2.0.192.bl.example"
     assert dnsbl_name("2001:db8::1", "bl.example") == "1.0.0.0" + ".0" * 20 + ".8.b.d.0.1.0.0.2.bl.example"
+
+
+@pytest_twisted.inlineCallbacks
+def test_lookups_over_udp_log_nothing() -> Any:
+    """The real resolver's per-query UDP ports open and close without log lines (a line per lookup
+    would be most of a busy server's log)."""
+    from dns_doubles import MemoryAuthority
+    from twisted.internet import reactor
+    from twisted.logger import capturedLogs
+    from twisted.names import server
+
+    from mailguard.dns.resolver import from_config
+
+    factory = server.DNSServerFactory(authorities=[MemoryAuthority({b"a.test": [dns.Record_A("192.0.2.5")]})])
+    port = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+    try:
+        res = from_config([("127.0.0.1", port.getHost().port)], 2, reactor)
+        with capturedLogs() as events:
+            answer = yield defer.ensureDeferred(res.lookup("a.test", "A"))
+            gone = yield defer.ensureDeferred(res.lookup("b.a.test", "A"))
+        assert answer.records == ("192.0.2.5",) and gone.nxdomain
+        assert [e for e in events if "UDP" in str(e.get("log_format", "")) or "starting on" in str(e)] == []
+    finally:
+        yield port.stopListening()

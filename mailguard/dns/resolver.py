@@ -293,9 +293,9 @@ def type_name(f: Failure) -> str:
 def from_config(servers: Sequence[tuple[str, int]], timeout: float, reactor: Any,
                 *, make_client: Callable[..., Any] | None = None) -> Resolver:
     """The resolver for ``[dns]``: these servers, or /etc/resolv.conf and /etc/hosts when empty."""
-    from twisted.names import client
+    from mailguard.dns.quiet import QuietResolver
 
-    build = make_client or client.Resolver
+    build = make_client or QuietResolver
     if servers:
         return Resolver(lambda: build(servers=list(servers), reactor=reactor), reactor, timeout)
     return Resolver(lambda: build(resolv=RESOLV_CONF, reactor=reactor), reactor, timeout, hosts=HOSTS_FILE)
