@@ -337,3 +337,16 @@ def test_runs_tells_which_stages_have_checks(tmp_path: Path) -> None:
     assert not checks.runs("mail") and not checks.runs("rcpt") and not checks.runs("data")
     checks, _, _ = build(tmp_path, checks={"greylist": 10, "dkim_verify": True})
     assert not checks.runs("mail") and checks.runs("rcpt") and checks.runs("data")
+
+
+def test_reload_keeps_rate_counts_and_the_greylist_store(tmp_path: Path) -> None:
+    """carry_over (a SIGHUP reload): unchanged limits keep their counts, the same greylist file its store."""
+    old, _, _ = build(tmp_path, checks={"greylist": 60}, limits={"messages_per_ip_per_minute": 1})
+    facts = old.facts(old.connected(CLIENT), False, None, "a@real.test")
+    old.accepted(facts)
+    new, _, _ = build(tmp_path, checks={"greylist": 60, "dnsbl": ["bl.test"]},
+                      limits={"messages_per_ip_per_minute": 1})
+    new.carry_over(old)
+    assert new.greylist_store is old.greylist_store
+    assert reply(result(new.at_mail(new.facts(new.connected("192.0.2.10"), False, None, "a@real.test")))) \
+        .startswith("451 4.7.0 Too much mail, slow down (rate_limited;")

@@ -32,6 +32,7 @@ from OpenSSL import SSL
 from twisted.logger import Logger
 
 from mailguard import config
+from mailguard.checks.pipeline import InboundChecks
 from mailguard.config import Config
 from mailguard.dkim.outgoing import Outgoing
 from mailguard.milter.chain import MilterChain
@@ -65,6 +66,7 @@ class Staged:
     tls: Any
     outgoing: Outgoing
     milters: MilterChain | None
+    checks: InboundChecks | None = None
 
 
 class Reloader:
@@ -107,14 +109,19 @@ class Reloader:
         if new.filters != old.filters:
             f = new.filters
             milters = MilterChain(self.host.reactor, f.milters, f.milter_default_action, float(f.milter_timeout))
-        return Staged(new, restart, tls, Outgoing(new), milters)
+        checks = InboundChecks(new, self.host.resolver, self.host.clock)
+        return Staged(new, restart, tls, Outgoing(new), milters, checks)
 
     def apply(self, staged: Staged) -> None:
         """Put ``staged`` in place for new connections (one reactor turn: nothing sees half of it)."""
         host, new = self.host, staged.cfg
         host.cfg = new
         host.tls.use(staged.tls)
-        ctx = dataclasses.replace(host.smtp_context, cfg=new, outgoing=staged.outgoing, milters=staged.milters)
+        if staged.checks is not None:
+            staged.checks.carry_over(host.checks)
+            host.checks = staged.checks
+        ctx = dataclasses.replace(host.smtp_context, cfg=new, outgoing=staged.outgoing, milters=staged.milters,
+                                  checks=host.checks)
         host.smtp_context = ctx
         for factory in host.smtp_factories:
             factory.ctx = ctx

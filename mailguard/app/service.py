@@ -28,6 +28,7 @@ from mailguard.storage import delivery, srskey
 from mailguard.config import Config
 from mailguard.directory.base import Directory
 from mailguard.directory.sqlite import SQLiteDirectory, SQLiteStore
+from mailguard.checks.pipeline import InboundChecks
 from mailguard.dns import resolver as dns_resolver
 from mailguard.storage.groupcommit import GroupCommit
 from mailguard.storage.queue import Queue
@@ -144,6 +145,7 @@ class Mailhost(service.MultiService):
         self.pop_before_smtp = auth.PopBeforeSmtp(self.clock, cfg.relay.pop_before_smtp)
         # One resolver and one cache for every lookup: outbound MX and the inbound checks.
         self.resolver = dns_resolver.from_config(cfg.dns.servers, cfg.dns.timeout, reactor)
+        self.checks = InboundChecks(cfg, self.resolver, self.clock)
         self.runner = self._queue_runner()
         cfg.mail_dir.mkdir(parents=True, exist_ok=True)
         self.commit = GroupCommit(self.threads, cfg.mail_dir)
@@ -212,7 +214,7 @@ class Mailhost(service.MultiService):
         ctx = SMTPContext(cfg=self.cfg, directory=self.directory, store=self.store,
                           authenticator=self.authenticator, pop_before_smtp=self.pop_before_smtp,
                           limiter=self.limiter, tls=self.tls, clock=self.clock, milters=self.milters,
-                          outgoing=Outgoing(self.cfg), srs=self.srs,
+                          outgoing=Outgoing(self.cfg), srs=self.srs, checks=self.checks,
                           submission_limiter=ConnectionLimiter(self.cfg.limits.max_connections,
                                                                self.cfg.limits.max_connections_per_ip))
         self.smtp_context = ctx
@@ -244,6 +246,7 @@ class Mailhost(service.MultiService):
         d: Deferred[None] | None = service.MultiService.stopService(self)
         self.commit.stop()
         reload.remove_pidfile(self.cfg.server.data_dir)
+        self.checks.close()
         self.directory.close()
         self.hash_pool.stop()
         return d

@@ -148,6 +148,26 @@ class InboundChecks:
         """The client's forward-confirmed reverse name for Received:, or ``unknown``."""
         return await reverse.received_name(self.lookup, conn)
 
+    def carry_over(self, old: InboundChecks) -> None:
+        """After a reload: keep what the running checks learnt when the new ones count alike.
+
+        Rate counts stay when a limit is unchanged; the greylist store stays when it is the
+        same file.  The old store is closed otherwise (a session still using it reopens it).
+        """
+        if self.rate is not None and old.rate is not None:
+            if self.rate.per_ip.limit == old.rate.per_ip.limit:
+                self.rate.per_ip = old.rate.per_ip
+            if self.rate.per_user.limit == old.rate.per_user.limit:
+                self.rate.per_user = old.rate.per_user
+        kept = old.greylist_store
+        if kept is not None and self.greylist_store is not None and kept.path == self.greylist_store.path:
+            for check in self.checks:
+                if isinstance(check, greylist.Greylist):
+                    check.store = kept
+            self.greylist_store = kept
+        elif kept is not None:
+            kept.close()
+
     def close(self) -> None:
         self.after_data.close()
         if self.greylist_store is not None:

@@ -8,7 +8,7 @@ so tests hand in fakes and the SMTP package never imports the service.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -19,6 +19,9 @@ from mailguard.core.policy import Decision
 from mailguard.core.srs import SRS
 from mailguard.directory.base import Directory
 from mailguard.milter.chain import MilterChain
+
+if TYPE_CHECKING:
+    from mailguard.checks.pipeline import InboundChecks
 
 
 class MessageStore(Protocol):
@@ -67,6 +70,7 @@ class SMTPContext:
     milters: MilterChain | None = None         # [filters]; None when no milter is configured
     outgoing: OutgoingMail | None = None       # Date/Message-ID and DKIM for trusted clients' mail
     srs: SRS | None = None                     # the SRS secret: bounces to forwarded mail verify
+    checks: InboundChecks | None = None        # [checks]/[limits] rates; None: no inbound checks at all
     #: submission and submissions count their connections apart from port 25, so idle
     #: connections to the MX cannot lock staff out; None: they share ``limiter``.
     submission_limiter: ConnectionLimiter | None = None

@@ -73,6 +73,7 @@ class Session(SMTPWire):
         self._idle_call = self.clock.callLater(limits.idle_timeout, self._timed_out)
         self._session_call = self.clock.callLater(limits.session_timeout, self._timed_out)
         self.send_raw(f"220 {self.cfg.server.hostname} ESMTP mailguard\r\n")
+        self.admitted()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.mode = CLOSED
@@ -83,6 +84,9 @@ class Session(SMTPWire):
         if self._admitted:
             self._admitted = False
             self.ctx.limiter_for(self.kind).release(self.client_ip)
+
+    def admitted(self) -> None:
+        """The client was admitted and greeted (subclasses start per-connection work here)."""
 
     def input_seen(self) -> None:
         if self._idle_call is not None and self._idle_call.active():

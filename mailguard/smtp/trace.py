@@ -14,6 +14,7 @@ from email.utils import formatdate
 from twisted.internet.interfaces import IReactorTime
 
 from mailguard.app import maillog
+from mailguard.core.checks import sanitize_helo
 
 MAX_HOPS = 50                # Received: headers before a message is taken for a mail loop
 
@@ -32,8 +33,14 @@ def make_id(clock: IReactorTime) -> str:
 
 
 def received(*, msg_id: str, helo: str | None, client_ip: str, hostname: str, esmtp: bool,
-             encrypted: bool, authenticated: bool, recipient: str | None, now: float) -> bytes:
-    """The ``Received:`` header for one message; ``recipient`` only when there is one."""
+             encrypted: bool, authenticated: bool, recipient: str | None, now: float,
+             client_name: str | None = None) -> bytes:
+    """The ``Received:`` header for one message; ``recipient`` only when there is one.
+
+    ``client_name`` (mail from untrusted clients): the forward-confirmed reverse name of
+    the client or ``unknown``, shown as ``from HELO (NAME [IP])`` (RFC 2505 section 2.2).
+    The HELO is shown as given, without control characters, spaces or parentheses.
+    """
     proto = "ESMTP" if esmtp else "SMTP"
     if encrypted:
         proto += "S"
@@ -42,7 +49,8 @@ def received(*, msg_id: str, helo: str | None, client_ip: str, hostname: str, es
     rcpt = f"\r\n\tfor <{recipient}>" if recipient is not None else ""
     literal = f"IPv6:{client_ip}" if ":" in client_ip else client_ip
     auth = " (authenticated sender)" if authenticated else ""
-    return (f"Received: from {maillog.clean(helo or 'unknown')} ([{literal}]){auth}\r\n\tby {hostname} "
+    name = f"{maillog.clean(client_name)} " if client_name else ""
+    return (f"Received: from {sanitize_helo(helo)} ({name}[{literal}]){auth}\r\n\tby {hostname} "
             f"(mailguard) with {proto} id {msg_id}{rcpt};\r\n\t{_date(now)}\r\n").encode("utf-8", "replace")
 
 

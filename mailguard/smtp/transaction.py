@@ -14,6 +14,11 @@
 - Mail from trusted clients gets a missing ``Date:``/``Message-ID:`` and its DKIM
   signatures (:mod:`mailguard.dkim.outgoing`) just before it is stored; a key that
   cannot sign is a 451.
+- The inbound checks (:mod:`mailguard.checks`, through
+  :class:`~mailguard.smtp.checking.CheckedSession`) run at MAIL, at each accepted RCPT
+  and at the final dot; a refusal is answered with its reply.  Mail from untrusted
+  clients gets ``Received: from HELO (NAME [IP])`` with NAME the forward-confirmed
+  reverse name or ``unknown``.
 - Mail from untrusted clients (and from trusted ones with ``for_trusted``) passes
   the ``[filters]`` milters first: the filtered copy is stored, held when
   quarantined; a refusal is answered as the milter said; a discard answers 250 and
@@ -22,25 +27,30 @@
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from mailguard.app import maillog
 from mailguard.app.connection import connection
 from mailguard.core import policy, replies
 from mailguard.core.address import AddressError, parse_mail_arg, parse_path
+from mailguard.core.checks import Refusal
 from mailguard.directory.base import DirectoryError
 from mailguard.directory.facts import gather
 from mailguard.dkim.sign import SigningError
 from mailguard.milter import filtering
 from mailguard.milter.client import Facts
 from mailguard.smtp import trace
-from mailguard.smtp.session import Envelope, Session
+from mailguard.smtp.checking import MAIL, RCPT, CheckedSession
+from mailguard.smtp.session import Envelope
 
 DATA_GO_AHEAD = "354 End data with <CR><LF>.<CR><LF>\r\n"
 
 
-class MailCommands(Session):
+CHECK_FAILED = replies.Reply(451, "4.3.0", "Temporary local problem checking this mail, try again later")
+
+
+class MailCommands(CheckedSession):
     """MAIL, RCPT, DATA and the end of a message."""
 
     def smtp_MAIL(self, arg: str) -> None:
@@ -80,16 +90,38 @@ class MailCommands(Session):
             d.addCallbacks(self._sender_owned, self._lookup_failed, callbackArgs=(sender.key, sender_text, size))
             d.addBoth(lambda _: self.resume())
             return
-        self.envelope = Envelope(sender=sender_text, declared_size=size)
-        self.reply(replies.SENDER_OK)
+        checked = self._sender_ok(sender_text, size)
+        if checked is not None:
+            self.pause()
+            checked.addBoth(lambda _: self.resume())
 
-    def _sender_owned(self, owned: frozenset[str], key: str, sender_text: str, size: int) -> None:
+    def _sender_owned(self, owned: frozenset[str], key: str, sender_text: str,
+                      size: int) -> Deferred[None] | None:
         if key not in owned:
             maillog.event("smtp", "sender-refused", self.client_ip, user=self.authenticated, sender=sender_text)
             self.reply(replies.SENDER_NOT_OWNED)
+            return None
+        return self._sender_ok(sender_text, size)
+
+    def _sender_ok(self, sender_text: str, size: int) -> Deferred[None] | None:
+        """Run the MAIL-stage checks, then start the transaction; a Deferred when they are not done yet."""
+        if not self.stage_runs(MAIL):
+            self._start_transaction(None, sender_text, size)
+            return None
+        d = Deferred.fromCoroutine(self.mail_checks(sender_text))
+        return d.addCallback(self._start_transaction, sender_text, size).addErrback(self._check_failed)
+
+    def _start_transaction(self, refusal: Refusal | None, sender_text: str, size: int) -> None:
+        if refusal is not None:
+            self.reply(refusal.reply)
             return
         self.envelope = Envelope(sender=sender_text, declared_size=size)
         self.reply(replies.SENDER_OK)
+
+    def _check_failed(self, f: Failure) -> None:
+        """A check broke outside its own error handling: 4xx, never a pass."""
+        maillog.log.failure("mailguard smtp inbound check error", f)
+        self.reply(CHECK_FAILED)
 
     def _lookup_failed(self, f: Failure) -> None:
         """A directory lookup for MAIL failed: 4xx, never a pass."""
@@ -128,7 +160,20 @@ class MailCommands(Session):
             maillog.log.failure("mailguard smtp directory lookup error", f)
         return policy.directory_failure(self.cfg, path)
 
-    def _decided(self, decision: policy.Decision, env: Envelope) -> None:
+    def _decided(self, decision: policy.Decision, env: Envelope) -> Deferred[None] | None:
+        if decision.accepted and self.stage_runs(RCPT):
+            d = Deferred.fromCoroutine(self.rcpt_checks(env.sender or "", decision.recipient))
+            return d.addCallback(self._rcpt_checked, decision, env).addErrback(self._check_failed)
+        self._answer_rcpt(decision, env)
+        return None
+
+    def _rcpt_checked(self, refusal: Refusal | None, decision: policy.Decision, env: Envelope) -> None:
+        if refusal is not None:
+            self.reply(refusal.reply)
+        else:
+            self._answer_rcpt(decision, env)
+
+    def _answer_rcpt(self, decision: policy.Decision, env: Envelope) -> None:
         maillog.decision(self.client_ip, self.local_ip, self.helo or "", env.sender or "", decision.recipient,
                          decision.rule, decision.reply)
         if decision.accepted:
@@ -164,40 +209,30 @@ class MailCommands(Session):
             self.reply(replies.TOO_MANY_HOPS)
             return
         msg_id = trace.make_id(self.clock)
+        self.pause()
+        d = Deferred.fromCoroutine(self._deliver(msg_id, env, message))
+        d.addErrback(self._filter_failed, msg_id).addBoth(lambda _: self.resume())
+
+    async def _deliver(self, msg_id: str, env: Envelope, message: bytes) -> None:
+        """The checks of the final dot, the trace header, the milters and the store; then the reply."""
+        sender = env.sender or ""
         received = trace.received(
             msg_id=msg_id, helo=self.helo, client_ip=self.client_ip, hostname=self.cfg.server.hostname,
             esmtp=self.esmtp, encrypted=self.encrypted, authenticated=bool(self.authenticated),
-            recipient=env.decisions[0].recipient if len(env.decisions) == 1 else None, now=self.clock.seconds())
-        self.pause()
-        who = self.policy_client()
-        outgoing = self.ctx.outgoing if policy.relay_permission(self.cfg, who)[0] else None
-        if filtering.applies(self.cfg, who) or outgoing is not None:
-            filtered = Deferred.fromCoroutine(self._filter_and_store(msg_id, env, received, message,
-                                                                     filtering.applies(self.cfg, who)))
-            filtered.addErrback(self._filter_failed, msg_id).addBoth(lambda _: self.resume())
-            return
-        # A store that raises at once (an address it cannot turn into a path) is a 451 too.
-        d = maybeDeferred(self.ctx.store.store, msg_id, env.sender or "", env.decisions, received, message)
-
-        def stored(_: object) -> None:
-            maillog.event("smtp", "stored", self.client_ip, id=msg_id, sender=env.sender,
-                          rcpts=len(env.decisions), size=len(message))
-            self.stored()
-            self.reply(replies.QUEUED, msg_id)
-
-        def failed(f: Failure) -> None:
-            maillog.log.failure("mailguard smtp store failed for {id}", f, id=msg_id)
-            self.reply(replies.STORE_FAILED)
-
-        d.addCallbacks(stored, failed).addBoth(lambda _: self.resume())
+            recipient=env.decisions[0].recipient if len(env.decisions) == 1 else None, now=self.clock.seconds(),
+            client_name=await self.received_name())
+        if self.stage_runs("data"):
+            outcome = await self.data_checks(sender, message)
+            if outcome.refusal is not None:
+                self.reply(outcome.refusal.reply)
+                return
+            received, message = received + outcome.header, outcome.message
+        self.checks_accepted(sender)
+        await self._filter_and_store(msg_id, env, received, message,
+                                     filtering.applies(self.cfg, self.policy_client()))
 
     def stored(self) -> None:
         """A message was stored (the session's flood counter restarts)."""
-
-    def policy_client(self) -> policy.Client:
-        """What the policy knows about this client now."""
-        return policy.Client(self.client_ip_obj, self.local_ip_obj, self.authenticated,
-                             self.ctx.pop_before_smtp.allowed(self.client_ip))
 
     async def _filter_and_store(self, msg_id: str, env: Envelope, received: bytes, message: bytes,
                                 filter_it: bool) -> None:
