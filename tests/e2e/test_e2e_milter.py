@@ -76,7 +76,8 @@ def test_header_edits_and_macros(filtered: MailguardServer) -> None:
     assert lines[0] == b"Return-Path: <joe@outside.example>"
     # Index 0 of SMFIR_INSHEADER is the top, above this host's Received: (as in Postfix).
     assert lines[1] == b"X-Test-Inserted: first"
-    assert lines[2].startswith(b"Received: from client.outside.example ([127.0.0.5])")
+    # An untrusted client without a verified reverse name is shown as "unknown" (SPEC: Inbound checks).
+    assert lines[2].startswith(b"Received: from client.outside.example (unknown [127.0.0.5])")
     assert b"Subject: changed by the test milter" in lines and f"Subject: {tag}".encode() not in lines
     assert b"X-Test-Secret: s" not in lines
     assert lines[-2] == b"X-Test-Added: yes"
