@@ -18,6 +18,7 @@ from mailguard.senderauth.spf import SPFResult
 
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~.@]+$")
 _FIELD = re.compile(rb"^authentication-results[ \t]*:", re.I)
+_ANY_FIELD = re.compile(rb"^authentication-results[ \t]*:", re.I | re.M)
 
 
 def _value(text: str) -> str:
@@ -74,6 +75,8 @@ def remove_ours(message: bytes, hostname: str) -> tuple[bytes, int]:
     """``message`` without the Authentication-Results fields naming ``hostname``; and how many."""
     end = message.find(b"\r\n\r\n")
     head, rest = (message, b"") if end < 0 else (message[:end + 2], message[end + 2:])
+    if not _ANY_FIELD.search(head):
+        return message, 0
     lines = head.split(b"\r\n")
     ours = hostname.lower().rstrip(".")
     kept: list[bytes] = []

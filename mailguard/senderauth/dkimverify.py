@@ -28,6 +28,7 @@ import concurrent.futures
 import logging
 import multiprocessing
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -132,17 +133,17 @@ def header_block(message: bytes) -> bytes:
     return message
 
 
+_SIGNATURE_FIELD = re.compile(rb"^dkim-signature[ \t]*:(.*(?:\r?\n[ \t].*)*)", re.I | re.M)
+
+
 def _signatures(message: bytes) -> list[_Signature | None]:
     """The first signatures' d=, s=, i=, a= (None for one that does not parse)."""
-    headers, _ = dkim.rfc822_parse(header_block(message))
     found: list[_Signature | None] = []
-    for name, value in headers:
-        if name.lower() != b"dkim-signature":
-            continue
+    for m in _SIGNATURE_FIELD.finditer(header_block(message)):
         if len(found) == MAX_SIGNATURES:
             break
         try:
-            tags = dkim.util.parse_tag_value(value)
+            tags = dkim.util.parse_tag_value(m.group(1).strip())
             found.append(_Signature(tags[b"d"].decode("ascii").lower().rstrip("."),
                                     tags[b"s"].decode("ascii"),
                                     tags.get(b"i", b"").decode("ascii", "replace"),

@@ -20,6 +20,7 @@ answers a :class:`DMARCResult`:
 from __future__ import annotations
 
 import email.utils
+import functools
 import random
 import re
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ POLICIES = ("none", "quarantine", "reject")
 _psl: PublicSuffixList | None = None
 
 
+@functools.lru_cache(maxsize=4096)
 def org_domain(domain: str) -> str:
     """The organisational domain (RFC 7489 section 3.2): the registrable name, or the name."""
     global _psl

@@ -15,6 +15,7 @@ timeout or SERVFAIL gives ``temperror`` (section 2.6.6), never ``pass``.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -166,9 +167,10 @@ async def _record(session: _Session, domain: str) -> _Record | None:
         return None
     if len(records) > 1:
         raise _perm(f"{domain} has {len(records)} SPF records")
-    return _parse(records[0])
+    return _parse(records[0])      # cached: one parse per distinct record text
 
 
+@functools.lru_cache(maxsize=1024)
 def _parse(text: str) -> _Record:
     """Parse one ``v=spf1`` record (section 4.6): any syntax error is a permerror."""
     terms: list[_Term] = []
@@ -292,7 +294,7 @@ async def _matches(session: _Session, facts: spfmacro.Facts, term: _Term) -> boo
     if name == "all":
         return True
     if name in ("ip4", "ip6"):
-        return session.ip in ipaddress.ip_network(term.spec)
+        return session.ip in _cached_network(term.spec)
     session.count()
     target = await _expanded(session, facts, term.spec)
     if name == "include":
@@ -316,6 +318,11 @@ async def _matches(session: _Session, facts: spfmacro.Facts, term: _Term) -> boo
         return False
     # ptr (section 5.5)
     return any(_same_or_sub(n, target) for n in await _validated_names(session, target))
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_network(spec: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(spec)
 
 
 def _within(session: _Session, addresses: list[str], term: _Term) -> bool:
