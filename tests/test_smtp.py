@@ -994,3 +994,26 @@ def test_client_that_does_not_read_stops_the_session() -> None:
     out = s.lines()[before:]
     assert out[:20] == [str(replies.NOOP_OK)] * 20
     assert s.transport.producerState == "producing" or s.closed
+
+
+def test_deleted_user_cannot_start_another_transaction(tls_session: Session, logs: LogCapture) -> None:
+    """A mailbox deleted while its session is open: the next MAIL FROM is 530 and relaying stops
+    (the login is checked again at every MAIL, issue 17 item 9)."""
+    s = tls_session
+    assert s.cmd(f"AUTH PLAIN {plain('alice@office.example', 'secret')}") == [str(replies.AUTH_OK)]
+    s.cmd("MAIL FROM:<alice@office.example>")
+    assert s.cmd("RCPT TO:<friend@remote.example>")[0].startswith("250 ")
+    s.cmd("RSET")
+    del s.host.directory.entries["alice@office.example"]
+    assert s.cmd("MAIL FROM:<alice@office.example>") == [str(replies.AUTH_REQUIRED)]
+    assert s.cmd("MAIL FROM:<someone@outside.example>")[0].startswith("250 ")
+    assert s.cmd("RCPT TO:<friend@remote.example>")[0].startswith("550 5.7.1")
+    assert logs.matching("mailguard smtp login-revoked: client=")
+
+
+def test_directory_failure_at_mail_recheck_is_4xx(tls_session: Session) -> None:
+    """The re-check at MAIL cannot reach the directory: the configured 4xx, never a pass."""
+    s = tls_session
+    assert s.cmd(f"AUTH PLAIN {plain('alice@office.example', 'secret')}") == [str(replies.AUTH_OK)]
+    s.host.directory.broken = True
+    assert s.cmd("MAIL FROM:<alice@office.example>") == [str(s.host.cfg.replies.directory_failure)]

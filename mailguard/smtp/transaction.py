@@ -33,8 +33,9 @@ from twisted.python.failure import Failure
 from mailguard.app import maillog
 from mailguard.app.connection import connection
 from mailguard.core import policy, replies
-from mailguard.core.address import AddressError, parse_mail_arg, parse_path
+from mailguard.core.address import Address, AddressError, parse_mail_arg, parse_path
 from mailguard.core.checks import Refusal
+from mailguard.core.entries import Expansion
 from mailguard.directory.base import DirectoryError
 from mailguard.directory.facts import gather
 from mailguard.dkim.sign import SigningError
@@ -84,16 +85,30 @@ class MailCommands(CheckedSession):
             self.reply(replies.TOO_BIG)
             return
         sender_text = str(sender) if sender is not None else ""
-        if self.authenticated and sender is not None and self.cfg.submission.enforce_sender:
+        if self.authenticated:
+            # The login may have been deleted since AUTH: ask again at every transaction.
             self.pause()
-            d = self.ctx.directory.addresses_of(self.authenticated)
-            d.addCallbacks(self._sender_owned, self._lookup_failed, callbackArgs=(sender.key, sender_text, size))
+            d = self.ctx.directory.expand(self.authenticated)
+            d.addCallback(self._still_a_mailbox, sender, sender_text, size)
+            d.addErrback(self._lookup_failed)
             d.addBoth(lambda _: self.resume())
             return
         checked = self._sender_ok(sender_text, size)
         if checked is not None:
             self.pause()
             checked.addBoth(lambda _: self.resume())
+
+    def _still_a_mailbox(self, found: Expansion | None, sender: Address | None, sender_text: str,
+                         size: int) -> Deferred[None] | None:
+        if found is None or self.authenticated not in found.mailboxes:
+            maillog.event("smtp", "login-revoked", self.client_ip, user=self.authenticated)
+            self.authenticated = None
+            self.reply(replies.AUTH_REQUIRED)
+            return None
+        if sender is not None and self.cfg.submission.enforce_sender and self.authenticated:
+            d = self.ctx.directory.addresses_of(self.authenticated)
+            return d.addCallback(self._sender_owned, sender.key, sender_text, size)
+        return self._sender_ok(sender_text, size)
 
     def _sender_owned(self, owned: frozenset[str], key: str, sender_text: str,
                       size: int) -> Deferred[None] | None:
