@@ -606,15 +606,23 @@ def test_password_guessing_slows_that_ip_only(fresh_server_factory: ServerFactor
         assert seq[3][1] >= 1.0, f"4th wrong password not delayed: {seq}"
         assert seq[4][1] >= 2.0, f"5th wrong password not delayed more: {seq}"
 
-        # The rest in rounds of concurrent guesses, one per connection.
+        # The rest in rounds of concurrent guesses: the first on the open connections, the
+        # later ones each on a new connection (three throttled AUTHs close a session).
+        def fresh_attempt(password: str) -> tuple[Reply, float]:
+            with tls_dialog(server, "submission", ATTACKER) as fresh:
+                return attempt(fresh, ALICE, password)
+
         rounds: list[list[tuple[Reply, float]]] = []
         done = len(seq)
         with ThreadPoolExecutor(workers) as pool:
             while done < total:
-                batch = conns[: min(workers, total - done)]
-                futures = [pool.submit(attempt, d, ALICE, f"{WRONG} {done + i}") for i, d in enumerate(batch)]
+                n = min(workers, total - done)
+                if not rounds:
+                    futures = [pool.submit(attempt, d, ALICE, f"{WRONG} {done + i}") for i, d in enumerate(conns[:n])]
+                else:
+                    futures = [pool.submit(fresh_attempt, f"{WRONG} {done + i}") for i in range(n)]
                 rounds.append([f.result(timeout=120) for f in futures])
-                done += len(batch)
+                done += n
     finally:
         for d in conns:
             d.close()
