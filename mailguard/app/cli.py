@@ -13,6 +13,7 @@ import os
 import getpass
 import sys
 from pathlib import Path
+from pathlib import Path
 from typing import Callable, Sequence
 
 from mailguard import config
@@ -212,6 +213,36 @@ def cmd_reload(cfg: config.Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup(cfg: config.Config, args: argparse.Namespace) -> int:
+    from mailguard.app import backup
+
+    try:
+        manifest = backup.backup(cfg, Path(args.dest))
+    except backup.BackupError as e:
+        raise CommandError(str(e)) from None
+    print(f"backup in {args.dest}: {manifest.get('mailboxes', 0)} mailbox(es), {manifest['messages']} "
+          f"message(s), {manifest['queued']} queued, directory schema {manifest['schema']}")
+    return 0
+
+
+def cmd_restore(cfg: config.Config, args: argparse.Namespace) -> int:
+    from mailguard.app import backup, reload
+
+    try:
+        pid = reload.running_pid(cfg.server.data_dir)
+    except reload.ReloadError:
+        pid = None
+    if pid is not None:
+        raise CommandError(f"mailguard is running on {cfg.server.data_dir} (process {pid}): stop it first")
+    try:
+        manifest = backup.restore(cfg, Path(args.src), force=args.force)
+    except backup.BackupError as e:
+        raise CommandError(str(e)) from None
+    print(f"restored {args.src} into {cfg.server.data_dir}: {manifest.get('mailboxes', 0)} mailbox(es), "
+          f"{manifest['messages']} message(s), {manifest['queued']} queued")
+    return 0
+
+
 def cmd_relay_test(cfg: config.Config | None, args: argparse.Namespace) -> int:
     from mailguard.app import relaytest
 
@@ -271,6 +302,15 @@ def parser() -> argparse.ArgumentParser:
 
     rl = sub.add_parser("reload", help="make the running server read its configuration again (SIGHUP)")
     rl.set_defaults(func=cmd_reload)
+
+    b = sub.add_parser("backup", help="a consistent copy of the data folder, while the server runs")
+    b.add_argument("dest", help="a new (or empty) folder")
+    b.set_defaults(func=cmd_backup)
+
+    rs = sub.add_parser("restore", help="copy a backup into the (empty) data folder")
+    rs.add_argument("src", help="a folder made by mailguard backup")
+    rs.add_argument("--force", action="store_true", help="restore over a data folder that is not empty")
+    rs.set_defaults(func=cmd_restore)
 
     cli_dns.register(sub)
 

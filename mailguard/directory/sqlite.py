@@ -62,6 +62,13 @@ CREATE TABLE IF NOT EXISTS list_members (list TEXT NOT NULL, member TEXT NOT NUL
 CREATE TABLE IF NOT EXISTS contacts (address TEXT PRIMARY KEY, remote TEXT NOT NULL);
 """
 
+#: The schema version this code writes (``PRAGMA user_version``); 0 is a file made
+#: before versions were recorded (the same four tables as version 1).
+SCHEMA_VERSION = 1
+#: The SQL that takes a database from version ``n - 1`` to ``n``, applied in order at
+#: start (and by any command that opens the file), each step in one transaction.
+MIGRATIONS: dict[int, str] = {1: ""}
+
 _KIND_QUERY = """
 SELECT 'mailbox' FROM mailboxes WHERE address = ?1
 UNION ALL SELECT 'alias' FROM aliases WHERE alias = ?1
@@ -97,11 +104,22 @@ class SQLiteStore:
 
     def _ensure_schema(self) -> None:
         try:
-            self._db().executescript(_SCHEMA)
+            db = self._db()
+            db.executescript(_SCHEMA)
+            self._migrate(db)
         except sqlite3.Error as e:
             self._reset()
             raise DirectoryError(f"{self.path}: {e}") from None
         self.ready = True
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        """Bring the file to :data:`SCHEMA_VERSION` through :data:`MIGRATIONS`."""
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise DirectoryError(f"{self.path}: schema version {version} is newer than this mailguard's "
+                                 f"({SCHEMA_VERSION}); run the mailguard that wrote it")
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[step]}\nPRAGMA user_version = {step}; COMMIT;")
 
     # -- connections ---------------------------------------------------------
 

@@ -1,0 +1,34 @@
+"""The directory's schema version (PRAGMA user_version) and the migrations applied when it opens."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from mailguard.directory import sqlite as store_mod
+from mailguard.directory.sqlite import DirectoryError, SQLiteStore
+
+
+def test_a_new_file_and_an_old_one_get_the_current_version(tmp_path: Path) -> None:
+    """A new file is written at SCHEMA_VERSION; a file from before versions (0) is migrated, rows kept."""
+    SQLiteStore(tmp_path / "new.sqlite").mailboxes()
+    with sqlite3.connect(tmp_path / "new.sqlite") as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (store_mod.SCHEMA_VERSION,)
+    old = tmp_path / "old.sqlite"
+    with sqlite3.connect(old) as db:
+        db.executescript(store_mod._SCHEMA + "INSERT INTO aliases VALUES ('a@x.example', 'b@x.example');")
+    SQLiteStore(old)
+    with sqlite3.connect(old) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (1,)
+        assert db.execute("SELECT alias, target FROM aliases").fetchall() == [("a@x.example", "b@x.example")]
+
+
+def test_a_newer_file_is_refused(tmp_path: Path) -> None:
+    """A file written by a newer mailguard is not touched: a DirectoryError naming both versions."""
+    path = tmp_path / "newer.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {store_mod.SCHEMA_VERSION + 1}")
+    with pytest.raises(DirectoryError, match=f"schema version {store_mod.SCHEMA_VERSION + 1} is newer"):
+        SQLiteStore(path, create=False)._ensure_schema()
