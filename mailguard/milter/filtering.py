@@ -59,12 +59,19 @@ def applies(cfg: Config, who: policy.Client) -> bool:
 
 
 def tls_version(transport: Any) -> str:
-    """The TLS protocol version of an encrypted transport (``TLSv1.3``), or ""."""
-    conn = getattr(transport, "_tlsConnection", None)
-    try:
-        return str(conn.get_protocol_version_name()) if conn is not None else ""
-    except Exception:
-        return ""
+    """The TLS protocol version of an encrypted transport (``TLSv1.3``), or "".
+
+    An implicit-TLS listener's transport is Twisted's TLS protocol itself; after
+    STARTTLS it is the TCP connection, whose ``protocol`` is the TLS layer.
+    """
+    for layer in (transport, getattr(transport, "protocol", None)):
+        conn = getattr(layer, "_tlsConnection", None)
+        if conn is not None:
+            try:
+                return str(conn.get_protocol_version_name())
+            except Exception:
+                return ""
+    return ""
 
 
 async def filter_transaction(cfg: Config, chain: MilterChain, directory: Directory, facts: Facts,

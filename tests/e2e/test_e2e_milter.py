@@ -8,6 +8,7 @@ is not filtered (``for_trusted = false``).
 
 from __future__ import annotations
 
+import smtplib
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,7 +18,7 @@ import pytest
 from mailguard.core import replies
 
 from .conftest import ALLOWED_HOST, DOMAIN, OFFICE_CONFIG, OUTSIDER, ServerFactory, populate_office
-from .harness import MailguardServer, deep_merge, free_port, make_message, split_added_headers
+from .harness import MailguardServer, deep_merge, free_port, make_message, split_added_headers, tls_context
 from .milters import Process, action_milter
 from .sinks import wait_until
 
@@ -222,3 +223,30 @@ def test_chain_with_no_reply_and_skip(fresh_server_factory: ServerFactory, tmp_p
     finally:
         noreply.stop()
         skip.stop()
+
+
+@pytest.mark.parametrize("listener", ["submission", "submissions"])
+def test_for_trusted_filters_authenticated_submissions(fresh_server_factory: ServerFactory, milter: Process,
+                                                       listener: str) -> None:
+    """for_trusted = true: a submission (STARTTLS, or implicit TLS) with AUTH goes through the
+    milter, which is told who logged in ({auth_authen}) and the TLS version ({tls_version})."""
+    cfg = deep_merge(OFFICE_CONFIG, {"filters": {"milters": [milter.address], "for_trusted": True}})
+    server = fresh_server_factory(f"trusted-{listener}", cfg)
+    server.add_user(ALICE, "correct horse battery")
+    tag = "milter-" + uuid.uuid4().hex
+    message = make_message(ALICE, ALICE, tag).replace(b"\r\n\r\n", b"\r\nX-Test-Action: macros\r\n\r\n", 1)
+    port = server.ports[listener]
+    client = (smtplib.SMTP_SSL("127.0.0.1", port, timeout=30, context=tls_context()) if listener == "submissions"
+              else smtplib.SMTP("127.0.0.1", port, timeout=30))
+    with client as c:
+        c.ehlo("laptop.example")
+        if listener == "submission":
+            assert c.starttls(context=tls_context())[0] == 220
+            c.ehlo("laptop.example")
+        assert c.login(ALICE, "correct horse battery")[0] == 235
+        assert c.mail(ALICE)[0] == 250 and c.rcpt(ALICE)[0] == 250
+        code, _ = c.data(message)
+        assert code == 250
+    macros = next(ln for ln in stored(server, ALICE, tag).split(b"\n") if ln.startswith(b"X-Macros: ")).decode()
+    assert f"{{auth_authen}}={ALICE}" in macros and f"{{daemon_name}}={listener}" in macros, macros
+    assert "{tls_version}=TLSv1." in macros, macros

@@ -22,7 +22,7 @@ import Milter
 NOREPLY = "--noreply" in sys.argv
 SKIP = "--skip" in sys.argv
 MACROS = ("j", "{daemon_name}", "{client_addr}", "{client_name}", "{auth_authen}", "i", "{mail_addr}",
-          "{rcpt_addr}")
+          "{rcpt_addr}", "{tls_version}")
 
 
 def maybe_noreply(func):
@@ -50,6 +50,7 @@ class ActionMilter(Milter.Base):
 
     @maybe_noreply
     def hello(self, heloname):
+        self._macros()
         self.helo = heloname
         return Milter.CONTINUE
 
