@@ -79,3 +79,17 @@ def test_helpers() -> None:
     assert original_headers(b"A: 1\r\nB: 2\r\n\r\nbody\r\n") == b"A: 1\nB: 2\n"
     with pytest.raises(ValueError):
         build_dsn("h", "s@x", "id", 0.0, [], ORIGINAL, 0.0)
+
+
+def test_bounce_of_an_all_header_message_is_capped() -> None:
+    """A 5.4 MB message that is all header (no empty line) comes back as at most 50,000 octets of
+    it, cut at a line end, not whole (issue 17 item 7: bounces as an amplifier)."""
+    huge = b"".join(b"X-Filler-%07d: %s\r\n" % (i, b"y" * 60) for i in range(72_000))
+    assert len(huge) > 5_400_000
+    raw = build_dsn("mail.here.example", "victim@forged.example", "0123456789abcdef01234", 1_700_000_000.0,
+                    [FailedRecipient("ann@remote.example", "550 5.7.1 refused", "mx.remote.example")],
+                    huge, 1_700_000_600.0)
+    print(f"\n[bounce] largest bounce for a {len(huge)}-octet all-header message: {len(raw)} octets")
+    assert len(raw) < 50_000 + 4_000
+    returned = email.message_from_bytes(raw, policy=email.policy.default).get_payload()[2].get_payload()
+    assert returned.endswith("\n") and "X-Filler-0000000" in returned and "X-Filler-0071999" not in returned

@@ -157,6 +157,21 @@ def test_5xx_fails_at_once_and_bounces(tmp_path: Path) -> None:
     assert u.queue.ids() == []
 
 
+def test_one_bounce_per_message(tmp_path: Path) -> None:
+    """Recipients of one message failing at different times: one DSN to the sender, not one per
+    failure (issue 17 item 7); the later failure is logged as bounce-suppressed."""
+    u = Unit(tmp_path, {"a@x.test": [(FAILED, "550 5.1.1 no such user")],
+                        "b@y.test": [(DEFERRED, "451 4.3.0 busy"), (FAILED, "550 5.7.1 refused")]},
+             retry_schedule=[300])
+    u.queue.enqueue("joe@here.test", ["a@x.test", "b@y.test"], MESSAGE)
+    u.start()
+    assert len(u.inject.calls) == 1
+    u.clock.advance(300)
+    assert len(u.courier.calls) == 3
+    assert len(u.inject.calls) == 1
+    assert u.queue.ids() == []
+
+
 def test_null_sender_failure_is_dropped(tmp_path: Path) -> None:
     """A message from <> that fails is removed without a bounce (no bounce loops)."""
     u = Unit(tmp_path, {"a@x.test": [(FAILED, "550 5.1.1 no such user")]})

@@ -126,6 +126,7 @@ class OutboundConfig:
     connect_timeout: int
     command_timeout: int
     delay_warning: int
+    bounce_size_limit: int = 50000
     smarthost_tls_verify: bool = True
     tls_ca_file: Path | None = None
     mta_sts: bool = True
@@ -225,6 +226,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "connect_timeout": 30,
         "command_timeout": 300,
         "delay_warning": 0,
+        "bounce_size_limit": 50000,
         "smarthost_tls_verify": True,
         "tls_ca_file": "",
         "mta_sts": True,
@@ -332,6 +334,7 @@ def parse(data: Mapping[str, Any], source: str, base: Path) -> Config:
         connect_timeout=ob.integer("connect_timeout", 1),
         command_timeout=ob.integer("command_timeout", 1),
         delay_warning=ob.integer("delay_warning", 0),
+        bounce_size_limit=ob.integer("bounce_size_limit", 0),
         smarthost_tls_verify=ob.boolean("smarthost_tls_verify"),
         tls_ca_file=_path(base, ob.string("tls_ca_file")) if ob.string("tls_ca_file") else None,
         mta_sts=ob.boolean("mta_sts"),

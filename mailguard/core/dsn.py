@@ -66,9 +66,17 @@ def original_headers(message: bytes) -> bytes:
     return head
 
 
+def capped(head: bytes, limit: int) -> bytes:
+    """``head`` cut to at most ``limit`` octets at a line end (Postfix's ``bounce_size_limit``)."""
+    if len(head) <= limit:
+        return head
+    cut = head.rfind(b"\n", 0, limit)
+    return head[:cut + 1] if cut >= 0 else b""
+
+
 def build_dsn(hostname: str, sender: str, queue_id: str, queued_at: float,
               failures: list[FailedRecipient], message: bytes, now: float,
-              delayed_until: float | None = None) -> bytes:
+              delayed_until: float | None = None, size_limit: int = 50000) -> bytes:
     """The bounce for ``failures`` of queued message ``queue_id``, as CRLF bytes.
 
     With ``delayed_until`` it is a delay warning instead (``Action: delayed``, a 4.x.x
@@ -132,7 +140,8 @@ def build_dsn(hostname: str, sender: str, queue_id: str, queued_at: float,
     status.set_payload(blocks)  # type: ignore[arg-type]
     report.attach(status)
 
-    head = original_headers(message)
+    # A message that is all header must not come back whole to a (forged) sender.
+    head = capped(original_headers(message), size_limit)
     headers = MIMEBase("text", "rfc822-headers")
     try:
         headers.set_payload(head.decode("ascii"))

@@ -380,7 +380,8 @@ class QueueRunner(Service):
             until = entry.queued_at + self.config.outbound.max_queue_time
             dsn = build_dsn(self.config.server.hostname, entry.sender, entry.id, entry.queued_at,
                             [FailedRecipient(r.address, r.last_reply, r.relay) for r in late],
-                            message, now, delayed_until=until)
+                            message, now, delayed_until=until,
+                            size_limit=self.config.outbound.bounce_size_limit)
             try:
                 await self.inject("", [entry.sender], dsn)
             except Exception as e:
@@ -406,10 +407,15 @@ class QueueRunner(Service):
             failed = [r for r in entry.recipients if r.state == FAILED and not r.notified]
             if not failed:
                 return
+            if any(r.state == FAILED and r.notified for r in entry.recipients):
+                # One bounce per message: later failures of it are logged, not sent again.
+                await self._mark(entry_id, {r.address for r in failed}, "notified")
+                self._log_notice(entry, failed, "bounce-suppressed")
+                return
             now = self.reactor.seconds()
             dsn = build_dsn(self.config.server.hostname, entry.sender, entry.id, entry.queued_at,
                             [FailedRecipient(r.address, r.last_reply, r.relay) for r in failed],
-                            message, now)
+                            message, now, size_limit=self.config.outbound.bounce_size_limit)
             try:
                 await self.inject("", [entry.sender], dsn)
             except Exception as e:
