@@ -2,7 +2,8 @@
 
 With no ``[tls] certificate``, a self-signed certificate and key are generated on
 first start under ``data_dir/tls/`` (so STARTTLS and AUTH work out of the box) and
-reused afterwards.  Only TLS 1.2 and newer are offered (RFC 8996, RFC 8314).
+reused afterwards.  Only TLS 1.2 and newer are offered (RFC 8996, RFC 8314), and
+TLS 1.2 only with the AEAD suites of Mozilla's "intermediate" profile.
 
 :class:`TLSContext` is handed to ``transport.startTLS`` and to implicit-TLS
 listeners; on SIGHUP the reload (:mod:`mailguard.app.reload`) reads the files again
@@ -70,6 +71,15 @@ def paths_for(cfg: Config) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+#: TLS 1.2 suites of Mozilla's "intermediate" profile (v5.7): ECDHE or DHE, AEAD only — no
+#: CBC, no SHA-1 MACs, no RSA key exchange.  TLS 1.3 suites are all modern and stay as they are.
+INTERMEDIATE_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"
+    "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305"
+)
+
+
 def _options(cert_path: Path, key_path: Path) -> ssl.CertificateOptions:
     """TLS 1.2+ server options for one certificate (chain) and key file."""
     from cryptography import x509
@@ -88,7 +98,9 @@ def _options(cert_path: Path, key_path: Path) -> ssl.CertificateOptions:
     certs: list[Any] = list(chain)
     key: Any = private
     return ssl.CertificateOptions(privateKey=key, certificate=certs[0], extraCertChain=certs[1:],
-                                  raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+                                  raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+                                  acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(
+                                      INTERMEDIATE_CIPHERS))
 
 
 @implementer(IOpenSSLServerConnectionCreator)

@@ -381,6 +381,28 @@ def test_only_modern_tls(auth_office: MailguardServer) -> None:
         old_tls_context().wrap_socket(raw, server_hostname="mx.realdomain.example")
 
 
+@pytest.mark.parametrize("ciphers", ["ECDHE-RSA-AES128-SHA:ECDHE-ECDSA-AES128-SHA", "AES128-SHA256:AES256-SHA",
+                                     "ECDHE-RSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA384"])
+def test_tls12_offers_only_modern_suites(auth_office: MailguardServer, ciphers: str) -> None:
+    """TLS 1.2 with only CBC or SHA-1 suites gets no session; an AEAD suite is negotiated
+    (Mozilla "intermediate", issue 17 item 11)."""
+    def tls12(suites: str) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers(suites)
+        return ctx
+
+    raw = socket.create_connection(("127.0.0.1", auth_office.ports["submissions"]), timeout=30)
+    with raw, pytest.raises((ssl.SSLError, ConnectionError)):
+        tls12(ciphers).wrap_socket(raw, server_hostname="mx.realdomain.example")
+    raw = socket.create_connection(("127.0.0.1", auth_office.ports["submissions"]), timeout=30)
+    with tls12("ECDHE+AESGCM:ECDHE+CHACHA20:" + ciphers).wrap_socket(raw, server_hostname="x") as good:
+        name, version, _ = good.cipher()
+        assert version == "TLSv1.2" and ("GCM" in name or "CHACHA20" in name), name
+
+
 def write_certificate(cert_path: Path, key_path: Path, common_name: str) -> bytes:
     """Write a self-signed certificate and key as an administrator would install them; the DER."""
     from cryptography import x509
