@@ -372,3 +372,15 @@ def test_cli_refuses_addresses_delivery_cannot_store(tmp_path: Path, capsys: pyt
     assert out == ""
     assert err.startswith("mailguard: ") and err.endswith(f"{address!r} cannot be used: {reason}\n"), err
     assert SQLiteStore(tmp_path / "data" / "directory.sqlite").entries() == []
+
+
+def test_fail2ban_jail_names_the_configured_ports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``mailguard fail2ban-jail`` bans the ports [listen] names, not 25/587/... (issue 17 item 11)."""
+    conf = tmp_path / "mailguard.toml"
+    conf.write_text('[server]\nhostname = "mx.office.example"\ndata_dir = "data"\n'
+                    '[listen]\nsmtp = ["tcp:25:interface=0.0.0.0", "tcp:2526"]\n'
+                    'submission = ["tcp:port=587"]\n')
+    assert cli.main(["--config", str(conf), "fail2ban-jail", "--logpath", "/var/log/m.log"]) == 0
+    out = capsys.readouterr().out
+    assert "port     = 25,2526,587,2465,2110,2995\n" in out
+    assert "logpath  = /var/log/m.log\n" in out and "filter   = mailguard\n" in out

@@ -142,6 +142,13 @@ def cmd_contact(cfg: config.Config, args: argparse.Namespace) -> int:
                     SQLiteStore.add_contact, SQLiteStore.delete_contact)
 
 
+def cmd_fail2ban_jail(cfg: config.Config, args: argparse.Namespace) -> int:
+    from mailguard.app import jail
+
+    print(jail.jail(cfg, args.logpath), end="")
+    return 0
+
+
 def cmd_check_config(cfg: config.Config, args: argparse.Namespace) -> int:
     from mailguard.app import checkconfig
 
@@ -283,6 +290,10 @@ def parser() -> argparse.ArgumentParser:
 
     cc = sub.add_parser("check-config", help="validate and print the routing table")
     cc.set_defaults(func=cmd_check_config)
+
+    fj = sub.add_parser("fail2ban-jail", help="print the fail2ban jail for the configured ports")
+    fj.add_argument("--logpath", default="/var/log/mailguard/twistd.log", help="the log fail2ban reads")
+    fj.set_defaults(func=cmd_fail2ban_jail)
 
     e = sub.add_parser("explain", help="dry-run the inbound checks and the recipient policy")
     e.add_argument("--client", required=True, help="client IP address")
