@@ -95,8 +95,6 @@ def test_tricks_always_raise_with_trick_flag(text: str) -> None:
     ("<joe@example.com.>", "joe", "example.com"),
     ("joe@example.com", "joe", "example.com"),
     ("  <joe@example.com>  ", "joe", "example.com"),
-    ("<joe@bücher.de>", "joe", "xn--bcher-kva.de"),
-    ("<joe@BÜCHER.de.>", "joe", "xn--bcher-kva.de"),
     ("<joe@xn--bcher-kva.de>", "joe", "xn--bcher-kva.de"),
     ("<joe@[192.0.2.1]>", "joe", "[192.0.2.1]"),
     ("<joe@[IPv6:::1]>", "joe", "[IPv6:::1]"),
@@ -142,6 +140,9 @@ def test_null_path_only_when_allowed() -> None:
     "<jo e@example.com>", "<joe..x@example.com>", "<.joe@example.com>", "<joé@example.com>",
     '<"joe@example.com>', "<@a.example joe@b.example>", "<@:joe@example.com>",
     "<joe@example.com\x00>", "<joe@ex\tample.com>", "<joe@.>",
+    # 8-bit domains without SMTPUTF8 (not offered): refused, never IDNA-folded, so a fullwidth
+    # dot cannot turn a foreign-looking domain into the local one (issue 17 item 11).
+    "<joe@bücher.de>", "<joe@BÜCHER.de.>", "<joe@realdomain\uff0eexample>", "<joe@\uff52ealdomain.example>",
 ])
 def test_refused_syntax(text: str) -> None:
     """Malformed paths raise AddressError (a syntax error, not a trick)."""

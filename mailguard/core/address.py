@@ -207,6 +207,10 @@ def parse_path(text: str, *, null_ok: bool = False, bare_ok: frozenset[str] = fr
         raise AddressError("address must be fully qualified (local@domain)")
     if domain.startswith("[") and domain.endswith("]"):
         return Address(local, normalize_literal(domain))
+    if not domain.isascii():
+        # SMTPUTF8 (RFC 6531) is not offered: an 8-bit domain is refused, not IDNA-folded
+        # (NFKC would turn 'realdomain\uff0eexample' into the local 'realdomain.example').
+        raise AddressError("8-bit domain without SMTPUTF8")
     return Address(local, normalize_domain(domain))
 
 
