@@ -55,10 +55,10 @@ def tls_options(cfg: LDAPConfig) -> Any:
     if cfg.ca_file is not None:
         pem = cfg.ca_file.read_bytes()
         blocks = [b"-----BEGIN CERTIFICATE-----" + part for part in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]]
-        trust = ssl.trustRootFromCertificates(  # type: ignore[no-untyped-call]
+        trust = ssl.trustRootFromCertificates(
             [ssl.Certificate.loadPEM(b) for b in blocks])
     else:
-        trust = ssl.platformTrust()  # type: ignore[no-untyped-call]
+        trust = ssl.platformTrust()
     return ssl.optionsForClientTLS(cfg.host, trustRoot=trust)
 
 
