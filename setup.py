@@ -20,6 +20,7 @@ setup(
         "pynacl",           # dkimpy's Ed25519 verification
         "publicsuffixlist",  # DMARC's organisational domain (RFC 7489 section 3.2)
         "ldaptor>=21.2",
+        "prometheus-client>=0.17",  # [metrics]: /metrics in the Prometheus text format
     ],
     extras_require={
         "test": [

@@ -24,3 +24,15 @@ def test_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert lookup.locate(None, env, system) == lookup.Located(Path("/x/env.toml"), "$MAILGUARD_CONFIG")
     assert lookup.locate("given.toml", env, system) == lookup.Located(Path("given.toml"), "--config")
     assert lookup.locate(None, {"MAILGUARD_CONFIG": ""}, system) == lookup.Located(lookup.LOCAL, "./etc")
+
+
+def test_metrics_listen_is_validated(tmp_path: Path) -> None:
+    """[metrics] listen takes endpoint strings; anything else is one error naming metrics.listen."""
+    from mailguard import config
+
+    assert config.parse({}, "m.toml", tmp_path).metrics.listen == ()
+    cfg = config.parse({"metrics": {"listen": ["tcp:9125:interface=127.0.0.1"]}}, "m.toml", tmp_path)
+    assert cfg.metrics.listen == ("tcp:9125:interface=127.0.0.1",)
+    with pytest.raises(config.ConfigError) as e:
+        config.parse({"metrics": {"listen": ["localhost"]}}, "m.toml", tmp_path)
+    assert str(e.value) == "m.toml: metrics.listen: 'localhost' is not an endpoint description like 'tcp:9125'"

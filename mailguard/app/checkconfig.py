@@ -50,11 +50,12 @@ def endpoint_problem(desc: str, inherited: bool) -> str | None:
 def endpoint_problems(cfg: Config, inherited: bool = False) -> list[str]:
     """One line per listen endpoint Twisted cannot parse, naming the key."""
     out = []
-    for kind in LISTENERS:
-        for desc in getattr(cfg.listen, kind):
+    keys = [(f"listen.{kind}", getattr(cfg.listen, kind)) for kind in LISTENERS]
+    for key, descs in keys + [("metrics.listen", cfg.metrics.listen)]:
+        for desc in descs:
             problem = endpoint_problem(desc, inherited)
             if problem is not None:
-                out.append(f"{cfg.source}: listen.{kind}: {desc!r}: {problem}")
+                out.append(f"{cfg.source}: {key}: {desc!r}: {problem}")
     return out
 
 

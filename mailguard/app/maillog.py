@@ -19,6 +19,11 @@ from twisted.logger import Logger
 
 log = Logger(namespace="mailguard")
 
+#: Called with (rule, reply) for every decision line, and with the service for every failed
+#: login: how :mod:`mailguard.app.metrics` counts exactly what is logged.
+DECISION_HOOKS: list[Callable[[str, object], None]] = []
+AUTH_FAILURE_HOOKS: list[Callable[[str], None]] = []
+
 
 def clean(value: object) -> str:
     """Make a client-supplied value safe for one log line (no control characters, bounded)."""
@@ -31,6 +36,8 @@ def clean(value: object) -> str:
 def decision(client: str, local: str, helo: str, sender: str, rcpt: str, rule: str, reply: object,
              detail: str = "") -> None:
     """Log one decision (a RCPT, or a check's refusal; ``detail`` says what decided it)."""
+    for hook in DECISION_HOOKS:
+        hook(rule, reply)
     # Formatted here once: the observers then only copy one field.
     extra = f' detail="{clean(detail)}"' if detail else ""
     log.info("{line}", line=(
@@ -85,6 +92,8 @@ def auth_failure(service: str, client: str, user: str, throttled: bool = False) 
     A client that keeps failing gets its first lines each minute in full (enough for
     fail2ban), then one ``mailguard auth suppressed`` line with the count of the rest.
     """
+    for hook in AUTH_FAILURE_HOOKS:
+        hook(service)
     ok, held = AUTH_LINES.allow(f"{service} {client}")
     if held:
         log.warn("{line}", line=f"mailguard auth suppressed: service={service} client={client} count={held}")

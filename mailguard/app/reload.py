@@ -12,8 +12,8 @@ is judged by one configuration from its banner to its QUIT.  Counters (connectio
 failed logins, POP-before-SMTP windows) carry over.
 
 What a reload cannot change without dropping connections or moving data keeps its
-running value and is logged as needing a restart: ``[listen]``, ``[directory]`` and
-``[dns]``.  A changed ``server.data_dir`` refuses the reload.
+running value and is logged as needing a restart: ``[listen]``, ``[directory]``,
+``[dns]`` and ``[metrics]``.  A changed ``server.data_dir`` refuses the reload.
 
 The running server's process id is in ``data_dir/mailguard.pid`` (written at start,
 removed at a clean stop), which is how ``mailguard reload`` finds it.
@@ -45,7 +45,7 @@ log = Logger(namespace="mailguard")
 PIDFILE = "mailguard.pid"
 
 #: Sections a running server keeps until it restarts (listening sockets, the open directory, the resolver).
-NEEDS_RESTART = ("listen", "directory", "dns")
+NEEDS_RESTART = ("listen", "directory", "dns", "metrics")
 
 
 class ReloadError(Exception):
@@ -125,8 +125,10 @@ class Reloader:
         host.smtp_context = ctx
         for factory in host.smtp_factories:
             factory.ctx = ctx
-        host.limiter.total_limit = new.limits.max_connections
-        host.limiter.per_ip_limit = new.limits.max_connections_per_ip
+        for limiter in (host.limiter, ctx.submission_limiter):
+            if limiter is not None:
+                limiter.total_limit = new.limits.max_connections
+                limiter.per_ip_limit = new.limits.max_connections_per_ip
         if host.pop3_factory is not None:
             host.pop3_factory.config = new
             host.pop3_factory.limiter.total_limit = new.limits.max_connections

@@ -32,7 +32,7 @@ from mailguard.checks.pipeline import InboundChecks
 from mailguard.dns import resolver as dns_resolver
 from mailguard.storage.groupcommit import GroupCommit
 from mailguard.storage.queue import Queue
-from mailguard.app import reload
+from mailguard.app import metrics, reload
 from mailguard.app.limits import ConnectionLimiter
 from mailguard.milter.chain import MilterChain
 from mailguard.smtp.server import SMTPContext, SMTPFactory
@@ -211,7 +211,11 @@ class Mailhost(service.MultiService):
 
     def _listen(self) -> None:
         listen = self.cfg.listen
-        ctx = SMTPContext(cfg=self.cfg, directory=self.directory, store=self.store,
+        counted = bool(self.cfg.metrics.listen)
+        if counted:
+            metrics.install(self.cfg.queue_dir)
+        ctx = SMTPContext(cfg=self.cfg, directory=self.directory,
+                          store=metrics.TimedStore(self.store) if counted else self.store,
                           authenticator=self.authenticator, pop_before_smtp=self.pop_before_smtp,
                           limiter=self.limiter, tls=self.tls, clock=self.clock, milters=self.milters,
                           outgoing=Outgoing(self.cfg), srs=self.srs, checks=self.checks,
@@ -222,11 +226,17 @@ class Mailhost(service.MultiService):
             for desc in getattr(listen, kind):
                 factory = SMTPFactory(ctx, kind)
                 self.smtp_factories.append(factory)
-                listener = ListenerService(self.reactor, desc, factory, self.tls, self.daemon)
+                served: IProtocolFactory = metrics.Counted(factory, kind) if counted else factory
+                listener = ListenerService(self.reactor, desc, served, self.tls, self.daemon)
                 service.Service.setServiceParent(listener, self)
         self.pop3_factory = pop3_factory = self._pop3_factory()
-        for desc in listen.pop3 + listen.pop3s:
-            listener = ListenerService(self.reactor, desc, pop3_factory, self.tls, self.daemon)
+        for kind in ("pop3", "pop3s"):
+            for desc in getattr(listen, kind):
+                served = metrics.Counted(pop3_factory, kind) if counted else pop3_factory
+                listener = ListenerService(self.reactor, desc, served, self.tls, self.daemon)
+                service.Service.setServiceParent(listener, self)
+        for desc in self.cfg.metrics.listen:
+            listener = ListenerService(self.reactor, desc, metrics.site(), None, self.daemon)
             service.Service.setServiceParent(listener, self)
 
     def _pop3_factory(self) -> POP3Factory:

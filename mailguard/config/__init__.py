@@ -35,6 +35,7 @@ from mailguard.config import checks as checks_cfg
 from mailguard.config import dns as dns_cfg
 from mailguard.config import ldap as ldap_config
 from mailguard.config import lookup
+from mailguard.config import metrics as metrics_cfg
 from mailguard.config.ldap import LDAPConfig
 
 from mailguard.config.reader import (ConfigError, IPAddress, IPNetwork, Reader, host_port, network as _network,
@@ -158,6 +159,7 @@ class Config:
     filters: FiltersConfig = field(default_factory=FiltersConfig)
     dns: dns_cfg.DNSConfig = dns_cfg.DNSConfig()
     checks: checks_cfg.ChecksConfig = checks_cfg.OFF
+    metrics: metrics_cfg.MetricsConfig = metrics_cfg.MetricsConfig()
 
     def route_for(self, domain: str) -> DomainRoute | None:
         """The configured route for a (normalised) domain, or None when it is remote."""
@@ -236,6 +238,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "filters": filters_mod.DEFAULTS,
     "dns": dns_cfg.DEFAULTS,
     "checks": checks_cfg.DEFAULTS,
+    "metrics": metrics_cfg.DEFAULTS,
 }
 DEFAULT_DOMAINS: dict[str, dict[str, Any]] = {"localhost": {"route": "inbound"}}
 
@@ -364,7 +367,7 @@ def parse(data: Mapping[str, Any], source: str, base: Path) -> Config:
     return Config(source, server, tls, listen, MappingProxyType(domains), relay, reply_cfg,
                   limits, sub, outbound, directory,
                   dkim=dkim_section.parse(r["dkim"], base, server.data_dir), filters=filters, dns=dns,
-                  checks=checks)
+                  checks=checks, metrics=metrics_cfg.parse(r["metrics"]))
 
 
 def _domains(source: str, table: Any) -> dict[str, DomainRoute]:
