@@ -1017,3 +1017,21 @@ def test_directory_failure_at_mail_recheck_is_4xx(tls_session: Session) -> None:
     assert s.cmd(f"AUTH PLAIN {plain('alice@office.example', 'secret')}") == [str(replies.AUTH_OK)]
     s.host.directory.broken = True
     assert s.cmd("MAIL FROM:<alice@office.example>") == [str(s.host.cfg.replies.directory_failure)]
+
+
+def test_big_data_waits_on_disk_not_in_memory(ctx: FakeContext, tmp_path: Any) -> None:
+    """An unfinished DATA past 256 KiB is held in a file under data_dir/spool, keeping at most a
+    few octets in memory; the stored message is whole, dots unstuffed (issue 17 item 2)."""
+    s = Session(ctx)
+    s.proto.spool_dir = tmp_path / "spool"
+    ehlo(s)
+    transaction(s)
+    line = b"x" * 998 + b"\r\n"
+    body = b"Subject: big\r\n\r\n" + b"..dot\r\n" + line * 1000
+    s.send(body[:700_000])
+    assert s.proto._body is not None and len(s.proto._body) <= 4
+    assert s.proto._spooled > 600_000
+    s.send(body[700_000:] + b".\r\n")
+    assert s.lines()[-1].startswith("250 ")
+    assert ctx.store.calls[-1].message == body.replace(b"\r\n..", b"\r\n.")
+    assert list((tmp_path / "spool").iterdir()) == []          # the file is gone with the message

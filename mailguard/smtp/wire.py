@@ -10,7 +10,9 @@ the session above it:
   answered 500 and the connection closed: the rest is never read as commands.
 - Only ``CRLF.CRLF`` ends DATA.  The message goes up with its dot-stuffing and any
   bare CR/LF untouched (the session judges them); past the size limit the body is
-  no longer kept, only its end looked for.
+  no longer kept, only its end looked for.  Past :data:`SPOOL_THRESHOLD` an
+  unfinished message waits in an unlinked file under ``data_dir/spool`` instead of
+  memory, so clients that never finish their DATA cost disk, not RAM.
 - Replies go out strictly in order: while the session waits (:meth:`pause`, for a
   password check, a directory lookup, a store), later pipelined input waits in the
   buffer, and past :data:`MAX_PENDING_INPUT` the transport stops reading (RFC 2920).
@@ -21,6 +23,10 @@ the session above it:
 """
 
 from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
 
 from twisted.internet import interfaces, protocol
 from zope.interface import implementer
@@ -33,6 +39,7 @@ MAX_AUTH_LINE = 12288        # RFC 4954 section 4
 MAX_DATA_LINE = 65536        # a DATA line longer than this closes the connection
 MAX_ERRORS = 50              # error replies in one session before 421
 MAX_PENDING_INPUT = 1 << 20  # pipelined input held while a reply is pending
+SPOOL_THRESHOLD = 256 * 1024 # DATA past this goes to a file under data_dir/spool until the final dot
 
 TOO_MANY_ERRORS = replies.Reply(421, "4.7.0", "Too many errors, closing connection")
 
@@ -44,6 +51,7 @@ class SMTPWire(protocol.Protocol):
     """Framing and limits for one connection; the session overrides the ``*_received`` hooks."""
 
     max_message_size = 0                        # set by the session from [limits]
+    spool_dir: Path | None = None               # where DATA past SPOOL_THRESHOLD goes; None: memory
 
     def __init__(self) -> None:
         self.mode = COMMAND                     # command | data | auth | closed
@@ -56,6 +64,8 @@ class SMTPWire(protocol.Protocol):
         self._body: bytearray | None = None
         self._too_big = False
         self._line_len = 0
+        self._spool: BinaryIO | None = None
+        self._spooled = 0
 
     # -- hooks ---------------------------------------------------------------------
 
@@ -156,6 +166,7 @@ class SMTPWire(protocol.Protocol):
         """Read a message from here on, up to ``CRLF.CRLF``."""
         self.mode = DATA
         self._body = bytearray(b"\r\n")     # a virtual CRLF: the first line can be "."
+        self.drop_spool()
         self._too_big = False
         self._line_len = 0
 
@@ -228,16 +239,46 @@ class SMTPWire(protocol.Protocol):
         body += data
         end = body.find(b"\r\n.\r\n", start)
         if end < 0:
-            if len(body) > self.max_message_size + 2:
+            if self._spooled + len(body) > self.max_message_size + 2:
                 self._too_big = True
+                self.drop_spool()
                 del body[:-4]
+            elif self.spool_dir is not None and len(body) > SPOOL_THRESHOLD:
+                self._spill(body)
             return False
         self._buf += body[end + 5:]
-        message = bytes(body[2: end + 2])
+        tail = bytes(body[(0 if self._spool is not None else 2): end + 2])
+        message = self._unspool() + tail if self._spool is not None else tail
         self._body = None
         self.mode = COMMAND
         self.message_received(message, self._too_big)
         return True
+
+    def _spill(self, body: bytearray) -> None:
+        """Move all but the last 4 octets of ``body`` (an end may straddle them) to the spool file."""
+        assert self.spool_dir is not None
+        if self._spool is None:
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            self._spool = tempfile.TemporaryFile(dir=self.spool_dir)   # unlinked at once
+            self._spool.write(body[2:-4])                               # without the virtual CRLF
+        else:
+            self._spool.write(body[:-4])
+        self._spooled += len(body) - 4
+        del body[:-4]
+
+    def _unspool(self) -> bytes:
+        assert self._spool is not None
+        self._spool.seek(0)
+        head = self._spool.read()
+        self.drop_spool()
+        return head
+
+    def drop_spool(self) -> None:
+        """Forget a spooled message (closing the file deletes it)."""
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+        self._spooled = 0
 
     def _long_line(self, data: bytes) -> bool:
         first = data.find(b"\n")

@@ -198,3 +198,38 @@ def test_smtp_pipelined_rcpt_flood(server: MailguardServer) -> None:
           f"{rss.peak / 1024:.1f} MiB, added {rss.growth_mib:.1f} MiB; {outcome} after {sent / MIB:.1f} MiB sent")
     assert rss.growth_mib < BOUND_MIB
     assert outcome in ("throttled", "closed"), (outcome, sent)
+
+
+def test_smtp_forty_unfinished_25mb_datas(server: MailguardServer) -> None:
+    """40 connections each sending 25 MB of DATA and never the final dot: the messages wait on
+    disk (data_dir/spool), not in memory; RSS growth < 50 MiB; a message sent after still arrives."""
+    assert server.process is not None
+    chunk = (b"y" * 998 + b"\r\n") * 64
+    socks = []
+    with RssSampler(server.process.pid) as rss:
+        for i in range(40):
+            s = socket.create_connection(("127.0.0.1", server.smtp_port), timeout=30,
+                                         source_address=(f"127.0.3.{i + 1}", 0))
+            s.recv(1024)
+            s.sendall(f"EHLO big{i}.example\r\nMAIL FROM:<big@outside.example>\r\nRCPT TO:<{ALICE}>\r\nDATA\r\n"
+                      .encode())
+            got = b""
+            while b"354 " not in got:
+                chunk_in = s.recv(4096)
+                assert chunk_in, got
+                got += chunk_in
+            assert got.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n"), got
+            sent = 0
+            while sent < 25_000_000:
+                s.sendall(chunk)
+                sent += len(chunk)
+            socks.append(s)
+        time.sleep(2.0)
+    spooled = sum(p.stat().st_size for p in (server.data_dir / "spool").iterdir()) \
+        if (server.data_dir / "spool").is_dir() else 0
+    for s in socks:
+        s.close()
+    print(f"\n[memory] smtp 40 unfinished 25 MB DATAs: RSS before {rss.before / 1024:.1f} MiB, peak "
+          f"{rss.peak / 1024:.1f} MiB, added {rss.growth_mib:.1f} MiB")
+    assert rss.growth_mib < BOUND_MIB
+    assert spooled == 0                                  # unlinked files: nothing to see or leave behind
