@@ -5,7 +5,9 @@ runs the same checks before it builds anything and stops with the first one, so 
 a typo such as ``tcp:notaport`` or a data folder it cannot write is one line naming
 the key, not a traceback.
 
-Endpoint strings are parsed by Twisted's own parser (nothing listens).  A
+Endpoint strings are parsed by Twisted's own parser (nothing listens).  ``ssl:``
+is mailguard's: TLS with the ``[tls]`` certificate on top of ``tcp:`` (``ssl:465``)
+or of the endpoint that follows (``ssl:systemd:domain=INET:name=submissions``).  A
 ``systemd:`` endpoint names a socket systemd passes at start: the server checks
 that it was passed, ``check-config`` (run outside systemd) only its syntax.
 """
@@ -24,12 +26,22 @@ _NOWHERE: Any = object()
 LISTENERS = ("smtp", "submission", "submissions", "pop3", "pop3s")
 
 
+_INNER = ("tcp:", "tcp6:", "unix:", "systemd:")
+
+
+def under_tls(desc: str) -> str:
+    """The endpoint an ``ssl:`` listener listens on: ``ssl:465`` is ``tcp:465``, and
+    ``ssl:systemd:...`` (or ``ssl:unix:...``) is that socket with TLS on top."""
+    rest = desc[4:]
+    return rest if rest.startswith(_INNER) else "tcp:" + rest
+
+
 def endpoint_problem(desc: str, inherited: bool) -> str | None:
     """Why Twisted cannot listen on ``desc`` (``ssl:`` as mailguard reads it), or None.
 
     :param inherited: whether ``systemd:`` sockets must have been passed to this process.
     """
-    parsed = "tcp:" + desc[4:] if desc.startswith("ssl:") else desc
+    parsed = under_tls(desc) if desc.startswith("ssl:") else desc
     systemd = parsed.startswith("systemd:")
     if systemd:
         fields = dict(part.partition("=")[::2] for part in parsed.split(":")[1:])

@@ -32,7 +32,7 @@ from mailguard.checks.pipeline import InboundChecks
 from mailguard.dns import resolver as dns_resolver
 from mailguard.storage.groupcommit import GroupCommit
 from mailguard.storage.queue import Queue
-from mailguard.app import metrics, reload
+from mailguard.app import checkconfig, metrics, reload
 from mailguard.app.limits import ConnectionLimiter
 from mailguard.milter.chain import MilterChain
 from mailguard.smtp.server import SMTPContext, SMTPFactory
@@ -70,7 +70,7 @@ class ListenerService(service.Service):
         if desc.startswith("ssl:"):
             if self.tls is None:
                 raise RuntimeError("ssl: listener without TLS")
-            desc = "tcp:" + desc[4:]
+            desc = checkconfig.under_tls(desc)
             factory = TLSMemoryBIOFactory(self.tls, False, factory)
         outcome: list[IListeningPort | Failure] = []
         endpoints.serverFromString(self.reactor, desc).listen(factory).addBoth(outcome.append)
