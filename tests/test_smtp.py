@@ -1035,3 +1035,47 @@ def test_big_data_waits_on_disk_not_in_memory(ctx: FakeContext, tmp_path: Any) -
     assert s.lines()[-1].startswith("250 ")
     assert ctx.store.calls[-1].message == body.replace(b"\r\n..", b"\r\n.")
     assert list((tmp_path / "spool").iterdir()) == []          # the file is gone with the message
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_full_disk_while_spooling_keeps_the_message_in_memory(ctx: FakeContext, tmp_path: Any,
+                                                             monkeypatch: pytest.MonkeyPatch, fail_at: int) -> None:
+    """The spool disk refusing a write (first or later) loses nothing and drops nothing: the
+    message goes on in memory and reaches the store whole."""
+    import tempfile
+
+    class Refusing:
+        def __init__(self) -> None:
+            self.calls = 0
+            self.data = bytearray()
+            self.closed = False
+
+        def write(self, data: Any) -> int:
+            self.calls += 1
+            if self.calls >= fail_at:
+                self.data += bytes(data)[:100]          # a short write, then the error
+                raise OSError(28, "No space left on device")
+            self.data += bytes(data)
+            return len(data)
+
+        def seek(self, pos: int) -> None:
+            self.pos = pos
+
+        def read(self, n: int) -> bytes:
+            return bytes(self.data[:n])
+
+        def close(self) -> None:
+            self.closed = True
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda **kw: Refusing())
+    s = Session(ctx)
+    s.proto.spool_dir = tmp_path / "spool"
+    ehlo(s)
+    transaction(s)
+    line = b"z" * 998 + b"\r\n"
+    body = b"Subject: big\r\n\r\n" + line * 1000
+    for i in range(0, len(body), 300_000):
+        s.send(body[i:i + 300_000])
+    s.send(b".\r\n")
+    assert s.lines()[-1].startswith("250 ")
+    assert ctx.store.calls[-1].message == body

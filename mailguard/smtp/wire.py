@@ -66,6 +66,7 @@ class SMTPWire(protocol.Protocol):
         self._line_len = 0
         self._spool: BinaryIO | None = None
         self._spooled = 0
+        self._spool_broken = False
 
     # -- hooks ---------------------------------------------------------------------
 
@@ -167,6 +168,7 @@ class SMTPWire(protocol.Protocol):
         self.mode = DATA
         self._body = bytearray(b"\r\n")     # a virtual CRLF: the first line can be "."
         self.drop_spool()
+        self._spool_broken = False
         self._too_big = False
         self._line_len = 0
 
@@ -243,8 +245,13 @@ class SMTPWire(protocol.Protocol):
                 self._too_big = True
                 self.drop_spool()
                 del body[:-4]
-            elif self.spool_dir is not None and len(body) > SPOOL_THRESHOLD:
-                self._spill(body)
+            elif self.spool_dir is not None and not self._spool_broken and len(body) > SPOOL_THRESHOLD:
+                try:
+                    self._spill(body)
+                except OSError:
+                    # A full or broken disk: keep this message in memory (bounded by the
+                    # size limit); the store then answers for the disk (451).
+                    self._spool_broken = True
             return False
         self._buf += body[end + 5:]
         tail = bytes(body[(0 if self._spool is not None else 2): end + 2])
@@ -255,21 +262,37 @@ class SMTPWire(protocol.Protocol):
         return True
 
     def _spill(self, body: bytearray) -> None:
-        """Move all but the last 4 octets of ``body`` (an end may straddle them) to the spool file."""
+        """Move all but the last 4 octets of ``body`` (an end may straddle them) to the spool file.
+
+        :raises OSError: the disk refused; ``body`` then holds the whole message again.
+        """
         assert self.spool_dir is not None
-        if self._spool is None:
-            self.spool_dir.mkdir(parents=True, exist_ok=True)
-            self._spool = tempfile.TemporaryFile(dir=self.spool_dir)   # unlinked at once
-            self._spool.write(body[2:-4])                               # without the virtual CRLF
-        else:
-            self._spool.write(body[:-4])
-        self._spooled += len(body) - 4
+        first = self._spool is None
+        before = self._spooled
+        try:
+            if self._spool is None:
+                self.spool_dir.mkdir(parents=True, exist_ok=True)
+                self._spool = tempfile.TemporaryFile(dir=self.spool_dir, buffering=0)   # unlinked at once
+            view = memoryview(bytes(body[(2 if first else 0):-4]))   # without the virtual CRLF
+            while view:
+                written = self._spool.write(view) or 0
+                self._spooled += written
+                view = view[written:]
+        except OSError:
+            self._spooled = before
+            if first:
+                self.drop_spool()
+            else:                               # give the message back its start and its virtual CRLF
+                body[:0] = b"\r\n" + self._unspool()
+            raise
         del body[:-4]
 
     def _unspool(self) -> bytes:
-        assert self._spool is not None
+        """What was spooled (only the writes that succeeded); the file is dropped."""
+        if self._spool is None:
+            return b""
         self._spool.seek(0)
-        head = self._spool.read()
+        head = self._spool.read(self._spooled)
         self.drop_spool()
         return head
 
