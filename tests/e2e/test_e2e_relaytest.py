@@ -30,12 +30,13 @@ LINE = re.compile(r"^\s*(\d+)\s+(RELAYED|refused|error)\s+(\S+)\s+MAIL FROM:.* R
 
 # What mailguard must answer to each trick of the catalogue, by the rule that decides it:
 # address forms that hide a route are refused before any routing (relay_trick), even for
-# a client that may relay; an unqualified address is a syntax error; every other trick is
-# a well-formed remote address, refused for a client that may not relay (relay_denied).
+# a client that may relay; an unqualified address, and an 8-bit domain sent without
+# SMTPUTF8 (relay-test does not ask for it), are syntax errors; every other trick is a
+# well-formed remote address, refused for a client that may not relay (relay_denied).
 ROUTING_TRICKS = {"percent-at-literal", "percent-at-domain", "quoted-at", "quoted-percent", "double-at-literal",
                   "quoted-at-literal", "double-at-domain", "bang", "bang-at-literal", "bang-at-domain",
                   "quoted-at-domain", "percent-chain", "imceasmtp", "quoted-imcea"}
-SYNTAX = {"unqualified"}
+SYNTAX = {"unqualified", "idn-remote"}
 
 
 def relay_test(target: str, *options: str) -> subprocess.CompletedProcess[str]:
