@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from mailguard import config
-from mailguard.app import cli_dns, dircli
+from mailguard.app import cli_dns, dircli, statuscli
 from mailguard.config import lookup
 from mailguard.core import policy
 from mailguard.core.address import AddressError, parse_path
@@ -115,10 +115,16 @@ def _pointer(cfg: config.Config, args: argparse.Namespace, kind: str, name: str,
 
 
 def cmd_alias(cfg: config.Config, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        return statuscli.print_entries(cfg, "alias")
+    if not args.alias:
+        raise CommandError(f"alias {args.action} needs an ALIAS")
     return _pointer(cfg, args, "alias", args.alias, args.target, SQLiteStore.add_alias, SQLiteStore.delete_alias)
 
 
 def cmd_list(cfg: config.Config, args: argparse.Namespace) -> int:
+    if args.action == "show":
+        return statuscli.print_entries(cfg, "list", _address(args.name))
     d = _directory(cfg)
     name = _address(args.name)
     try:
@@ -138,6 +144,10 @@ def cmd_list(cfg: config.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_contact(cfg: config.Config, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        return statuscli.print_entries(cfg, "contact")
+    if not args.address:
+        raise CommandError(f"contact {args.action} needs an ADDRESS")
     return _pointer(cfg, args, "contact", args.address, args.remote,
                     SQLiteStore.add_contact, SQLiteStore.delete_contact)
 
@@ -271,20 +281,20 @@ def parser() -> argparse.ArgumentParser:
     u.set_defaults(func=cmd_user)
 
     a = sub.add_parser("alias", help="aliases")
-    a.add_argument("action", choices=["add", "del"])
-    a.add_argument("alias")
+    a.add_argument("action", choices=["add", "del", "list"])
+    a.add_argument("alias", nargs="?")
     a.add_argument("target", nargs="?")
     a.set_defaults(func=cmd_alias)
 
     ls = sub.add_parser("list", help="distribution lists")
-    ls.add_argument("action", choices=["add", "del"])
+    ls.add_argument("action", choices=["add", "del", "show"])
     ls.add_argument("name")
     ls.add_argument("members", nargs="*")
     ls.set_defaults(func=cmd_list)
 
     c = sub.add_parser("contact", help="contacts (forward to a remote address)")
-    c.add_argument("action", choices=["add", "del"])
-    c.add_argument("address")
+    c.add_argument("action", choices=["add", "del", "list"])
+    c.add_argument("address", nargs="?")
     c.add_argument("remote", nargs="?")
     c.set_defaults(func=cmd_contact)
 
@@ -310,6 +320,9 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("action", choices=["list", "flush", "delete", "release"])
     q.add_argument("id", nargs="?")
     q.set_defaults(func=cmd_queue)
+
+    st = sub.add_parser("status", help="is the server running; listeners, queue, directory")
+    st.set_defaults(func=statuscli.cmd_status)
 
     rl = sub.add_parser("reload", help="make the running server read its configuration again (SIGHUP)")
     rl.set_defaults(func=cmd_reload)
