@@ -92,15 +92,17 @@ def test_reload_changes_relay_rules_for_new_connections(fresh_server_factory: Se
 
 
 def test_reload_reports_listener_changes(fresh_server_factory: ServerFactory) -> None:
-    """A changed [listen] is kept until a restart (the old port still answers), the rest applies."""
+    """A changed [listen] is kept until a restart (the new port is not bound), [relay] and [replies] apply."""
     server = fresh_server_factory("reloadlisten")
     new_port = free_port()
     rewrite(server, {"listen": {"smtp": [f"tcp:{new_port}:interface=127.0.0.1"]},
-                     "relay": {"allow": [CLIENT]}})
+                     "relay": {"allow": [CLIENT]},
+                     "replies": {"relay_denied": "550 5.7.1 Ask the office to send it for you"}})
     line = reload_and_wait(server, r"mailguard reload: ")
     assert line.endswith(f"mailguard reload: {server.config_path} in use for new connections; "
                          "changed [listen] kept until a restart"), line
     assert relay_reply(server, CLIENT) == str(replies.RECIPIENT_OK)
+    assert relay_reply(server, OTHER) == "550 5.7.1 Ask the office to send it for you"     # [replies] too
     assert not port_accepts("127.0.0.1", new_port)
 
 
