@@ -117,12 +117,30 @@ def _load(key: Key) -> rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey:
         raise SigningError(f"{key.path}: not a usable {key.algorithm} key ({e})") from None
 
 
+def _pieces(tag: str) -> list[str]:
+    """A long tag cut where folding white space may go: after a ``:`` of ``h=`` (a header
+    name cannot be split), anywhere in base64 (``bh=``, section 3.5)."""
+    if not tag.startswith("h="):
+        return [tag[i:i + 72] for i in range(0, len(tag), 72)]
+    pieces: list[str] = []
+    for name in tag.split(":"):
+        piece = name if not pieces else ":" + name
+        if pieces and len(pieces[-1]) + len(piece) <= 72:
+            pieces[-1] += piece
+        elif pieces:
+            pieces[-1] += ":"
+            pieces.append(name)
+        else:
+            pieces.append(name)
+    return pieces
+
+
 def _fold(tags: list[str]) -> str:
     """The tag list folded at tag boundaries, long values broken (folding is free under relaxed)."""
     lines: list[str] = []
     line = ""
     for tag in tags:
-        pieces = [tag[i:i + 72] for i in range(0, len(tag), 72)] if len(tag) > 76 else [tag]
+        pieces = _pieces(tag) if len(tag) > 76 else [tag]
         for piece in pieces:
             if line and len(line) + len(piece) + 1 > 76:
                 lines.append(line)
