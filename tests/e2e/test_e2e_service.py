@@ -114,7 +114,8 @@ def test_daemon_with_a_taken_port_fails_fast(tmp_path: Path) -> None:
     assert elapsed < 20, elapsed
     assert f"cannot listen on tcp:{server.smtp_port}:interface=127.0.0.1: Address already in use" in result.stderr, \
         result.stderr
-    assert not pidfile.exists()
+    # The daemon removes its pidfile just after telling twistd's parent it failed.
+    wait_until(lambda: not pidfile.exists(), 10, "the failed daemon's pidfile to be removed")
 
 
 def test_foreground_with_a_taken_port_says_one_line(tmp_path: Path) -> None:
