@@ -46,3 +46,12 @@ def connection(transport: ITransport | None) -> Connection:
     if transport is None:
         raise RuntimeError("the protocol is not connected")
     return cast(Connection, transport)
+
+
+def hang_up(transport: ITransport | None, client_reads: bool) -> None:
+    """Close the connection; abort it when the client stopped reading (a graceful close
+    would wait for it to read everything first, forever)."""
+    if client_reads:
+        connection(transport).loseConnection()
+    else:
+        connection(transport).abortConnection()

@@ -6,6 +6,8 @@ file through the stateful dot-stuffer (:mod:`mailguard.pop3.stream`).
 
 from __future__ import annotations
 
+from typing import BinaryIO
+
 from twisted.python.failure import Failure
 
 from mailguard.app import maillog
@@ -64,16 +66,23 @@ class MailboxCommands(POP3Session):
         self._multiline(b"+OK Unique-ID listing follows",
                         [b"%d %s" % (i, m.uid.encode("ascii")) for i, m in self.mailbox.live()])
 
+    def _open_message(self, n: int) -> BinaryIO | None:
+        """Message ``n``'s file, or None after telling the client it vanished."""
+        assert self.mailbox is not None
+        try:
+            return self.mailbox.open_message(n)
+        except OSError:
+            self._send(ERR_VANISHED)
+            return None
+
     def do_RETR(self, rest: bytes) -> None:
         n = self._message_arg(rest)
         if n is None:
             return
-        assert self.mailbox is not None
-        try:
-            fh = self.mailbox.open_message(n)
-        except OSError:
-            self._send(ERR_VANISHED)
+        fh = self._open_message(n)
+        if fh is None:
             return
+        assert self.mailbox is not None
         size = self.mailbox.message(n).size
         self._send(b"+OK %d octets" % size)
         if size <= stream_mod.CHUNK:
@@ -96,11 +105,8 @@ class MailboxCommands(POP3Session):
         n = self._message_arg(args[0])
         if n is None:
             return
-        assert self.mailbox is not None
-        try:
-            fh = self.mailbox.open_message(n)
-        except OSError:
-            self._send(ERR_VANISHED)
+        fh = self._open_message(n)
+        if fh is None:
             return
         self._send(b"+OK Top of message follows")
         self._stream_message(MessageStream(fh, lines))

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailguard.app import maillog
-from mailguard.app.connection import connection
+from mailguard.app.connection import connection, hang_up
 from mailguard.pop3.stream import MessageStream
 from mailguard.storage.maildir import Mailbox
 
@@ -152,11 +152,7 @@ class POP3Session(protocol.Protocol, policies.TimeoutMixin):
     def _close(self) -> None:
         self._gone = True
         self._buffer.clear()
-        if self._out_paused:
-            # The client stopped reading: a graceful close would wait for it forever.
-            connection(self.transport).abortConnection()
-        else:
-            connection(self.transport).loseConnection()
+        hang_up(self.transport, client_reads=not self._out_paused)
 
     # -- IPushProducer: the transport's write buffer ----------------------------------
 

@@ -31,7 +31,7 @@ from typing import BinaryIO
 from twisted.internet import interfaces, protocol
 from zope.interface import implementer
 
-from mailguard.app.connection import connection
+from mailguard.app.connection import connection, hang_up
 from mailguard.core import replies
 
 MAX_COMMAND = 2048           # octets in a command line (RFC 5321 says 512; Postfix allows 2048)
@@ -109,11 +109,7 @@ class SMTPWire(protocol.Protocol):
         self.send_raw(f"{r}\r\n")
         self.mode = CLOSED
         self._buf.clear()
-        if self._out_paused:
-            # The client stopped reading: a graceful close would wait for it forever.
-            connection(self.transport).abortConnection()
-        else:
-            connection(self.transport).loseConnection()
+        hang_up(self.transport, client_reads=not self._out_paused)
 
     # -- IPushProducer: the transport's write buffer -------------------------------------
 
