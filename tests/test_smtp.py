@@ -1079,3 +1079,40 @@ def test_full_disk_while_spooling_keeps_the_message_in_memory(ctx: FakeContext, 
     s.send(b".\r\n")
     assert s.lines()[-1].startswith("250 ")
     assert ctx.store.calls[-1].message == body
+
+
+def test_trusted_clients_bare_lf_is_normalised(session_factory: Open) -> None:
+    """A scan-to-email printer in ``allow`` sends bare LFs: stored with CRLF, answered 250."""
+    s = session_factory(client_ip=ALLOWED)
+    ehlo(s)
+    transaction(s)
+    s.send("Subject: scan\nX-Printer: yes\n\nscanned page\r\n.\r\n")
+    assert s.lines()[-1].startswith("250 ")
+    (call,) = s.host.store.calls
+    assert call.message.endswith(b"Subject: scan\r\nX-Printer: yes\r\n\r\nscanned page\r\n")
+
+
+def test_trusted_clients_bare_cr_still_refused(session_factory: Open) -> None:
+    """Only bare LF is normalised: a bare CR from a trusted client is still 550 5.6.2."""
+    s = session_factory(client_ip=ALLOWED)
+    ehlo(s)
+    transaction(s)
+    s.send("Subject: x\r\n\r\nbare\rcarriage return\r\n.\r\n")
+    assert s.lines()[-1] == str(replies.BARE_LINEFEED)
+    assert s.host.store.calls == []
+
+
+def test_bare_lf_normalisation_can_be_turned_off(office_cfg: Any) -> None:
+    """normalize_bare_newlines = false: trusted clients are refused like everyone else."""
+    import dataclasses
+
+    from conftest import FakeContext as Ctx
+    cfg = dataclasses.replace(office_cfg, submission=dataclasses.replace(office_cfg.submission,
+                                                                         normalize_bare_newlines=False))
+    host = Ctx(cfg)
+    host.directory.add_mailbox("alice@office.example")
+    s = Session(host, client_ip=ALLOWED)
+    ehlo(s)
+    transaction(s)
+    s.send("Subject: scan\n\npage\r\n.\r\n")
+    assert s.lines()[-1] == str(replies.BARE_LINEFEED)

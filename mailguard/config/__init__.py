@@ -112,6 +112,7 @@ class LimitsConfig:
 @dataclass(frozen=True)
 class SubmissionConfig:
     enforce_sender: bool
+    normalize_bare_newlines: bool = True
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "login_lockout": 300,
         **checks_cfg.LIMIT_DEFAULTS,
     },
-    "submission": {"enforce_sender": True},
+    "submission": {"enforce_sender": True, "normalize_bare_newlines": True},
     "outbound": {
         "smarthost": "",
         "smarthost_tls": "opportunistic",
@@ -310,7 +311,8 @@ def parse(data: Mapping[str, Any], source: str, base: Path) -> Config:
         login_lockout=lm.integer("login_lockout", 0),
     )
 
-    sub = SubmissionConfig(r["submission"].boolean("enforce_sender"))
+    sub = SubmissionConfig(r["submission"].boolean("enforce_sender"),
+                           r["submission"].boolean("normalize_bare_newlines"))
 
     ob = r["outbound"]
     smarthost = ob.string("smarthost").strip()

@@ -8,7 +8,8 @@
   from the directory (:func:`mailguard.directory.facts.gather`); a directory that
   cannot answer gives the 4xx ``directory_failure``.  One log line per decision.
 - After the final dot: a bare CR or LF anywhere is ``550 5.6.2`` (RFC 5321 section
-  2.3.8), more than :data:`~mailguard.smtp.trace.MAX_HOPS` Received: headers a mail
+  2.3.8; a trusted client's bare LF is made CRLF instead, with ``[submission]
+  normalize_bare_newlines``), more than :data:`~mailguard.smtp.trace.MAX_HOPS` Received: headers a mail
   loop (554); otherwise ``250`` only once every copy is on disk, ``451`` if the
   store fails (transient, never 550).
 - Mail from trusted clients gets a missing ``Date:``/``Message-ID:`` and its DKIM
@@ -26,6 +27,8 @@
 """
 
 from __future__ import annotations
+
+import re
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -45,6 +48,7 @@ from mailguard.smtp import trace
 from mailguard.smtp.checking import MAIL, RCPT, CheckedSession
 from mailguard.smtp.session import Envelope
 
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 DATA_GO_AHEAD = "354 End data with <CR><LF>.<CR><LF>\r\n"
 
 
@@ -214,9 +218,15 @@ class MailCommands(CheckedSession):
             return
         crlf = message.count(b"\r\n")
         if message.count(b"\r") != crlf or message.count(b"\n") != crlf:
-            maillog.event("smtp", "bare-linefeed", self.client_ip, sender=env.sender)
-            self.reply(replies.BARE_LINEFEED)
-            return
+            if (message.count(b"\r") == crlf and self.cfg.submission.normalize_bare_newlines
+                    and policy.relay_permission(self.cfg, self.policy_client())[0]):
+                # A trusted client's bare LF (a scanner, a script): made CRLF, as Postfix's
+                # smtpd_forbid_bare_newline_exclusions = $mynetworks does.  Never for others.
+                message = _BARE_LF.sub(b"\r\n", message)
+            else:
+                maillog.event("smtp", "bare-linefeed", self.client_ip, sender=env.sender)
+                self.reply(replies.BARE_LINEFEED)
+                return
         # Remove dot-stuffing (RFC 5321 section 4.5.2).
         message = (b"\r\n" + message).replace(b"\r\n.", b"\r\n")[2:]
         if trace.hops(message) > trace.MAX_HOPS:
