@@ -165,6 +165,10 @@ def test_hosts_file_answers_addresses_first(clock: task.Clock, tmp_path: Any) ->
     res = Resolver(backend, clock, hosts=str(hosts))
     assert lookup(res, "localhost", "A").records == ("127.0.0.1",)
     assert lookup(res, "LocalHost", "AAAA").records == ("::1",)
+    # The reverse names of its addresses too, as the C library answers them (a loopback
+    # client's verified name does not wait for a DNS server).
+    assert lookup(res, "1.0.0.127.in-addr.arpa", "PTR").records == ("localhost",)
+    assert lookup(res, "1" + ".0" * 31 + ".ip6.arpa", "PTR").records == ("localhost",)
     assert backend.asked == []
 
 

@@ -25,8 +25,8 @@ are capped (:data:`MAX_TTL`, :data:`MAX_NEGATIVE_TTL`) and the cache holds at mo
 share one query.
 
 With no servers configured the system's ``/etc/resolv.conf`` is used (re-read when it
-changes) and ``/etc/hosts`` (read once, at the first lookup) answers A/AAAA first, as
-the C library would.
+changes) and ``/etc/hosts`` (read once, at the first lookup) answers A/AAAA and the
+PTR of its addresses first, as the C library would.
 """
 
 from __future__ import annotations
@@ -168,6 +168,7 @@ class Resolver:
         self.timeout = float(timeout)
         self._hosts_file = hosts
         self._hosts: dict[str, tuple[list[str], list[str]]] | None = None
+        self._hosts_reverse: dict[str, str] = {}
         self.max_entries = max_entries
         self._cache: dict[tuple[str, str], tuple[float, Answer]] = {}
         self._pending: dict[tuple[str, str], list[defer.Deferred[Answer]]] = {}
@@ -207,10 +208,17 @@ class Resolver:
         return await d
 
     def _from_hosts(self, name: str, type: str) -> Answer | None:
-        if not self._hosts_file or type not in ("A", "AAAA"):
+        if not self._hosts_file or type not in ("A", "AAAA", "PTR"):
             return None
         if self._hosts is None:
             self._hosts = _hosts(self._hosts_file)
+            # Reverse names too, as the C library answers them: an address's first name.
+            for host, (v4, v6) in self._hosts.items():
+                for addr in v4 + v6:
+                    self._hosts_reverse.setdefault(ipaddress.ip_address(addr).reverse_pointer, host)
+        if type == "PTR":
+            named = self._hosts_reverse.get(name)
+            return Answer(name, type, RECORDS, (named,), 0) if named is not None else None
         found = self._hosts.get(name)
         if found is None:
             return None
