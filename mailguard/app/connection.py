@@ -55,3 +55,16 @@ def hang_up(transport: ITransport | None, client_reads: bool) -> None:
         connection(transport).loseConnection()
     else:
         connection(transport).abortConnection()
+
+
+def hold_reading(transport: ITransport | None, held: bool, hold: bool) -> bool:
+    """Stop or restart reading the socket when ``hold`` differs from ``held``; the new state.
+
+    A session holds reading while a large pipelined backlog waits for it, so an
+    unread flood stays in the kernel's buffers instead of the process's memory.
+    """
+    if hold and not held:
+        connection(transport).pauseProducing()
+    elif held and not hold:
+        connection(transport).resumeProducing()
+    return hold

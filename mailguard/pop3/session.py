@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailguard.app import maillog
-from mailguard.app.connection import connection, hang_up
+from mailguard.app.connection import connection, hang_up, hold_reading
 from mailguard.pop3.stream import MessageStream
 from mailguard.storage.maildir import Mailbox
 
@@ -221,13 +221,8 @@ class POP3Session(protocol.Protocol, policies.TimeoutMixin):
         """Stop reading the socket while a large pipelined backlog waits."""
         if self._gone:
             return
-        backlog = len(self._buffer) > self.MAX_PIPELINE
-        if backlog and not self._reading_paused:
-            self._reading_paused = True
-            connection(self.transport).pauseProducing()
-        elif not backlog and self._reading_paused:
-            self._reading_paused = False
-            connection(self.transport).resumeProducing()
+        self._reading_paused = hold_reading(self.transport, self._reading_paused,
+                                            len(self._buffer) > self.MAX_PIPELINE)
 
     def _line(self, line: bytes) -> None:
         if self._sasl_pending:

@@ -31,7 +31,7 @@ from typing import BinaryIO
 from twisted.internet import interfaces, protocol
 from zope.interface import implementer
 
-from mailguard.app.connection import connection, hang_up
+from mailguard.app.connection import connection, hang_up, hold_reading
 from mailguard.core import replies
 
 MAX_COMMAND = 2048           # octets in a command line (RFC 5321 says 512; Postfix allows 2048)
@@ -137,12 +137,7 @@ class SMTPWire(protocol.Protocol):
         if self.mode == CLOSED:
             return
         backlog = (self._paused or self._out_paused) and len(self._buf) > MAX_PENDING_INPUT
-        if backlog and not self._reading_paused:
-            self._reading_paused = True
-            connection(self.transport).pauseProducing()
-        elif not backlog and self._reading_paused:
-            self._reading_paused = False
-            connection(self.transport).resumeProducing()
+        self._reading_paused = hold_reading(self.transport, self._reading_paused, backlog)
 
     # -- input -------------------------------------------------------------------------
 
