@@ -101,6 +101,7 @@ class FakeDirectory:
         self.hold = False
         self.held: list[defer.Deferred[Expansion | None]] = []
         self.lookups: list[str] = []
+        self.own_quotas: dict[str, int] = {}
 
     def add_mailbox(self, address: str, *aliases: str) -> None:
         self.entries[address] = Expansion(mailboxes=(address,))
@@ -128,6 +129,11 @@ class FakeDirectory:
         if self.broken:
             return defer.fail(DirectoryError("directory locked"))
         return defer.succeed(frozenset(self.owned.get(mailbox, {mailbox})))
+
+    def quotas(self, mailboxes: tuple[str, ...]) -> defer.Deferred[dict[str, int]]:
+        if self.broken:
+            return defer.fail(DirectoryError("directory locked"))
+        return defer.succeed({m: self.own_quotas[m] for m in mailboxes if m in self.own_quotas})
 
     def close(self) -> None:
         pass

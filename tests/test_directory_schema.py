@@ -21,7 +21,7 @@ def test_a_new_file_and_an_old_one_get_the_current_version(tmp_path: Path) -> No
         db.executescript(store_mod._SCHEMA + "INSERT INTO aliases VALUES ('a@x.example', 'b@x.example');")
     SQLiteStore(old)
     with sqlite3.connect(old) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (1,)
+        assert db.execute("PRAGMA user_version").fetchone() == (store_mod.SCHEMA_VERSION,)
         assert db.execute("SELECT alias, target FROM aliases").fetchall() == [("a@x.example", "b@x.example")]
 
 

@@ -22,6 +22,7 @@ from mailguard.config import lookup
 from mailguard.core import policy
 from mailguard.core.address import AddressError, parse_path
 from mailguard.storage.maildir import maildir_path
+from mailguard.storage.usage import Sizes
 from mailguard.directory.sqlite import DirectoryError, EntryError, SQLiteStore
 
 
@@ -71,12 +72,17 @@ def _directory(cfg: config.Config) -> SQLiteStore:
 def cmd_user(cfg: config.Config, args: argparse.Namespace) -> int:
     d = _directory(cfg)
     if args.action == "list":
+        own = d.quotas()
         for address in d.mailboxes():
-            print(address)
+            print(address + (f" (quota {_quota_text(own[address])})" if address in own else ""))
         return 0
     if not args.address:
         raise CommandError(f"user {args.action} needs an ADDRESS")
     address = _address(args.address)
+    if args.action == "quota":
+        return _user_quota(cfg, d, address, args.value)
+    if args.value is not None:
+        raise CommandError(f"user {args.action} takes one ADDRESS, not {args.value!r} too")
     if args.action == "add":
         _check_local_domain(cfg, address)
         d.add_mailbox(address, _read_password(args))
@@ -87,6 +93,32 @@ def cmd_user(cfg: config.Config, args: argparse.Namespace) -> int:
     elif args.action == "del":
         d.delete_mailbox(address)
         print(f"mailbox {address} deleted (its maildir is kept)")
+    return 0
+
+
+def _quota_text(quota: int) -> str:
+    return f"{quota} bytes" if quota else "none"
+
+
+def _user_quota(cfg: config.Config, d: SQLiteStore, address: str, value: str | None) -> int:
+    """``user quota ADDRESS [BYTES|default]``: show, set (0: none) or drop the mailbox's own quota."""
+    if value is None:
+        if d.kind(address) != "mailbox":
+            raise EntryError(f"no mailbox {address}")
+        own = d.quotas((address,)).get(address)
+        where = "its own" if own is not None else "[limits] mailbox_quota"
+        quota = cfg.limits.mailbox_quota if own is None else own
+        used = Sizes().measure(maildir_path(cfg.mail_dir, address))
+        print(f"{address}: quota {_quota_text(quota)} ({where}), {used} bytes used")
+        return 0
+    if value.lower() == "default":
+        d.set_quota(address, None)
+        print(f"quota of {address}: the default ({_quota_text(cfg.limits.mailbox_quota)}, [limits] mailbox_quota)")
+        return 0
+    if not value.isascii() or not value.isdigit() or int(value) >= 2 ** 63:
+        raise CommandError(f"quota {value!r}: give a number of bytes (0: no quota) or 'default'")
+    d.set_quota(address, int(value))
+    print(f"quota of {address}: {_quota_text(int(value))}")
     return 0
 
 
@@ -275,8 +307,10 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     u = sub.add_parser("user", help="mailboxes")
-    u.add_argument("action", choices=["add", "passwd", "del", "list"])
+    u.add_argument("action", choices=["add", "passwd", "del", "list", "quota"])
     u.add_argument("address", nargs="?")
+    u.add_argument("value", nargs="?", metavar="BYTES",
+                   help="quota: bytes the mailbox may hold (0: no quota), or 'default' ([limits] mailbox_quota)")
     u.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     u.set_defaults(func=cmd_user)
 

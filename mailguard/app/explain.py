@@ -56,6 +56,9 @@ class _StoreDirectory:
     def addresses_of(self, mailbox: str) -> defer.Deferred[Any]:
         return defer.maybeDeferred(lambda: frozenset(self.store.addresses_of(mailbox)))
 
+    def quotas(self, mailboxes: tuple[str, ...]) -> defer.Deferred[Any]:
+        return defer.maybeDeferred(self.store.quotas, mailboxes)
+
     def close(self) -> None:
         self.store.close()
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from twisted.application import service
-from twisted.internet import endpoints
+from twisted.internet import endpoints, threads
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore, IReactorThreads, IReactorTime
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -35,6 +35,7 @@ from mailguard.storage.queue import Queue
 from mailguard.app import checkconfig, metrics, reload
 from mailguard.app.limits import ConnectionLimiter
 from mailguard.milter.chain import MilterChain
+from mailguard.smtp.quota import MailboxQuotas
 from mailguard.smtp.server import SMTPContext, SMTPFactory
 from mailguard.app.tls import TLSContext
 
@@ -205,6 +206,10 @@ class Mailhost(service.MultiService):
     def _deliver_local(self, sender: str, mailboxes: list[str], message: bytes) -> Deferred[list[str]]:
         return self.store.deliver_local(sender, mailboxes, message)
 
+    def _in_pool(self, f: Callable[[], list[int]]) -> Deferred[list[int]]:
+        """Run blocking disk work (measuring mailboxes) on the reactor's thread pool."""
+        return threads.deferToThreadPool(self.threads, self.threads.getThreadPool(), f)
+
     def _wake(self) -> None:
         if self.runner is not None:
             self.runner.wake()
@@ -219,6 +224,7 @@ class Mailhost(service.MultiService):
                           authenticator=self.authenticator, pop_before_smtp=self.pop_before_smtp,
                           limiter=self.limiter, tls=self.tls, clock=self.clock, milters=self.milters,
                           outgoing=Outgoing(self.cfg), srs=self.srs, checks=self.checks,
+                          quotas=MailboxQuotas(self._in_pool),
                           submission_limiter=ConnectionLimiter(self.cfg.limits.max_connections,
                                                                self.cfg.limits.max_connections_per_ip))
         self.smtp_context = ctx

@@ -107,6 +107,7 @@ class LimitsConfig:
     session_timeout: int
     login_failures: int
     login_lockout: int
+    mailbox_quota: int = 0          # bytes per mailbox (new/ + cur/); 0 = none
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "session_timeout": 1800,
         "login_failures": 5,
         "login_lockout": 300,
+        "mailbox_quota": 0,
         **checks_cfg.LIMIT_DEFAULTS,
     },
     "submission": {"enforce_sender": True, "normalize_bare_newlines": True},
@@ -309,6 +311,7 @@ def parse(data: Mapping[str, Any], source: str, base: Path) -> Config:
         session_timeout=lm.integer("session_timeout", 1),
         login_failures=lm.integer("login_failures", 1),
         login_lockout=lm.integer("login_lockout", 0),
+        mailbox_quota=lm.integer("mailbox_quota", 0),
     )
 
     sub = SubmissionConfig(r["submission"].boolean("enforce_sender"),

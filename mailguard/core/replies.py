@@ -89,6 +89,9 @@ NO_VALID_RCPT = Reply(503, "5.5.1", "No valid recipients")
 BAD_PARAM = Reply(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
 TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 TOO_MANY_RCPT = Reply(452, "4.5.3", "Too many recipients")
+# [limits] mailbox_quota (RFC 3463 X.2.2, mailbox full).
+MAILBOX_FULL = Reply(452, "4.2.2", "Mailbox full")
+OVER_QUOTA = Reply(552, "5.2.2", "Message would exceed the mailbox quota")
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops, mail loop detected (RFC 5321 section 6.3)")
 BARE_LINEFEED = Reply(550, "5.6.2", "Bare CR or LF not allowed in message (RFC 5321 section 2.3.8)")
 # A content filter (milter) refused without its own reply, or failed (Postfix's wording).

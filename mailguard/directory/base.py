@@ -37,5 +37,11 @@ class Directory(Protocol):
     def addresses_of(self, mailbox: str) -> Deferred[frozenset[str]]:
         """The mailbox's own address and every alias that leads only to it."""
 
+    def quotas(self, mailboxes: tuple[str, ...]) -> Deferred[dict[str, int]]:
+        """Those of ``mailboxes`` that have their own quota (octets, 0: none), with it.
+
+        A mailbox left out gets the configured ``[limits] mailbox_quota``.
+        """
+
     def close(self) -> None:
         """Release connections (before twistd forks, and at shutdown)."""

@@ -136,6 +136,10 @@ class LDAPDirectory:
             return frozenset(out)
         return self.find(mailbox).addCallback(collect)
 
+    def quotas(self, mailboxes: tuple[str, ...]) -> defer.Deferred[dict[str, int]]:
+        """No mailbox has its own quota in LDAP: every one gets ``[limits] mailbox_quota``."""
+        return defer.succeed({})
+
     def close(self) -> None:
         """Drop the pooled connections (before twistd forks, and at shutdown)."""
         self.pool.close()

@@ -4,8 +4,9 @@ Format
 ======
 ``data_dir/directory.sqlite``, WAL mode, four tables keyed by lower-case ``local@domain``:
 
-- ``mailboxes(address, password, created)``: local users; ``password`` is a
-  libpass (passlib) hash string, argon2 by default.
+- ``mailboxes(address, password, created, quota)``: local users; ``password`` is a
+  libpass (passlib) hash string, argon2 by default; ``quota`` the mailbox's own quota
+  in octets (0: none), NULL for the configured ``[limits] mailbox_quota``.
 - ``aliases(alias, target)``: another name for any entry, or for a remote address.
 - ``list_members(list, member)``: distribution lists; members are local or remote.
 - ``contacts(address, remote)``: a custom recipient that forwards to a remote address.
@@ -64,10 +65,13 @@ CREATE TABLE IF NOT EXISTS contacts (address TEXT PRIMARY KEY, remote TEXT NOT N
 
 #: The schema version this code writes (``PRAGMA user_version``); 0 is a file made
 #: before versions were recorded (the same four tables as version 1).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: The SQL that takes a database from version ``n - 1`` to ``n``, applied in order at
 #: start (and by any command that opens the file), each step in one transaction.
-MIGRATIONS: dict[int, str] = {1: ""}
+MIGRATIONS: dict[int, str] = {
+    1: "",
+    2: "ALTER TABLE mailboxes ADD COLUMN quota INTEGER;",   # per-mailbox quota; NULL = the default
+}
 
 _KIND_QUERY = """
 SELECT 'mailbox' FROM mailboxes WHERE address = ?1
@@ -278,7 +282,8 @@ class SQLiteStore:
         """Create a mailbox with a password (hashed here: blocking)."""
         address = address.lower()
         self._must_be_new(address)
-        self._write("INSERT INTO mailboxes VALUES (?, ?, ?)", (address, HASHES.hash(password), time.time()))
+        self._write("INSERT INTO mailboxes (address, password, created) VALUES (?, ?, ?)",
+                    (address, HASHES.hash(password), time.time()))
 
     def set_password(self, address: str, password: str) -> None:
         """Change a mailbox's password."""
@@ -290,6 +295,21 @@ class SQLiteStore:
         """Remove a mailbox from the directory (its maildir is left on disk)."""
         if not self._write("DELETE FROM mailboxes WHERE address = ?", (address.lower(),)):
             raise EntryError(f"no mailbox {address}")
+
+    def set_quota(self, address: str, quota: int | None) -> None:
+        """Give a mailbox its own quota in octets (0: none), or None: the configured default again."""
+        if not self._write("UPDATE mailboxes SET quota = ? WHERE address = ?", (quota, address.lower())):
+            raise EntryError(f"no mailbox {address}")
+
+    def quotas(self, mailboxes: tuple[str, ...] = ()) -> dict[str, int]:
+        """The mailboxes (all when none are named) that have their own quota, with it."""
+        if not mailboxes:
+            rows = self._query("SELECT address, quota FROM mailboxes WHERE quota IS NOT NULL")
+        else:
+            marks = ", ".join("?" * len(mailboxes))
+            rows = self._query(f"SELECT address, quota FROM mailboxes WHERE quota IS NOT NULL AND address IN ({marks})",
+                               tuple(m.lower() for m in mailboxes))
+        return {str(a): int(str(q)) for a, q in rows}
 
     def mailboxes(self) -> list[str]:
         """Every mailbox address, sorted."""
@@ -403,6 +423,9 @@ class SQLiteDirectory:
 
     def addresses_of(self, mailbox: str) -> Deferred[frozenset[str]]:
         return self._run(self._lookups(), lambda: frozenset(self.store.addresses_of(mailbox)))
+
+    def quotas(self, mailboxes: tuple[str, ...]) -> Deferred[dict[str, int]]:
+        return self._run(self._lookups(), self.store.quotas, mailboxes)
 
     def close(self) -> None:
         """Stop the lookup threads (their connections go with them) and close this thread's."""

@@ -22,6 +22,7 @@ from mailguard.milter.chain import MilterChain
 
 if TYPE_CHECKING:
     from mailguard.checks.pipeline import InboundChecks
+    from mailguard.smtp.quota import MailboxQuotas
 
 
 class MessageStore(Protocol):
@@ -71,6 +72,7 @@ class SMTPContext:
     outgoing: OutgoingMail | None = None       # Date/Message-ID and DKIM for trusted clients' mail
     srs: SRS | None = None                     # the SRS secret: bounces to forwarded mail verify
     checks: InboundChecks | None = None        # [checks]/[limits] rates; None: no inbound checks at all
+    quotas: MailboxQuotas | None = None        # mailbox quotas at RCPT; None: no quota is ever checked
     #: submission and submissions count their connections apart from port 25, so idle
     #: connections to the MX cannot lock staff out; None: they share ``limiter``.
     submission_limiter: ConnectionLimiter | None = None

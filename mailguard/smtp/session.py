@@ -19,6 +19,7 @@ from mailguard.app.connection import connection
 from mailguard.app import maillog
 from mailguard.config import IPAddress
 from mailguard.core import policy, replies
+from mailguard.core.quota import Usage
 from mailguard.smtp.context import SMTPContext
 from mailguard.smtp.wire import CLOSED, SMTPWire
 
@@ -30,6 +31,7 @@ class Envelope:
     sender: str | None = None                  # None: no MAIL yet; "" is the null sender
     decisions: list[policy.Decision] = field(default_factory=list)
     declared_size: int = 0
+    usage: dict[str, Usage] = field(default_factory=dict)   # mailboxes with a quota, as measured at RCPT
 
 
 class Session(SMTPWire):

@@ -7,6 +7,8 @@
 - Each RCPT is judged by :func:`mailguard.core.policy.decide` on facts fetched
   from the directory (:func:`mailguard.directory.facts.gather`); a directory that
   cannot answer gives the 4xx ``directory_failure``.  One log line per decision.
+  An accepted recipient's mailboxes then meet their quotas (:mod:`mailguard.smtp.quota`):
+  ``452 4.2.2`` for a full one, ``552 5.2.2`` when ``SIZE=`` would not fit.
 - After the final dot: a bare CR or LF anywhere is ``550 5.6.2`` (RFC 5321 section
   2.3.8; a trusted client's bare LF is made CRLF instead, with ``[submission]
   normalize_bare_newlines``), more than :data:`~mailguard.smtp.trace.MAX_HOPS` Received: headers a mail
@@ -29,13 +31,14 @@
 from __future__ import annotations
 
 import re
+from typing import Mapping
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from mailguard.app import maillog
 from mailguard.app.connection import connection
-from mailguard.core import policy, replies
+from mailguard.core import policy, quota, replies
 from mailguard.core.address import Address, AddressError, parse_mail_arg, parse_path
 from mailguard.core.checks import Refusal
 from mailguard.core.entries import Expansion
@@ -180,6 +183,32 @@ class MailCommands(CheckedSession):
         return policy.directory_failure(self.cfg, path)
 
     def _decided(self, decision: policy.Decision, env: Envelope) -> Deferred[None] | None:
+        if decision.accepted and decision.mailboxes and self.ctx.quotas is not None:
+            return Deferred.fromCoroutine(self._judge_quota(decision, env))
+        return self._quota_passed(decision, env)
+
+    async def _judge_quota(self, decision: policy.Decision, env: Envelope) -> None:
+        """Apply the quotas of the recipient's mailboxes; 4xx when they cannot be read."""
+        assert self.ctx.quotas is not None
+        try:
+            verdict, usage = await self.ctx.quotas.judge(self.cfg, self.ctx.directory, decision,
+                                                         env.declared_size)
+        except Exception:
+            f = Failure()
+            if not f.check(DirectoryError):
+                maillog.log.failure("mailguard smtp quota lookup error", f)
+            self._answer_rcpt(policy.directory_failure(self.cfg, decision.recipient), env)
+            return
+        for mailbox, reply in verdict.dropped if verdict.decision.accepted else ():
+            maillog.event("smtp", "over-quota", self.client_ip, rcpt=verdict.decision.recipient, mailbox=mailbox,
+                          reply=f'"{reply}"')
+        if verdict.decision.accepted:
+            env.usage.update(usage)
+        more = self._quota_passed(verdict.decision, env)
+        if more is not None:
+            await more
+
+    def _quota_passed(self, decision: policy.Decision, env: Envelope) -> Deferred[None] | None:
         if decision.accepted and self.stage_runs(RCPT):
             d = Deferred.fromCoroutine(self.rcpt_checks(env.sender or "", decision.recipient))
             return d.addCallback(self._rcpt_checked, decision, env).addErrback(self._check_failed)
@@ -264,7 +293,8 @@ class MailCommands(CheckedSession):
         """Run the milters ([filters]) when they apply, complete and sign a trusted client's
         message, then store the result, held if a milter quarantined it."""
         if not filter_it:
-            await self._prepare_and_store(msg_id, env.sender or "", env.decisions, received, message)
+            await self._prepare_and_store(msg_id, env.sender or "", env.decisions, received, message,
+                                          usage=env.usage)
             return
         assert self.ctx.milters is not None, "[filters] milters configured but no MilterChain given"
         conn = connection(self.transport)
@@ -282,13 +312,14 @@ class MailCommands(CheckedSession):
             return
         if result.action == "store":
             await self._prepare_and_store(msg_id, result.sender, result.decisions, b"", result.message,
-                                          result.held)
+                                          result.held, env.usage)
             return
         self.stored()
         self.reply(replies.QUEUED, msg_id)
 
     async def _prepare_and_store(self, msg_id: str, sender: str, decisions: list[policy.Decision],
-                                 received: bytes, message: bytes, held: str = "") -> None:
+                                 received: bytes, message: bytes, held: str = "",
+                                 usage: Mapping[str, quota.Usage] | None = None) -> None:
         """Store the message (signed first when the client is trusted), then answer 250."""
         outgoing = self.ctx.outgoing if policy.relay_permission(self.cfg, self.policy_client())[0] else None
         if outgoing is not None:
@@ -299,6 +330,9 @@ class MailCommands(CheckedSession):
                 self.reply(replies.SIGNING_FAILED)
                 return
         await self.ctx.store.store(msg_id, sender, decisions, received, message, held=held)
+        if usage and not held and self.ctx.quotas is not None:
+            self.ctx.quotas.delivered(usage, list(dict.fromkeys(m for d in decisions for m in d.mailboxes)),
+                                      len(received) + len(message))
         maillog.event("smtp", "held" if held else "stored", self.client_ip, id=msg_id,
                       sender=sender, rcpts=len(decisions), size=len(message))
         self.stored()
