@@ -314,6 +314,24 @@ def test_sqlite_directory_queries_off_the_calling_thread(gal: SQLiteStore,
     assert reactor.result(d.expand("alice@office.example")) == Expansion(mailboxes=("alice@office.example",))
 
 
+def test_sqlite_directory_quotas_follow_the_cli_without_a_thread_trip(
+        gal: SQLiteStore, async_gal: tuple[SQLiteDirectory, ThreadReactor]) -> None:
+    """Each expand refreshes the mailboxes' own quotas (only when the file changed), so quotas()
+    answers at once; a change made by another process (the CLI) shows at the next expand."""
+    d, reactor = async_gal
+    gal.add_mailbox("alice@office.example", "pw")
+    cli_store = SQLiteStore(gal.path)                  # another connection, as the CLI has
+    assert reactor.result(d.quotas(("alice@office.example",))) == {}     # before any expand: from the file
+    cli_store.set_quota("alice@office.example", 5000)
+    reactor.result(d.expand("alice@office.example"))
+    answer = d.quotas(("alice@office.example", "bob@office.example"))
+    assert answer.called and reactor.result(answer) == {"alice@office.example": 5000}
+    cli_store.set_quota("alice@office.example", None)
+    reactor.result(d.expand("alice@office.example"))
+    assert reactor.result(d.quotas(("alice@office.example",))) == {}
+    cli_store.close()
+
+
 # -- list members that are not addresses -------------------------------------------------------------
 
 

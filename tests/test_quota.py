@@ -135,6 +135,38 @@ def test_sizes_remembers_an_unchanged_maildir_and_sees_a_change(tmp_path: Path) 
     assert sizes.measure(box) == first + 1000 + 2
 
 
+def test_deliveries_here_keep_the_total_without_listing_again(tmp_path: Path) -> None:
+    """A busy mailbox: copies written by the store (CountedCopies through the group commit) add to
+    the remembered total, so it is not listed again per message; a change made elsewhere, or a
+    total older than MAX_AGE, is listed again."""
+    from mailguard.storage.usage import MAX_AGE, CountedCopies
+
+    clock = [0.0]
+    sizes = Sizes(now=lambda: clock[0])
+    box = tmp_path / "office.example" / "alice"
+    deliver(box, b"first\r\n")
+    assert sizes.measure(box) == 6 and sizes.listings == 1
+    for n in range(3):                  # what the group commit does with each copy
+        staged: list[tuple[str, str]] = []
+        copies = CountedCopies(tmp_path, [os.fspath(box)], b"x" * 9 + b"\r\n", sizes)
+        copies.stage(staged, sync=False)
+        for tmp, final in staged:
+            os.rename(tmp, final)
+        if n == 2:                      # a listing between the rename and the count: counted once
+            clock[0] += MAX_AGE
+            assert sizes.measure(box) == 6 + 10 * n
+        copies.finish(True)
+        assert sizes.measure(box) == 6 + 10 * (n + 1)
+    assert sizes.listings == 2
+    os.unlink(next((box / "new").iterdir()))                 # a POP3 deletion: new/ changes ...
+    later = os.stat(box / "new").st_mtime_ns + 10**9         # ... at a later tick of the clock
+    os.utime(box / "new", ns=(later, later))
+    assert sizes.measure(box) in (26, 30) and sizes.listings == 3       # one of the 4 files gone
+    clock[0] += MAX_AGE
+    sizes.measure(box)
+    assert sizes.listings == 4
+
+
 # -- at RCPT ----------------------------------------------------------------------------------------
 
 

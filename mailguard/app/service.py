@@ -36,6 +36,7 @@ from mailguard.app import checkconfig, metrics, reload
 from mailguard.app.limits import ConnectionLimiter
 from mailguard.milter.chain import MilterChain
 from mailguard.smtp.quota import MailboxQuotas
+from mailguard.storage.usage import Sizes
 from mailguard.smtp.server import SMTPContext, SMTPFactory
 from mailguard.app.tls import TLSContext
 
@@ -154,8 +155,9 @@ class Mailhost(service.MultiService):
         self.milters = MilterChain(reactor, filters.milters, filters.milter_default_action,
                                    float(filters.milter_timeout), max_message_size=cfg.limits.max_message_size)
         self.srs = SRS(srskey.load_or_create(cfg.server.data_dir / "srs.key"))
+        self.sizes = Sizes()            # mailbox usage, kept up to date by the store's deliveries
         self.store = delivery.Store(cfg, self.directory, self.queue, wake=self._wake, commit=self.commit,
-                                    srs=self.srs)
+                                    srs=self.srs, sizes=self.sizes)
         if self.runner is not None:
             service.Service.setServiceParent(self.runner, self)
         self.smtp_factories: list[SMTPFactory] = []
@@ -224,7 +226,7 @@ class Mailhost(service.MultiService):
                           authenticator=self.authenticator, pop_before_smtp=self.pop_before_smtp,
                           limiter=self.limiter, tls=self.tls, clock=self.clock, milters=self.milters,
                           outgoing=Outgoing(self.cfg), srs=self.srs, checks=self.checks,
-                          quotas=MailboxQuotas(self._in_pool),
+                          quotas=MailboxQuotas(self._in_pool, self.sizes),
                           submission_limiter=ConnectionLimiter(self.cfg.limits.max_connections,
                                                                self.cfg.limits.max_connections_per_ip))
         self.smtp_context = ctx

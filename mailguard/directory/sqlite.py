@@ -38,7 +38,7 @@ from typing import Callable, TypeVar
 
 from passlib.context import CryptContext
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
@@ -171,6 +171,7 @@ class SQLiteStore:
             raise DirectoryError(f"{self.path}: {e}") from None
 
     def _reset(self) -> None:
+        self._local.own_quotas = None
         db = getattr(self._local, "db", None)
         if db is not None:
             db.close()
@@ -311,6 +312,16 @@ class SQLiteStore:
                                tuple(m.lower() for m in mailboxes))
         return {str(a): int(str(q)) for a, q in rows}
 
+    def own_quotas(self) -> dict[str, int]:
+        """Every mailbox's own quota, read again only when the file changed since the last call
+        on this thread (``PRAGMA data_version``): one tiny query when nothing changed."""
+        (version,), = self._query("PRAGMA data_version")
+        known: tuple[object, dict[str, int]] | None = getattr(self._local, "own_quotas", None)
+        if known is None or known[0] != version:
+            known = (version, self.quotas())
+            self._local.own_quotas = known
+        return known[1]
+
     def mailboxes(self) -> list[str]:
         """Every mailbox address, sorted."""
         return [str(a) for (a,) in self._query("SELECT address FROM mailboxes ORDER BY address")]
@@ -400,6 +411,7 @@ class SQLiteDirectory:
         self.reactor = reactor
         self.hash_pool = hash_pool
         self._pool: ThreadPool | None = None
+        self._own_quotas: dict[str, int] | None = None     # replaced whole by the lookup thread
 
     @property
     def ready(self) -> bool:
@@ -416,7 +428,13 @@ class SQLiteDirectory:
         return self._pool
 
     def expand(self, address: str) -> Deferred[Expansion | None]:
-        return self._run(self._lookups(), self.store.expand, address)
+        return self._run(self._lookups(), self._expand, address)
+
+    def _expand(self, address: str) -> Expansion | None:
+        """On the lookup thread: the expansion, and a fresh copy of the mailboxes' own quotas."""
+        found = self.store.expand(address)
+        self._own_quotas = self.store.own_quotas()
+        return found
 
     def verify_password(self, login: str, password: str) -> Deferred[str | None]:
         return self._run(self.hash_pool, self.store.verify_password, login, password)
@@ -425,7 +443,12 @@ class SQLiteDirectory:
         return self._run(self._lookups(), lambda: frozenset(self.store.addresses_of(mailbox)))
 
     def quotas(self, mailboxes: tuple[str, ...]) -> Deferred[dict[str, int]]:
-        return self._run(self._lookups(), self.store.quotas, mailboxes)
+        """From the copy the last :meth:`expand` took (a RCPT expands its address first), so
+        asking costs no trip to the lookup thread; before any expand, from the file."""
+        own = self._own_quotas
+        if own is None:
+            return self._run(self._lookups(), self.store.quotas, mailboxes)
+        return succeed({m: own[m] for m in mailboxes if m in own})
 
     def close(self) -> None:
         """Stop the lookup threads (their connections go with them) and close this thread's."""

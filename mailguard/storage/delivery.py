@@ -36,6 +36,7 @@ from mailguard.directory.base import Directory
 from mailguard.directory.facts import gather
 from mailguard.storage.groupcommit import GroupCommit, Part
 from mailguard.storage.queue import Queue, StagedEntry
+from mailguard.storage.usage import CountedCopies, Sizes
 
 #: Decision rules whose remote addresses are forwards made here (SRS applies).
 FORWARDING_RULES = frozenset({"inbound", "reroute"})
@@ -57,7 +58,7 @@ class Store:
                  wake: Callable[[], None] = lambda: None,
                  run_in_thread: RunInThread = threads.deferToThread, *,
                  commit: GroupCommit, srs: SRS | None = None,
-                 now: Callable[[], float] = time.time) -> None:
+                 now: Callable[[], float] = time.time, sizes: Sizes | None = None) -> None:
         self.cfg = cfg
         self.directory = directory
         self.queue = queue
@@ -66,6 +67,7 @@ class Store:
         self.commit = commit
         self.srs = srs
         self.now = now
+        self.sizes = sizes                  # told of each local copy (mailbox quotas)
         self._maildirs: dict[str, str] = {}
 
     def store(self, msg_id: str, sender: str, decisions: Sequence[policy.Decision],
@@ -140,7 +142,9 @@ class Store:
             if mailboxes:
                 paths = [self._maildir(m) for m in mailboxes]
                 return_path = f"Return-Path: <{sender}>\r\n".encode("utf-8", "replace")
-                parts.append(maildir.Copies(self.cfg.mail_dir, paths, return_path + received + message))
+                copy = return_path + received + message
+                parts.append(maildir.Copies(self.cfg.mail_dir, paths, copy) if self.sizes is None
+                             else CountedCopies(self.cfg.mail_dir, paths, copy, self.sizes))
             for envelope, remote in groups.items():
                 entries.append(self.queue.prepare(envelope, remote, received + message))
             parts.extend(entries)
