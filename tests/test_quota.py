@@ -341,3 +341,32 @@ def test_cli_user_quota(tmp_path: Path, capsys: pytest.CaptureFixture[str], monk
                       (("user", "del", ALICE, "5"), f"user del takes one ADDRESS, not '5' too")]:
         assert run(*args) == 1, args
         assert capsys.readouterr() == ("", f"mailguard: {err}\n")
+
+
+def test_explain_shows_a_full_mailbox(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``mailguard explain`` answers what RCPT would: 452 4.2.2 for a full mailbox, and with -v a
+    list names its full member after the mailboxes that still get the mail."""
+    conf = tmp_path / "mailguard.toml"
+    conf.write_text(CONF)
+    run: Callable[..., int] = lambda *a: cli.main(["--config", str(conf), *a])
+    monkeypatch.setattr("sys.stdin", io.StringIO("pw\npw\n"))
+    assert run("user", "add", ALICE, "--password-stdin") == 0
+    assert run("user", "add", BOB, "--password-stdin") == 0
+    assert run("list", "add", "staff@office.example", ALICE, BOB) == 0
+    assert run("user", "quota", ALICE, "100") == 0
+    deliver(tmp_path / "data" / "mail" / "office.example" / "alice", b"x" * 99 + b"\r\n")
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parent.parent
+    explained = subprocess.run(      # explain runs a reactor: in a process of its own
+        [sys.executable, "-m", "mailguard", "--config", str(conf), "explain", "--client", "203.0.113.9", "-v",
+         ALICE, BOB, "staff@office.example"], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(repo)}, cwd=tmp_path)
+    assert explained.returncode == 0, explained.stderr
+    assert explained.stdout.splitlines() == [
+        f"{ALICE}: 452 4.2.2 Mailbox full (rule: mailbox_quota)",
+        f"{BOB}: 250 2.1.5 Recipient ok (rule: inbound) -> mailbox {BOB}",
+        f"staff@office.example: 250 2.1.5 Recipient ok (rule: inbound) -> mailbox {BOB}; "
+        f"over quota: {ALICE} (452 4.2.2 Mailbox full)",
+    ]

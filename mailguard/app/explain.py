@@ -8,7 +8,9 @@ accepted recipient, or the network, pattern, zone and code, record of a refusal)
    does not own gets ``553 5.7.1`` (rule ``enforce_sender``), as MAIL does.
 2. The inbound checks of MAIL (:mod:`mailguard.checks`), DNS included, for the client
    as the server sees it (trusted or not).
-3. The recipient policy (:mod:`mailguard.core.policy`), facts from the directory.
+3. The recipient policy (:mod:`mailguard.core.policy`), facts from the directory, then
+   the mailbox quotas (:mod:`mailguard.core.quota`: a full mailbox is ``452 4.2.2``, rule
+   ``mailbox_quota``; with ``-v`` a list's full members are named after ``over quota:``).
 4. The inbound checks of RCPT (greylisting, read only: explain changes no state).
 
 Rate control counts live in the running server, so explain always finds them clear.
@@ -32,6 +34,7 @@ from mailguard.core.checks import Refusal
 from mailguard.directory.base import DirectoryError, Directory
 from mailguard.directory.facts import gather
 from mailguard.dns.resolver import from_config
+from mailguard.smtp.quota import MailboxQuotas
 
 
 class ExplainError(Exception):
@@ -124,12 +127,16 @@ async def _decide(cfg: config.Config, args: argparse.Namespace, checks: InboundC
     if refusal is not None:
         return [_line(r, refusal, args.verbose) for r in rcpts]
     out = []
+    quotas = MailboxQuotas(lambda f: defer.maybeDeferred(f))
     key = cfg.server.data_dir / "srs.key"
     srs = SRS(key.read_bytes()) if key.is_file() else None     # the CLI never makes one
     for rcpt in rcpts:
         step = functools.partial(policy.decide, cfg, who=who, text=rcpt, srs=srs, now=time.time())
+        dropped: tuple[tuple[str, replies.Reply], ...] = ()
         try:
             decision = await gather(step, directory)
+            judged, _ = await quotas.judge(cfg, directory, decision, 0)
+            decision, dropped = judged.decision, judged.dropped
         except DirectoryError:
             decision = policy.directory_failure(cfg, rcpt)
         if decision.accepted:
@@ -138,7 +145,9 @@ async def _decide(cfg: config.Config, args: argparse.Namespace, checks: InboundC
             if refusal is not None:
                 out.append(_line(rcpt, refusal, args.verbose))
                 continue
-        out.append(policy.explain_line(decision, rcpt, args.verbose))
+        full = ("; over quota: " + ", ".join(f"{m} ({r})" for m, r in dropped)
+                if args.verbose and dropped and decision.accepted else "")
+        out.append(policy.explain_line(decision, rcpt, args.verbose) + full)
     return out
 
 
