@@ -13,11 +13,10 @@ import os
 import getpass
 import sys
 from pathlib import Path
-from pathlib import Path
 from typing import Callable, Sequence
 
 from mailguard import config
-from mailguard.app import cli_dns, dircli, statuscli
+from mailguard.app import cli_dns, dangling, dircli, statuscli
 from mailguard.config import lookup
 from mailguard.core import policy
 from mailguard.core.address import AddressError, parse_path
@@ -52,7 +51,9 @@ def _address(text: str) -> str:
     return key
 
 
-def _read_password(args: argparse.Namespace) -> str:
+def _read_password(cfg: config.Config, args: argparse.Namespace) -> str:
+    """The new password from stdin (or asked twice on a terminal), refused when shorter than
+    ``[auth] min_password_length``."""
     if args.password_stdin or not sys.stdin.isatty():
         password = sys.stdin.readline().rstrip("\r\n")
     else:
@@ -61,6 +62,10 @@ def _read_password(args: argparse.Namespace) -> str:
             raise CommandError("the passwords differ")
     if not password:
         raise CommandError("empty password")
+    least = cfg.auth.min_password_length
+    if len(password) < least:
+        raise CommandError(f"the password is too short: {len(password)} characters, at least {least} needed "
+                           f"([auth] min_password_length in {cfg.source})")
     return password
 
 
@@ -79,14 +84,15 @@ def cmd_user(cfg: config.Config, args: argparse.Namespace) -> int:
     address = _address(args.address)
     if args.action == "add":
         _check_local_domain(cfg, address)
-        d.add_mailbox(address, _read_password(args))
+        d.add_mailbox(address, _read_password(cfg, args))
         print(f"mailbox {address} created")
     elif args.action == "passwd":
-        d.set_password(address, _read_password(args))
+        d.set_password(address, _read_password(cfg, args))
         print(f"password of {address} changed")
     elif args.action == "del":
         d.delete_mailbox(address)
         print(f"mailbox {address} deleted (its maildir is kept)")
+        dangling.warn(dangling.left_by(cfg, d, address))
     return 0
 
 
@@ -106,12 +112,23 @@ def _pointer(cfg: config.Config, args: argparse.Namespace, kind: str, name: str,
         if not target:
             raise CommandError(f"{kind} add needs two addresses")
         _check_local_domain(cfg, address)
-        add(d, address, _address(target))
-        print(f"{kind} {address} -> {_address(target)}")
+        to = _address(target)
+        add(d, address, to)
+        print(f"{kind} {address} -> {to}")
+        _warn_targets(cfg, d, kind, address, [to])
     else:
         delete(d, address)
         print(f"{kind} {address} deleted")
+        dangling.warn(dangling.left_by(cfg, d, address))
     return 0
+
+
+def _warn_targets(cfg: config.Config, d: SQLiteStore, kind: str, entry: str, targets: list[str]) -> None:
+    """Warn about each of an entry's new targets that points at nothing (it is saved all the same)."""
+    for target in targets:
+        gone = dangling.missing(cfg, d, target)
+        if gone is not None:
+            dangling.warn([dangling.Dangling(entry, kind, target, gone)])
 
 
 def cmd_alias(cfg: config.Config, args: argparse.Namespace) -> int:
@@ -137,9 +154,11 @@ def cmd_list(cfg: config.Config, args: argparse.Namespace) -> int:
         _check_local_domain(cfg, name)
         d.add_list_members(name, members)
         print(f"list {name}: {len(members)} member(s) added")
+        _warn_targets(cfg, d, "list", name, members)
     else:
         d.delete_list(name, members)
         print(f"list {name}: " + (f"{len(members)} member(s) removed" if members else "deleted"))
+        dangling.warn(dangling.left_by(cfg, d, name))
     return 0
 
 
@@ -170,6 +189,11 @@ def cmd_check_config(cfg: config.Config, args: argparse.Namespace) -> int:
     print(f"{cfg.source}: ok")
     for line in config.routing_table(cfg):
         print(line)
+    if cfg.directory.backend == "sqlite" and cfg.directory.path.is_file():
+        try:
+            dangling.warn(dangling.find(cfg, SQLiteStore(cfg.directory.path, create=False)))
+        except DirectoryError as e:
+            print(f"mailguard: warning: the directory was not read: {e}", file=sys.stderr)
     if cfg.directory.backend == "ldap":
         print(dircli.check_ldap(cfg))
     return 0

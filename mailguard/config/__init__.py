@@ -26,6 +26,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from mailguard.config import auth as auth_cfg
 from mailguard.config import dkim as dkim_section
 from mailguard.core import replies
 from mailguard.core.address import AddressError, normalize_domain
@@ -161,6 +162,7 @@ class Config:
     dns: dns_cfg.DNSConfig = dns_cfg.DNSConfig()
     checks: checks_cfg.ChecksConfig = checks_cfg.OFF
     metrics: metrics_cfg.MetricsConfig = metrics_cfg.MetricsConfig()
+    auth: auth_cfg.AuthConfig = auth_cfg.AuthConfig()
 
     def route_for(self, domain: str) -> DomainRoute | None:
         """The configured route for a (normalised) domain, or None when it is remote."""
@@ -240,6 +242,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "dns": dns_cfg.DEFAULTS,
     "checks": checks_cfg.DEFAULTS,
     "metrics": metrics_cfg.DEFAULTS,
+    "auth": auth_cfg.DEFAULTS,
 }
 DEFAULT_DOMAINS: dict[str, dict[str, Any]] = {"localhost": {"route": "inbound"}}
 
@@ -369,7 +372,7 @@ def parse(data: Mapping[str, Any], source: str, base: Path) -> Config:
     return Config(source, server, tls, listen, MappingProxyType(domains), relay, reply_cfg,
                   limits, sub, outbound, directory,
                   dkim=dkim_section.parse(r["dkim"], base, server.data_dir), filters=filters, dns=dns,
-                  checks=checks, metrics=metrics_cfg.parse(r["metrics"]))
+                  checks=checks, metrics=metrics_cfg.parse(r["metrics"]), auth=auth_cfg.parse(r["auth"]))
 
 
 def _domains(source: str, table: Any) -> dict[str, DomainRoute]:

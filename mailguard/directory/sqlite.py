@@ -345,6 +345,14 @@ class SQLiteStore:
         if not self._write("DELETE FROM contacts WHERE address = ?", (address.lower(),)):
             raise EntryError(f"no contact {address}")
 
+    def references(self) -> list[tuple[str, str, str]]:
+        """Every address an entry points at, as ``(entry, kind, target)``: alias targets,
+        list members and contacts' remote addresses, sorted."""
+        rows = [("alias", a, t) for a, t in self._query("SELECT alias, target FROM aliases")]
+        rows += [("list", n, m) for n, m in self._query("SELECT list, member FROM list_members")]
+        rows += [("contact", a, r) for a, r in self._query("SELECT address, remote FROM contacts")]
+        return sorted((str(entry), kind, str(target)) for kind, entry, target in rows)
+
     def entries(self) -> list[tuple[str, str, str]]:
         """Every entry as ``(address, kind, detail)``, sorted by address."""
         rows: list[tuple[str, str, str]] = []
