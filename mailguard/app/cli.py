@@ -115,20 +115,12 @@ def _pointer(cfg: config.Config, args: argparse.Namespace, kind: str, name: str,
         to = _address(target)
         add(d, address, to)
         print(f"{kind} {address} -> {to}")
-        _warn_targets(cfg, d, kind, address, [to])
+        dangling.warn_targets(cfg, d, kind, address, [to])
     else:
         delete(d, address)
         print(f"{kind} {address} deleted")
         dangling.warn(dangling.left_by(cfg, d, address))
     return 0
-
-
-def _warn_targets(cfg: config.Config, d: SQLiteStore, kind: str, entry: str, targets: list[str]) -> None:
-    """Warn about each of an entry's new targets that points at nothing (it is saved all the same)."""
-    for target in targets:
-        gone = dangling.missing(cfg, d, target)
-        if gone is not None:
-            dangling.warn([dangling.Dangling(entry, kind, target, gone)])
 
 
 def cmd_alias(cfg: config.Config, args: argparse.Namespace) -> int:
@@ -154,7 +146,7 @@ def cmd_list(cfg: config.Config, args: argparse.Namespace) -> int:
         _check_local_domain(cfg, name)
         d.add_list_members(name, members)
         print(f"list {name}: {len(members)} member(s) added")
-        _warn_targets(cfg, d, "list", name, members)
+        dangling.warn_targets(cfg, d, "list", name, members)
     else:
         d.delete_list(name, members)
         print(f"list {name}: " + (f"{len(members)} member(s) removed" if members else "deleted"))

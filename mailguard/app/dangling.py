@@ -77,6 +77,14 @@ def find(cfg: config.Config, store: SQLiteStore) -> list[Dangling]:
     return found
 
 
+def warn_targets(cfg: config.Config, store: SQLiteStore, kind: str, entry: str, targets: list[str]) -> None:
+    """Warn about each new target of ``entry`` that points at nothing (the entry is saved all the same)."""
+    for target in targets:
+        gone = missing(cfg, store, target)
+        if gone is not None:
+            warn([Dangling(entry, kind, target, gone)])
+
+
 def left_by(cfg: config.Config, store: SQLiteStore, removed: str) -> list[Dangling]:
     """The entries that point at nothing now that ``removed`` is gone from the directory."""
     return [d for d in find(cfg, store) if d.missing == removed.lower()]
