@@ -4,15 +4,18 @@
 :class:`ConnectionLimiter` per listener kind: the MX (``smtp``), submission
 (``submission`` and ``submissions``) and POP3 (``pop3`` and ``pop3s``) each count
 their own, so a flood of idle connections to port 25 leaves submission free for
-staff.  A client is an IPv4 address or an IPv6 /64 (:func:`client_key`).  This
-module imports nothing from Twisted.
+staff.  A client is an IPv4 address or an IPv6 /64 (:func:`client_key`).
+
+``[limits] memory_budget`` is one :class:`MemoryBudget` shared by every SMTP
+session: the octets of unfinished messages held in memory.  This module imports
+nothing from Twisted.
 """
 
 from __future__ import annotations
 
 from mailguard.core.clients import client_key
 
-__all__ = ["ConnectionLimiter", "PER_IP", "TOTAL", "client_key"]
+__all__ = ["ConnectionLimiter", "MemoryBudget", "PER_IP", "TOTAL", "client_key"]
 
 TOTAL = "total"
 PER_IP = "per_ip"
@@ -47,3 +50,24 @@ class ConnectionLimiter:
             self.by_ip[ip] = n
         else:
             self.by_ip.pop(ip, None)
+
+
+class MemoryBudget:
+    """Octets of unfinished messages held in memory by all sessions together.
+
+    Each session keeps its own share and sets it with :meth:`hold`; :meth:`fits` says
+    whether a share may grow to a size without the total passing ``limit``.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def fits(self, share: int, new: int) -> bool:
+        """True when a session holding ``share`` octets may hold ``new`` instead."""
+        return new <= share or self.held - share + new <= self.limit
+
+    def hold(self, share: int, new: int) -> int:
+        """Change a session's share from ``share`` to ``new`` octets; returns ``new``."""
+        self.held += new - share
+        return new

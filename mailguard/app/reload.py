@@ -129,6 +129,8 @@ class Reloader:
             if limiter is not None:
                 limiter.total_limit = new.limits.max_connections
                 limiter.per_ip_limit = new.limits.max_connections_per_ip
+        if ctx.memory is not None:
+            ctx.memory.limit = new.limits.memory_budget
         if host.pop3_factory is not None:
             host.pop3_factory.config = new
             host.pop3_factory.limiter.total_limit = new.limits.max_connections

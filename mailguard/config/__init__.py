@@ -108,6 +108,7 @@ class LimitsConfig:
     session_timeout: int
     login_failures: int
     login_lockout: int
+    memory_budget: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "session_timeout": 1800,
         "login_failures": 5,
         "login_lockout": 300,
+        "memory_budget": 64 * 1024 * 1024,
         **checks_cfg.LIMIT_DEFAULTS,
     },
     "submission": {"enforce_sender": True, "normalize_bare_newlines": True},
@@ -312,6 +314,7 @@ def parse(data: Mapping[str, Any], source: str, base: Path) -> Config:
         session_timeout=lm.integer("session_timeout", 1),
         login_failures=lm.integer("login_failures", 1),
         login_lockout=lm.integer("login_lockout", 0),
+        memory_budget=lm.integer("memory_budget", 0),
     )
 
     sub = SubmissionConfig(r["submission"].boolean("enforce_sender"),

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
-from mailguard.app.limits import ConnectionLimiter
+from mailguard.app.limits import ConnectionLimiter, MemoryBudget
 from mailguard.config import Config
 from mailguard.core.policy import Decision
 from mailguard.core.srs import SRS
@@ -74,6 +74,12 @@ class SMTPContext:
     #: submission and submissions count their connections apart from port 25, so idle
     #: connections to the MX cannot lock staff out; None: they share ``limiter``.
     submission_limiter: ConnectionLimiter | None = None
+    #: ``[limits] memory_budget``: unfinished messages' octets in memory, all sessions together.
+    memory: MemoryBudget | None = None
+
+    def __post_init__(self) -> None:
+        if self.memory is None:
+            self.memory = MemoryBudget(self.cfg.limits.memory_budget)
 
     def limiter_for(self, kind: str) -> ConnectionLimiter:
         """The connection limiter of a listener kind (``smtp``, ``submission``, ``submissions``)."""

@@ -43,6 +43,7 @@ class Session(SMTPWire):
         self.clock = ctx.clock
         self.max_message_size = ctx.cfg.limits.max_message_size
         self.spool_dir = ctx.cfg.server.data_dir / "spool"
+        self.memory = ctx.memory
         self.helo: str | None = None
         self.esmtp = False
         self.authenticated: str | None = None
@@ -78,7 +79,7 @@ class Session(SMTPWire):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.mode = CLOSED
-        self.drop_spool()
+        self.forget_message()
         for call in (self._idle_call, self._session_call):
             if call is not None and call.active():
                 call.cancel()

@@ -211,10 +211,12 @@ class MailCommands(CheckedSession):
             self.start_data()
             self.send_raw(DATA_GO_AHEAD)
 
-    def message_received(self, message: bytes, too_big: bool) -> None:
+    def message_received(self, message: bytes, refusal: replies.Reply | None) -> None:
         env, self.envelope = self.envelope, Envelope()
-        if too_big or len(message) > self.cfg.limits.max_message_size:
-            self.reply(replies.TOO_BIG)
+        if refusal is None and len(message) > self.cfg.limits.max_message_size:
+            refusal = replies.TOO_BIG
+        if refusal is not None:
+            self.reply(refusal)
             return
         crlf = message.count(b"\r\n")
         if message.count(b"\r") != crlf or message.count(b"\n") != crlf:
