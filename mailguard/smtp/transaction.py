@@ -6,7 +6,8 @@
   addresses (asked of the directory).
 - Each RCPT is judged by :func:`mailguard.core.policy.decide` on facts fetched
   from the directory (:func:`mailguard.directory.facts.gather`); a directory that
-  cannot answer gives the 4xx ``directory_failure``.  One log line per decision.
+  cannot answer gives the 4xx ``directory_failure``.  A list's sender policy judges
+  the client and the envelope sender of MAIL.  One log line per decision.
 - After the final dot: a bare CR or LF anywhere is ``550 5.6.2`` (RFC 5321 section
   2.3.8; a trusted client's bare LF is made CRLF instead, with ``[submission]
   normalize_bare_newlines``), more than :data:`~mailguard.smtp.trace.MAX_HOPS` Received: headers a mail
@@ -167,7 +168,8 @@ class MailCommands(CheckedSession):
         who = self.policy_client()
         self.pause()
         now = self.clock.seconds()
-        d = gather(lambda facts: policy.decide(self.cfg, facts, who, path, srs=self.ctx.srs, now=now),
+        sender = env.sender or ""
+        d = gather(lambda facts: policy.decide(self.cfg, facts, who, path, srs=self.ctx.srs, now=now, sender=sender),
                    self.ctx.directory)
         d.addErrback(self._decision_failed, path)
         d.addCallback(self._decided, env)
