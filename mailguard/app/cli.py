@@ -20,6 +20,7 @@ from mailguard.app import cli_dns, dangling, dircli, statuscli
 from mailguard.config import lookup
 from mailguard.core import policy
 from mailguard.core.address import AddressError, parse_path
+from mailguard.core.entries import SENDER_POLICIES
 from mailguard.storage.maildir import maildir_path
 from mailguard.directory.sqlite import DirectoryError, EntryError, SQLiteStore
 
@@ -136,6 +137,8 @@ def cmd_list(cfg: config.Config, args: argparse.Namespace) -> int:
         return statuscli.print_entries(cfg, "list", _address(args.name))
     d = _directory(cfg)
     name = _address(args.name)
+    if args.action == "senders":
+        return _list_senders(d, name, args.members)
     try:
         members = [_address(m) for m in args.members]
     except CommandError as e:
@@ -147,10 +150,26 @@ def cmd_list(cfg: config.Config, args: argparse.Namespace) -> int:
         d.add_list_members(name, members)
         print(f"list {name}: {len(members)} member(s) added")
         dangling.warn_targets(cfg, d, "list", name, members)
+        inbound = cfg.inbound_domains()
+        if d.list_senders(name) == "anyone" and any(m.rpartition("@")[2] not in inbound for m in members):
+            print(f"list {name}: takes mail from anyone and forwards it to remote members; "
+                  f"'mailguard list senders {name} authenticated' limits who may send")
     else:
         d.delete_list(name, members)
         print(f"list {name}: " + (f"{len(members)} member(s) removed" if members else "deleted"))
         dangling.warn(dangling.left_by(cfg, d, name))
+    return 0
+
+
+def _list_senders(d: SQLiteStore, name: str, values: list[str]) -> int:
+    """``list senders LIST [anyone|authenticated|members]``: set the policy, or print it."""
+    if len(values) > 1:
+        raise CommandError(f"list senders needs LIST and one of {', '.join(SENDER_POLICIES)}")
+    if values:
+        d.set_list_senders(name, values[0].lower())
+    elif d.kind(name) != "list":
+        raise EntryError(f"no list {name}")
+    print(f"list {name}: senders {d.list_senders(name)}")
     return 0
 
 
@@ -303,9 +322,9 @@ def parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_alias)
 
     ls = sub.add_parser("list", help="distribution lists")
-    ls.add_argument("action", choices=["add", "del", "show"])
+    ls.add_argument("action", choices=["add", "del", "show", "senders"])
     ls.add_argument("name")
-    ls.add_argument("members", nargs="*")
+    ls.add_argument("members", nargs="*", help="members; for senders: anyone, authenticated or members")
     ls.set_defaults(func=cmd_list)
 
     c = sub.add_parser("contact", help="contacts (forward to a remote address)")

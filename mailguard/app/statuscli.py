@@ -117,12 +117,17 @@ def cmd_status(cfg: config.Config, args: argparse.Namespace) -> int:
 
 
 def print_entries(cfg: config.Config, kind: str, name: str | None = None) -> int:
-    """``alias list`` / ``contact list`` (``address -> target``) and ``list show LIST`` (its members)."""
-    rows = SQLiteStore(cfg.directory.path).entries()
+    """``alias list`` / ``contact list`` (``address -> target``) and ``list show LIST``.
+
+    ``list show``: ``senders: POLICY`` (who may send to it), then its members, one a line.
+    """
+    store = SQLiteStore(cfg.directory.path)
+    rows = store.entries()
     if name is not None:
         found = [detail for address, k, detail in rows if k == "list" and address == name]
         if not found:
             raise DirectoryError(f"no list {name}")
+        print(f"senders: {store.list_senders(name)}")
         for member in found[0].split(", "):
             print(member)
         return 0

@@ -33,7 +33,8 @@ def test_status_and_listings(fresh_server_factory: ServerFactory) -> None:
     assert lines[8] == f"directory: sqlite {server.data_dir / 'directory.sqlite'}, {len(OFFICE_USERS)} mailbox(es)"
 
     assert server.cli_ok("alias", "list").stdout == f"sales@{DOMAIN} -> alice@{DOMAIN}\n"
-    assert server.cli_ok("list", "show", f"team@{DOMAIN}").stdout == f"alice@{DOMAIN}\nbob@{DOMAIN}\n"
+    assert server.cli_ok("list", "show", f"team@{DOMAIN}").stdout == \
+        f"senders: anyone\nalice@{DOMAIN}\nbob@{DOMAIN}\n"
     missing = server.cli("list", "show", f"nobody@{DOMAIN}")
     assert (missing.returncode, missing.stderr) == (1, f"mailguard: no list nobody@{DOMAIN}\n")
     server.cli_ok("contact", "add", f"partner@{DOMAIN}", "someone@partner.example")
