@@ -81,7 +81,9 @@ def test_list_and_contact_warn_for_each_target_that_points_at_nothing(conf: Path
     run(conf, capsys, "user", "add", "bob@office.example", "--password-stdin", stdin="long enough\n")
     assert run(conf, capsys, "list", "add", "staff@office.example", "bob@office.example", "gone@office.example",
                "ann@remote.example", "left@office.example") == (
-        0, "list staff@office.example: 4 member(s) added\n",
+        0, "list staff@office.example: 4 member(s) added\n"
+           "list staff@office.example: takes mail from anyone and forwards it to remote members; "
+           "'mailguard list senders staff@office.example authenticated' limits who may send\n",
         f"mailguard: warning: list staff@office.example: member gone@office.example {NOTHING} gone@office.example\n"
         f"mailguard: warning: list staff@office.example: member left@office.example {NOTHING} left@office.example\n")
     assert run(conf, capsys, "contact", "add", "c@office.example", "nobody@office.example") == (

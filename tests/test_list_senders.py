@@ -224,7 +224,9 @@ def test_cli_sets_shows_and_refuses(conf: Path, capsys: pytest.CaptureFixture[st
     """``list senders LIST POLICY`` sets it, ``list senders LIST`` and ``list show LIST`` print it;
     a bad value or an unknown list is one line on stderr and exit 1."""
     assert run(conf, capsys, "list", "add", "staff@office.example", "alice@office.example") == \
-        (0, "list staff@office.example: 1 member(s) added\n", "")
+        (0, "list staff@office.example: 1 member(s) added\n",
+         "mailguard: warning: list staff@office.example: member alice@office.example points at nothing: "
+         "no mailbox, alias, list or contact alice@office.example\n")
     assert run(conf, capsys, "list", "senders", "staff@office.example") == \
         (0, "list staff@office.example: senders anyone\n", "")
     assert run(conf, capsys, "list", "senders", "Staff@office.example", "Members") == \
