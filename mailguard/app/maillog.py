@@ -7,6 +7,17 @@ stable, ``key=value`` separated by spaces, so that grep and fail2ban can read th
     mailguard smtp decision: client=192.0.2.9 local=127.0.0.1 helo=x from=<a@b> rcpt=<> rule=dnsbl_listed reply="554 5.7.1 Client host blocked by a DNS block list" detail="zone=bl.example code=127.0.0.2"
     mailguard auth failure: service=smtp client=192.0.2.7 user=alice@example.com
 
+One message has one id from its MAIL command on: the ``id=`` that ends its RCPT
+decision lines, the ``id=`` of its ``stored`` line (which names the local
+``mailboxes=`` it went into) and the ``msg=`` of the queue's lines (queued,
+deferred, delivered, failed, bounced, and those of the bounce itself), so that
+``grep 2k7f3q1x9b`` on the log follows it from RCPT to delivery or bounce::
+
+    mailguard smtp decision: client=192.0.2.7 ... rcpt=<ann@remote.example> rule=relay reply="250 2.1.5 OK" id=2k7f3q1x9b
+    mailguard smtp stored: client=192.0.2.7 id=2k7f3q1x9b sender=joe@example.com rcpts=2 size=1290 mailboxes=bob@example.com
+    mailguard outbound: id=0653a1f2c4b7e9d01c2a msg=2k7f3q1x9b state=queued from=<joe@example.com> to=<ann@remote.example>
+    mailguard outbound: id=0653a1f2c4b7e9d01c2a msg=2k7f3q1x9b to=<ann@remote.example> state=failed relay=... reply=550 ...
+
 Passwords and AUTH payloads are never logged.
 """
 
@@ -34,12 +45,16 @@ def clean(value: object) -> str:
 
 
 def decision(client: str, local: str, helo: str, sender: str, rcpt: str, rule: str, reply: object,
-             detail: str = "") -> None:
-    """Log one decision (a RCPT, or a check's refusal; ``detail`` says what decided it)."""
+             detail: str = "", msg_id: str = "") -> None:
+    """Log one decision (a RCPT, or a check's refusal; ``detail`` says what decided it).
+
+    ``msg_id``: the message's id, made at MAIL (the one of the ``250`` reply, the
+    ``stored`` line and the queue's lines), ending the line as ``id=...``.
+    """
     for hook in DECISION_HOOKS:
         hook(rule, reply)
     # Formatted here once: the observers then only copy one field.
-    extra = f' detail="{clean(detail)}"' if detail else ""
+    extra = (f' detail="{clean(detail)}"' if detail else "") + (f" id={msg_id}" if msg_id else "")
     log.info("{line}", line=(
         f"mailguard smtp decision: client={client} local={local} helo={clean(helo)} from=<{clean(sender)}> "
         f"rcpt=<{clean(rcpt)}> rule={rule} reply=\"{clean(reply)}\"{extra}"))

@@ -199,8 +199,8 @@ class Mailhost(service.MultiService):
         return QueueRunner(self.cfg, self.queue, self.clock, self._inject, self.resolver,
                            local=self._deliver_local)
 
-    def _inject(self, sender: str, recipients: list[str], message: bytes) -> Deferred[str | None]:
-        return self.store.inject(sender, recipients, message)
+    def _inject(self, sender: str, recipients: list[str], message: bytes, msg_id: str) -> Deferred[str | None]:
+        return self.store.inject(sender, recipients, message, msg_id)
 
     def _deliver_local(self, sender: str, mailboxes: list[str], message: bytes) -> Deferred[list[str]]:
         return self.store.deliver_local(sender, mailboxes, message)

@@ -48,6 +48,7 @@ class Session(SMTPWire):
         self.esmtp = False
         self.authenticated: str | None = None
         self.envelope = Envelope()
+        self.msg_id = ""        # the id of the current (or last) transaction's message, made at MAIL
         self._admitted = False
         self._idle_call: interfaces.IDelayedCall | None = None
         self._session_call: interfaces.IDelayedCall | None = None

@@ -136,6 +136,7 @@ class MailCommands(CheckedSession):
             self.reply(refusal.reply)
             return
         self.envelope = Envelope(sender=sender_text, declared_size=size)
+        self.msg_id = trace.make_id(self.clock)     # from here on, every log line of the message has it
         self.reply(replies.SENDER_OK)
 
     def _check_failed(self, f: Failure) -> None:
@@ -196,7 +197,7 @@ class MailCommands(CheckedSession):
 
     def _answer_rcpt(self, decision: policy.Decision, env: Envelope) -> None:
         maillog.decision(self.client_ip, self.local_ip, self.helo or "", env.sender or "", decision.recipient,
-                         decision.rule, decision.reply)
+                         decision.rule, decision.reply, msg_id=self.msg_id)
         if decision.accepted:
             env.decisions.append(decision)
         self.reply(decision.reply)
@@ -237,7 +238,7 @@ class MailCommands(CheckedSession):
             maillog.event("smtp", "mail-loop", self.client_ip, sender=env.sender)
             self.reply(replies.TOO_MANY_HOPS)
             return
-        msg_id = trace.make_id(self.clock)
+        msg_id = self.msg_id or trace.make_id(self.clock)
         self.pause()
         d = Deferred.fromCoroutine(self._deliver(msg_id, env, message))
         d.addErrback(self._filter_failed, msg_id).addBoth(lambda _: self.resume())
@@ -303,8 +304,9 @@ class MailCommands(CheckedSession):
                 self.reply(replies.SIGNING_FAILED)
                 return
         await self.ctx.store.store(msg_id, sender, decisions, received, message, held=held)
+        mailboxes = ",".join(dict.fromkeys(m for d in decisions for m in d.mailboxes)) or "-"
         maillog.event("smtp", "held" if held else "stored", self.client_ip, id=msg_id,
-                      sender=sender, rcpts=len(decisions), size=len(message))
+                      sender=sender, rcpts=len(decisions), size=len(message), mailboxes=mailboxes)
         self.stored()
         self.reply(replies.QUEUED, msg_id)
 
