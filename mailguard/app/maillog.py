@@ -24,9 +24,11 @@ Passwords and AUTH payloads are never logged.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
+from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.logger import Logger
+from zope.interface import implementer
 
 log = Logger(namespace="mailguard")
 
@@ -122,3 +124,21 @@ def directory_entry(what: str, **fields: object) -> None:
     """Log a directory entry that cannot be used: ``mailguard directory <what>: k=v ...``."""
     extra = " ".join(f"{k}={clean(v)}" for k, v in fields.items())
     log.warn("{line}", line=f"mailguard directory {what}: {extra}")
+
+
+@implementer(IStreamClientEndpoint)
+class Quiet:
+    """An endpoint whose connections do not log ``Starting factory``/``Stopping factory``.
+
+    Twisted logs both lines for every connection of a factory left ``noisy`` (such
+    as the one ``endpoints.connectProtocol`` and the web client make): two lines per
+    outbound delivery, MTA-STS fetch or directory connection, none of them news.
+    ``Quiet(endpoint)`` turns that off for each factory it connects.
+    """
+
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self.endpoint = endpoint
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Any:  # noqa: N803 - Twisted's name
+        setattr(protocolFactory, "noisy", False)
+        return self.endpoint.connect(protocolFactory)

@@ -13,7 +13,7 @@ failed logins, POP-before-SMTP windows) carry over.
 
 What a reload cannot change without dropping connections or moving data keeps its
 running value and is logged as needing a restart: ``[listen]``, ``[directory]``,
-``[dns]`` and ``[metrics]``.  A changed ``server.data_dir`` refuses the reload.
+``[dns]``, ``[metrics]`` and ``[log]``.  A changed ``server.data_dir`` refuses the reload.
 
 The running server's process id is in ``data_dir/mailguard.pid`` (written at start,
 removed at a clean stop), which is how ``mailguard reload`` finds it.
@@ -45,7 +45,7 @@ log = Logger(namespace="mailguard")
 PIDFILE = "mailguard.pid"
 
 #: Sections a running server keeps until it restarts (listening sockets, the open directory, the resolver).
-NEEDS_RESTART = ("listen", "directory", "dns", "metrics")
+NEEDS_RESTART = ("listen", "directory", "dns", "metrics", "log")
 
 
 class ReloadError(Exception):

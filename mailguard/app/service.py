@@ -17,7 +17,8 @@ from twisted.internet import endpoints
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore, IReactorThreads, IReactorTime
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
@@ -128,6 +129,8 @@ class Mailhost(service.MultiService):
         self.cfg = cfg
         self.reactor = reactor
         self.daemon = daemon
+        #: The observer twistd logs to instead of its own (set by the plugin for ``--logfile``).
+        self.log_observer: ILogObserver | None = None
         self.clock = IReactorTime(reactor)
         self.threads = IReactorThreads(reactor)
         cfg.server.data_dir.mkdir(parents=True, exist_ok=True)
@@ -242,6 +245,12 @@ class Mailhost(service.MultiService):
     def _pop3_factory(self) -> POP3Factory:
         from mailguard.pop3.server import POP3Factory
         return POP3Factory(self.cfg, self.authenticator, self.pop_before_smtp, self.tls, clock=self.clock)
+
+    def setServiceParent(self, parent: service.IServiceCollection) -> None:
+        """Join twistd's application, handing it :attr:`log_observer` first (its ``ILogObserver``)."""
+        if self.log_observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.log_observer)  # type: ignore[no-untyped-call]
+        service.MultiService.setServiceParent(self, parent)
 
     def startService(self) -> None:
         reload.install_sighup(self.reloader, self.threads.callFromThread)

@@ -4,7 +4,7 @@ Format
 ======
 ``etc/mailguard.toml`` (see the shipped file for every key with its default).
 Sections: ``[server] [tls] [listen] [domains."name"] [relay] [replies] [limits]
-[submission] [outbound] [directory] [filters]``.  Unknown keys are an error.  Relative paths
+[submission] [outbound] [directory] [filters] [dkim] [dns] [checks] [metrics] [log]``.  Unknown keys are an error.  Relative paths
 are relative to the configuration file's folder (or, for the built-in defaults, to
 the current directory).
 
@@ -35,6 +35,7 @@ from mailguard.config.filters import FiltersConfig
 from mailguard.config import checks as checks_cfg
 from mailguard.config import dns as dns_cfg
 from mailguard.config import ldap as ldap_config
+from mailguard.config import log as log_cfg
 from mailguard.config import lookup
 from mailguard.config import metrics as metrics_cfg
 from mailguard.config.ldap import LDAPConfig
@@ -164,6 +165,7 @@ class Config:
     checks: checks_cfg.ChecksConfig = checks_cfg.OFF
     metrics: metrics_cfg.MetricsConfig = metrics_cfg.MetricsConfig()
     auth: auth_cfg.AuthConfig = auth_cfg.AuthConfig()
+    log: log_cfg.LogConfig = log_cfg.LogConfig()
 
     def route_for(self, domain: str) -> DomainRoute | None:
         """The configured route for a (normalised) domain, or None when it is remote."""
@@ -245,6 +247,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "checks": checks_cfg.DEFAULTS,
     "metrics": metrics_cfg.DEFAULTS,
     "auth": auth_cfg.DEFAULTS,
+    "log": log_cfg.DEFAULTS,
 }
 DEFAULT_DOMAINS: dict[str, dict[str, Any]] = {"localhost": {"route": "inbound"}}
 
@@ -375,7 +378,8 @@ def parse(data: Mapping[str, Any], source: str, base: Path) -> Config:
     return Config(source, server, tls, listen, MappingProxyType(domains), relay, reply_cfg,
                   limits, sub, outbound, directory,
                   dkim=dkim_section.parse(r["dkim"], base, server.data_dir), filters=filters, dns=dns,
-                  checks=checks, metrics=metrics_cfg.parse(r["metrics"]), auth=auth_cfg.parse(r["auth"]))
+                  checks=checks, metrics=metrics_cfg.parse(r["metrics"]), auth=auth_cfg.parse(r["auth"]),
+                  log=log_cfg.parse(r["log"]))
 
 
 def _domains(source: str, table: Any) -> dict[str, DomainRoute]:
