@@ -11,12 +11,12 @@ One message has one id from its MAIL command on: the ``id=`` that ends its RCPT
 decision lines, the ``id=`` of its ``stored`` line (which names the local
 ``mailboxes=`` it went into) and the ``msg=`` of the queue's lines (queued,
 deferred, delivered, failed, bounced, and those of the bounce itself), so that
-``grep 2k7f3q1x9b`` on the log follows it from RCPT to delivery or bounce::
+``grep 2K7F3Q1X9B`` on the log follows it from RCPT to delivery or bounce::
 
-    mailguard smtp decision: client=192.0.2.7 ... rcpt=<ann@remote.example> rule=relay reply="250 2.1.5 OK" id=2k7f3q1x9b
-    mailguard smtp stored: client=192.0.2.7 id=2k7f3q1x9b sender=joe@example.com rcpts=2 size=1290 mailboxes=bob@example.com
-    mailguard outbound: id=0653a1f2c4b7e9d01c2a msg=2k7f3q1x9b state=queued from=<joe@example.com> to=<ann@remote.example>
-    mailguard outbound: id=0653a1f2c4b7e9d01c2a msg=2k7f3q1x9b to=<ann@remote.example> state=failed relay=... reply=550 ...
+    mailguard smtp decision: client=192.0.2.7 ... rcpt=<ann@remote.example> rule=allow reply="250 2.1.5 Recipient ok" id=2K7F3Q1X9B
+    mailguard outbound: id=66190428394dccdf61af0 msg=2K7F3Q1X9B state=queued from=<joe@example.com> to=<ann@remote.example>
+    mailguard smtp stored: client=192.0.2.7 id=2K7F3Q1X9B sender=joe@example.com rcpts=2 size=1290 mailboxes=bob@example.com
+    mailguard outbound: id=66190428394dccdf61af0 msg=2K7F3Q1X9B to=<ann@remote.example> state=failed relay=... reply=550 ...
 
 Passwords and AUTH payloads are never logged.
 """

@@ -4,7 +4,8 @@ Format
 ======
 ``etc/mailguard.toml`` (see the shipped file for every key with its default).
 Sections: ``[server] [tls] [listen] [domains."name"] [relay] [replies] [limits]
-[submission] [outbound] [directory] [filters] [dkim] [dns] [checks] [metrics] [log]``.  Unknown keys are an error.  Relative paths
+[submission] [outbound] [directory] [filters] [dkim] [dns] [checks] [metrics]
+[log]``.  Unknown keys are an error.  Relative paths
 are relative to the configuration file's folder (or, for the built-in defaults, to
 the current directory).
 

@@ -177,7 +177,7 @@ class Store:
 def _logged(entries: list[StagedEntry], state: str) -> list[StagedEntry]:
     """Log each new queue entry with the SMTP message id it carries (``grep`` follows it)::
 
-        mailguard outbound: id=0653a1f2c4b7e9d01c2a msg=2k7f3q1x9b state=queued from=<joe@example.com> to=<ann@remote.example>
+        mailguard outbound: id=66190428394dccdf61af0 msg=2K7F3Q1X9B state=queued from=<joe@example.com> to=<ann@remote.example>
     """
     for staged in entries:
         e = staged.entry

@@ -19,7 +19,7 @@ Everything lives in one folder (``cfg.queue_dir``, normally ``data_dir/queue``):
             "attempts": 1, "next_attempt": 1764420300.25,
             "last_reply": "451 4.3.0 try later", "relay": "mx1.remote.example",
             "notified": false, "local": false}],
-         "held": "", "msg_id": "2k7f3q1x9b"}
+         "held": "", "msg_id": "2K7F3Q1X9B"}
 
     ``sender`` is ``""`` for the null sender ``<>``.  ``state`` is ``pending``
     (never tried), ``deferred`` (a temporary failure; ``next_attempt`` is when to try

@@ -17,7 +17,8 @@ def test_status_and_listings(fresh_server_factory: ServerFactory) -> None:
     with server.smtp(source=ALLOWED_HOST) as c:        # the smarthost is down: it waits, deferred
         assert c.sendmail(f"bob@{DOMAIN}", ["far@remote.example"],
                           make_message(f"bob@{DOMAIN}", "far@remote.example", "status-queued")) == {}
-    logged = server.wait_for_log(r"mailguard outbound: id=\S+ msg=\S+ to=<far@remote.example> state=deferred", timeout=30)
+    logged = server.wait_for_log(r"mailguard outbound: id=\S+ msg=\S+ to=<far@remote.example> state=deferred",
+                                 timeout=30)
     queue_id = re.search(r"id=(\S+)", logged).group(1)       # type: ignore[union-attr]
     reply = logged.split(" reply=", 1)[1]
 
