@@ -4,21 +4,42 @@
 :class:`ConnectionLimiter` per listener kind: the MX (``smtp``), submission
 (``submission`` and ``submissions``) and POP3 (``pop3`` and ``pop3s``) each count
 their own, so a flood of idle connections to port 25 leaves submission free for
-staff.  A client is an IPv4 address or an IPv6 /64 (:func:`client_key`).
+staff.  A client is an IPv4 address or an IPv6 /64 (:func:`client_key`).  This
+module imports nothing from Twisted at run time.
 
 ``[limits] memory_budget`` is one :class:`MemoryBudget` shared by every SMTP
-session: the octets of unfinished messages held in memory.  This module imports
-nothing from Twisted.
+session of a process: the octets of unfinished messages held in memory (with
+``[server] workers`` each process has its own).
+
+With ``[server] workers`` above 1 the counts live in the first process and the
+others ask it over a pipe (:class:`mailguard.app.state.RemoteLimiter`): their
+``admit`` answers later, with a Deferred.  :class:`Limiter` is what a listener
+uses of either.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Protocol
+
 from mailguard.core.clients import client_key
 
-__all__ = ["ConnectionLimiter", "MemoryBudget", "PER_IP", "TOTAL", "client_key"]
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+__all__ = ["ConnectionLimiter", "Limiter", "MemoryBudget", "PER_IP", "TOTAL", "client_key"]
 
 TOTAL = "total"
 PER_IP = "per_ip"
+
+
+class Limiter(Protocol):
+    """Admits and releases connections: :class:`ConnectionLimiter` here, or a remote one."""
+
+    def admit(self, ip: str) -> str | None | Deferred[str | None]:
+        """Count a new connection; which limit refuses it (``TOTAL``/``PER_IP``), or None."""
+
+    def release(self, ip: str) -> None:
+        """Forget one admitted connection."""
 
 
 class ConnectionLimiter:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from twisted.application import service
 from twisted.internet import endpoints
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore, IReactorThreads, IReactorTime
+from twisted.internet.interfaces import (IListeningPort, IProtocolFactory, IReactorCore, IReactorSocket,
+                                         IReactorThreads, IReactorTime)
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.logger import ILogObserver, Logger
@@ -34,13 +35,15 @@ from mailguard.dns import resolver as dns_resolver
 from mailguard.storage.groupcommit import GroupCommit
 from mailguard.storage.queue import Queue
 from mailguard.app import checkconfig, metrics, reload
-from mailguard.app.limits import ConnectionLimiter
+from mailguard.app.limits import ConnectionLimiter, Limiter
+from mailguard.app.state import PopLogin, RemoteLimiter, StateClient, Wake
 from mailguard.milter.chain import MilterChain
 from mailguard.smtp.server import SMTPContext, SMTPFactory
 from mailguard.app.tls import TLSContext
 
 if TYPE_CHECKING:
     from mailguard.outbound.runner import QueueRunner
+    from mailguard.app.workers import WorkerPool
     from mailguard.pop3.server import POP3Factory
 
 log = Logger(namespace="mailguard")
@@ -124,9 +127,13 @@ class Mailhost(service.MultiService):
     """Everything the listeners share; start it and mail flows."""
 
     def __init__(self, cfg: Config, reactor: IReactorCore, *, owner: tuple[int, int] | None = None,
-                 daemon: bool = False) -> None:
+                 daemon: bool = False, worker: tuple[StateClient, list[int]] | None = None) -> None:
         service.MultiService.__init__(self)
         self.cfg = cfg
+        #: In a worker of ``[server] workers``: the link to the first process and the inherited sockets.
+        self.worker = worker
+        self.listeners: list[ListenerService] = []
+        self.pool: WorkerPool | None = None
         self.reactor = reactor
         self.daemon = daemon
         #: The observer twistd logs to instead of its own (set by the plugin for ``--logfile``).
@@ -143,13 +150,17 @@ class Mailhost(service.MultiService):
         self.directory.close()
         self.queue = Queue(cfg.queue_dir)
         self.tls = TLSContext(cfg)
-        self.limiter = ConnectionLimiter(cfg.limits.max_connections, cfg.limits.max_connections_per_ip)
+        self.limiter = self._limiter("smtp")
         self.authenticator = auth.Authenticator(self.directory.verify_password, self.clock, cfg.limits)
         self.pop_before_smtp = auth.PopBeforeSmtp(self.clock, cfg.relay.pop_before_smtp)
+        if worker is not None:
+            client = worker[0]
+            client.pop_before_smtp = self.pop_before_smtp
+            self.pop_before_smtp.share = lambda ip: client.tell(PopLogin, ip=ip)
         # One resolver and one cache for every lookup: outbound MX and the inbound checks.
         self.resolver = dns_resolver.from_config(cfg.dns.servers, cfg.dns.timeout, reactor)
         self.checks = InboundChecks(cfg, self.resolver, self.clock)
-        self.runner = self._queue_runner()
+        self.runner = self._queue_runner() if worker is None else None
         cfg.mail_dir.mkdir(parents=True, exist_ok=True)
         self.commit = GroupCommit(self.threads, cfg.mail_dir)
         filters = cfg.filters
@@ -165,7 +176,9 @@ class Mailhost(service.MultiService):
         self._listen()
         source = Path(cfg.source)
         self.reloader = reload.Reloader(self, source if source.is_file() else None)
-        if owner is not None:
+        if worker is None and cfg.server.workers > 1:
+            self._start_workers(str(source.resolve()) if source.is_file() else None)
+        if owner is not None and worker is None:
             give_away(cfg.server.data_dir, *owner)
 
     def _open_directory(self, cfg: Config) -> Directory:
@@ -197,6 +210,27 @@ class Mailhost(service.MultiService):
             return SQLiteStore(path, create=False)
         return SQLiteStore(path)
 
+    def _limiter(self, kind: str) -> Limiter:
+        """Connection counts of a listener kind: here, or in the first process for a worker."""
+        if self.worker is not None:
+            return RemoteLimiter(self.worker[0], kind)
+        return ConnectionLimiter(self.cfg.limits.max_connections, self.cfg.limits.max_connections_per_ip)
+
+    def _start_workers(self, config_path: str | None) -> None:
+        from mailguard.app.workers import WorkerPool
+
+        def limiter_for(kind: str) -> Limiter:
+            if kind.startswith("pop3") and self.pop3_factory is not None:
+                return self.pop3_factory.limiter
+            return self.smtp_context.limiter_for(kind)
+        self.pool = WorkerPool(self.reactor, self.cfg.server.workers - 1, self.listeners, limiter_for,
+                               self._wake, config_path)
+        self.pool.host_pop = self.pop_before_smtp.learn
+        pool = self.pool
+        self.pop_before_smtp.share = lambda ip: pool.pop_login(None, ip)
+        self.reloader.followers.append(lambda: pool.signal_all("HUP"))
+        service.Service.setServiceParent(self.pool, self)
+
     def _queue_runner(self) -> QueueRunner:
         from mailguard.outbound.runner import QueueRunner
         return QueueRunner(self.cfg, self.queue, self.clock, self._inject, self.resolver,
@@ -211,6 +245,8 @@ class Mailhost(service.MultiService):
     def _wake(self) -> None:
         if self.runner is not None:
             self.runner.wake()
+        elif self.worker is not None:
+            self.worker[0].tell(Wake)
 
     def _listen(self) -> None:
         listen = self.cfg.listen
@@ -222,29 +258,42 @@ class Mailhost(service.MultiService):
                           authenticator=self.authenticator, pop_before_smtp=self.pop_before_smtp,
                           limiter=self.limiter, tls=self.tls, clock=self.clock, milters=self.milters,
                           outgoing=Outgoing(self.cfg), srs=self.srs, checks=self.checks,
-                          submission_limiter=ConnectionLimiter(self.cfg.limits.max_connections,
-                                                               self.cfg.limits.max_connections_per_ip))
+                          submission_limiter=self._limiter("submission"))
         self.smtp_context = ctx
         for kind in ("smtp", "submission", "submissions"):
             for desc in getattr(listen, kind):
                 factory = SMTPFactory(ctx, kind)
                 self.smtp_factories.append(factory)
                 served: IProtocolFactory = metrics.Counted(factory, kind) if counted else factory
-                listener = ListenerService(self.reactor, desc, served, self.tls, self.daemon)
-                service.Service.setServiceParent(listener, self)
+                self._serve(desc, served)
         self.pop3_factory = pop3_factory = self._pop3_factory()
         for kind in ("pop3", "pop3s"):
             for desc in getattr(listen, kind):
                 served = metrics.Counted(pop3_factory, kind) if counted else pop3_factory
-                listener = ListenerService(self.reactor, desc, served, self.tls, self.daemon)
-                service.Service.setServiceParent(listener, self)
-        for desc in self.cfg.metrics.listen:
+                self._serve(desc, served)
+        for desc in self.cfg.metrics.listen if self.worker is None else ():
             listener = ListenerService(self.reactor, desc, metrics.site(), None, self.daemon)
             service.Service.setServiceParent(listener, self)
 
+    def _serve(self, desc: str, served: IProtocolFactory) -> None:
+        """A mail listener: opened here, or in a worker the first process's socket adopted."""
+        listener: service.Service
+        if self.worker is not None:
+            from mailguard.app.workers import AdoptedListener
+            fds = self.worker[1]
+            listener = AdoptedListener(IReactorSocket(self.reactor), fds[len(self.listeners)], desc, served,
+                                       self.tls)
+            self.listeners.append(cast(ListenerService, listener))
+        else:
+            listener = ListenerService(self.reactor, desc, served, self.tls, self.daemon)
+            self.listeners.append(listener)
+        service.Service.setServiceParent(listener, self)
+
     def _pop3_factory(self) -> POP3Factory:
         from mailguard.pop3.server import POP3Factory
-        return POP3Factory(self.cfg, self.authenticator, self.pop_before_smtp, self.tls, clock=self.clock)
+        factory = POP3Factory(self.cfg, self.authenticator, self.pop_before_smtp, self.tls, clock=self.clock)
+        factory.limiter = self._limiter("pop3")
+        return factory
 
     def setServiceParent(self, parent: service.IServiceCollection) -> None:
         """Join twistd's application, handing it :attr:`log_observer` first (its ``ILogObserver``)."""
@@ -254,7 +303,8 @@ class Mailhost(service.MultiService):
 
     def startService(self) -> None:
         reload.install_sighup(self.reloader, self.threads.callFromThread)
-        reload.write_pidfile(self.cfg.server.data_dir)
+        if self.worker is None:
+            reload.write_pidfile(self.cfg.server.data_dir)
         self.threads.suggestThreadPoolSize(20)
         self.hash_pool.start()
         log.info("mailguard starting: hostname={host} data_dir={data}",
@@ -264,7 +314,8 @@ class Mailhost(service.MultiService):
     def stopService(self) -> Deferred[None] | None:
         d: Deferred[None] | None = service.MultiService.stopService(self)
         self.commit.stop()
-        reload.remove_pidfile(self.cfg.server.data_dir)
+        if self.worker is None:
+            reload.remove_pidfile(self.cfg.server.data_dir)
         self.checks.close()
         self.directory.close()
         self.hash_pool.stop()

@@ -184,9 +184,17 @@ class PopBeforeSmtp:
         self.clock = clock
         self.window = window
         self._until: dict[str, float] = {}
+        #: Told of every login recorded here (``[server] workers``: the other processes).
+        self.share: Callable[[str], None] | None = None
 
     def record(self, ip: str) -> None:
         """A successful POP3 login from ``ip``."""
+        self.learn(ip)
+        if self.share is not None and self.window > 0:
+            self.share(ip)
+
+    def learn(self, ip: str) -> None:
+        """A successful POP3 login from ``ip``, here or in another process."""
         if self.window <= 0:
             return
         now = self.clock.seconds()

@@ -56,6 +56,22 @@ class ServerConfig:
     hostname: str
     data_dir: Path
     postmaster: str
+    #: Reactor processes serving the listeners (``[server] workers``; "auto" is the number of cores).
+    workers: int = 1
+
+
+#: The most ``[server] workers`` accepts: more processes than this only cost memory.
+MAX_WORKERS = 64
+
+
+def _workers(srv: Reader) -> int:
+    """``[server] workers``: a count, or ``"auto"`` for the number of cores."""
+    value = srv.get("workers", (int, str))
+    if value == "auto":
+        return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    if isinstance(value, str) or isinstance(value, bool):
+        raise srv.fail("workers", f'must be a number of processes or "auto", not {value!r}')
+    return srv.integer("workers", 1, MAX_WORKERS)
 
 
 @dataclass(frozen=True)
@@ -187,7 +203,7 @@ class Config:
 
 # Every key with its default.  The shipped etc/mailguard.toml mirrors this table.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "server": {"hostname": "localhost", "data_dir": "var", "postmaster": ""},
+    "server": {"hostname": "localhost", "data_dir": "var", "postmaster": "", "workers": 1},
     "tls": {"certificate": "", "key": "", "auth_requires_tls": True},
     "listen": {
         "smtp": ["tcp:2525:interface=127.0.0.1"],
@@ -269,7 +285,8 @@ def parse(data: Mapping[str, Any], source: str, base: Path) -> Config:
     hostname = srv.string("hostname").strip()
     if not hostname or any(c.isspace() for c in hostname):
         raise srv.fail("hostname", f"must be a host name, not {hostname!r}")
-    server = ServerConfig(hostname, _path(base, srv.string("data_dir")), srv.string("postmaster").lower())
+    server = ServerConfig(hostname, _path(base, srv.string("data_dir")), srv.string("postmaster").lower(),
+                          _workers(srv))
 
     t = r["tls"]
     cert, key = t.string("certificate"), t.string("key")

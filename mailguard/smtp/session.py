@@ -12,10 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from twisted.internet import interfaces, protocol
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from mailguard.app import limits as limits_mod
-from mailguard.app.connection import connection
+from mailguard.app.connection import Connection, connection
+from mailguard.app.limits import Limiter
 from mailguard.app import maillog
 from mailguard.config import IPAddress
 from mailguard.core import policy, replies
@@ -64,7 +66,24 @@ class Session(SMTPWire):
         self.local_ip = getattr(local, "host", str(local))
         self.client_ip_obj = policy.parse_ip(self.client_ip)
         self.local_ip_obj = policy.parse_ip(self.local_ip)
-        over = self.ctx.limiter_for(self.kind).admit(self.client_ip)
+        limiter = self.ctx.limiter_for(self.kind)
+        over = limiter.admit(self.client_ip)
+        if isinstance(over, Deferred):
+            # Counted by the first process ([server] workers): nothing is read until it answers.
+            conn.pauseProducing()
+            over.addCallback(self._admission, limiter, conn)
+            return
+        self._admit_or_refuse(over)
+
+    def _admission(self, over: str | None, limiter: Limiter, conn: Connection) -> None:
+        if self.mode == CLOSED:                  # the client left while the count was asked for
+            if over is None:
+                limiter.release(self.client_ip)
+            return
+        conn.resumeProducing()
+        self._admit_or_refuse(over)
+
+    def _admit_or_refuse(self, over: str | None) -> None:
         if over is not None:
             refusal = replies.TOO_MANY_CONNECTIONS if over == limits_mod.TOTAL else replies.TOO_MANY_FROM_IP
             maillog.event("smtp", "refused", self.client_ip, reason=refusal.text)
