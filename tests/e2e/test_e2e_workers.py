@@ -1,0 +1,252 @@
+"""End to end: ``[server] workers`` runs several reactor processes on the same sockets.
+
+Which process serves a connection is read from ``/proc``: the server's end of the
+TCP connection is a socket inode, and exactly one process of the server holds it.
+"""
+
+from __future__ import annotations
+
+import os
+import poplib
+import signal
+import smtplib
+import socket
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+from mailguard.core import replies
+
+from .conftest import DOMAIN, ServerFactory
+from .harness import MailguardServer, tcp_end, tls_context, wait_for
+
+PASSWORD = "correct horse battery"
+INBOUND = {"domains": {DOMAIN: {"route": "inbound"}}}
+
+
+def addr(user: str) -> str:
+    return f"{user}@{DOMAIN}"
+
+
+def children(server: MailguardServer) -> list[int]:
+    """The worker processes: the children of the twistd process."""
+    assert server.process is not None
+    parent, found = server.process.pid, []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                found.append(int(entry.name))
+    return found
+
+
+def serving(server: MailguardServer, count: int) -> None:
+    """Wait until ``count`` processes have started serving (each logs ``mailguard starting``)."""
+    wait_for(lambda: server.log_text().count("mailguard starting:") >= count, 20, f"{count} serving processes")
+
+
+def _hex(host: str, port: int) -> str:
+    return f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}"
+
+
+def owner(server: MailguardServer, client: socket.socket) -> int | None:
+    """The process of ``server`` that holds the server's end of ``client``'s connection (None: not accepted yet)."""
+    assert server.process is not None
+    mine, theirs = client.getsockname()[:2], client.getpeername()[:2]
+    want = (_hex(*theirs), _hex(*mine))
+    inode = next((line.split()[9] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+                  if tuple(line.split()[1:3]) == want), None)
+    if inode is None:
+        return None
+    for pid in [server.process.pid, *children(server)]:
+        fds = Path(f"/proc/{pid}/fd")
+        for fd in fds.iterdir():
+            try:
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return pid
+            except OSError:
+                continue
+    return None
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    end = tcp_end(sock.getpeername()[:2], sock.getsockname()[:2])
+    return end is None or end.state != "01"
+
+
+def connect_via(server: MailguardServer, port: int, pid: int | None) -> socket.socket:
+    """A connection accepted by the server process ``pid`` (any when None): the server's
+    other processes are stopped (SIGSTOP) until that one has accepted it."""
+    assert server.process is not None
+    sock = None
+    others = [p for p in [server.process.pid, *children(server)] if pid is not None and p != pid]
+    for p in others:
+        os.kill(p, signal.SIGSTOP)
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if pid is not None:
+            # Accepted there, or already closed (a refusal): only ``pid`` could have done either.
+            wait_for(lambda: owner(server, sock) == pid or closed_by_server(sock), 10, f"process {pid} to accept")
+    finally:
+        for p in others:
+            os.kill(p, signal.SIGCONT)
+    return sock
+
+
+def greeted(server: MailguardServer, port: int, source: str = "127.0.0.1") -> tuple[socket.socket, str]:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    return sock, first_line(sock)
+
+
+def first_line(sock: socket.socket) -> str:
+    return sock.makefile("rb").readline().decode().rstrip("\r\n")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_per_ip_limit_counts_every_process(fresh_server_factory: ServerFactory, workers: int) -> None:
+    """20 connections from one address are greeted, the 21st refused with the same 421 whatever
+    the number of workers.  With 2, half of the 20 are accepted by each process, and the
+    21st is refused by either; once the 20 are closed, 20 are admitted again (the counts
+    were released in the first process)."""
+    server = fresh_server_factory(f"limit{workers}", {"server": {"workers": workers},
+                                                      "limits": {"max_connections_per_ip": 20}})
+    serving(server, workers)
+    assert server.process is not None
+    pids: list[int | None] = [server.process.pid, *children(server)] if workers > 1 else [None]
+    assert len(pids) == workers
+    for _round in range(2):
+        held = [connect_via(server, server.smtp_port, pids[i % len(pids)]) for i in range(20)]
+        assert [first_line(s) for s in held] == [f"220 {server.hostname} ESMTP mailguard"] * 20
+        if workers > 1:
+            assert sorted(owner(server, s) or 0 for s in held) == sorted(pids * 10)  # type: ignore[operator]
+        for pid in pids:
+            extra = connect_via(server, server.smtp_port, pid)
+            assert first_line(extra) == str(replies.TOO_MANY_FROM_IP)
+            extra.close()
+        # Another address is not refused: the counts are per address.
+        other, line = greeted(server, server.smtp_port, source="127.0.0.9")
+        assert line.startswith("220 ")
+        other.close()
+        for s in held:
+            s.close()
+        wait_for(lambda: len(server.log_lines("mailguard smtp refused")) == len(pids) * (_round + 1), 5,
+                 "the refusals logged")
+        if _round == 0:
+            # The 20 closed connections are released (asynchronously, from each process).
+            def admits_20() -> bool:
+                probes = [greeted(server, server.smtp_port) for _ in range(20)]
+                ok = all(line.startswith("220 ") for _s, line in probes)
+                for s, _l in probes:
+                    s.close()
+                return ok
+            wait_for(admits_20, 10, "the closed connections to be released")
+
+
+def pop3_login(server: MailguardServer, user: str) -> poplib.POP3:
+    p = OnSocket(connect_via(server, server.ports["pop3"], None))
+    p.stls(tls_context())
+    p.user(addr(user))
+    p.pass_(PASSWORD)
+    return p
+
+
+class OnSocket(poplib.POP3):
+    """A POP3 client on a connection already made."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._made = sock
+        super().__init__("127.0.0.1", 0)
+
+    def _create_socket(self, timeout: float) -> socket.socket:
+        return self._made
+
+
+def in_use(server: MailguardServer, user: str, pid: int | None = None) -> tuple[poplib.POP3, bytes]:
+    """A session (accepted by process ``pid``) whose login is refused; its reply."""
+    p = OnSocket(connect_via(server, server.ports["pop3"], pid))
+    p.stls(tls_context())
+    p.user(addr(user))
+    with pytest.raises(poplib.error_proto) as info:
+        p.pass_(PASSWORD)
+    return p, info.value.args[0]
+
+
+def test_pop3_in_use_lock_across_workers_and_a_second_server(fresh_server_factory: ServerFactory) -> None:
+    """A mailbox open in one process is IN-USE in the other worker and in a second mailguard on
+    the same data_dir; after QUIT the second server opens it."""
+    a = fresh_server_factory("popa", {"server": {"workers": 2}, **INBOUND})
+    serving(a, 2)
+    a.add_user(addr("frank"), PASSWORD)
+    assert a.process is not None
+    first, [worker] = a.process.pid, children(a)
+    holder = OnSocket(connect_via(a, a.ports["pop3"], worker))
+    holder.stls(tls_context())
+    holder.user(addr("frank"))
+    holder.pass_(PASSWORD)
+    for pid in (first, worker):
+        p, reply = in_use(a, "frank", pid)
+        assert reply == b"-ERR [IN-USE] Mailbox is locked by another session"
+        assert owner(a, p.sock) == pid
+        p.close()
+    b = fresh_server_factory("popb", {"server": {"data_dir": str(a.data_dir)}, **INBOUND})
+    _p, reply = in_use(b, "frank")
+    assert reply == b"-ERR [IN-USE] Mailbox is locked by another session"
+    _p.close()
+    assert holder.quit().startswith(b"+OK")
+    second = pop3_login(b, "frank")
+    assert second.stat() == (0, 0)
+    second.quit()
+
+
+def test_killed_worker_is_replaced_and_acknowledged_mail_is_kept(fresh_server_factory: ServerFactory) -> None:
+    """kill -9 of a worker while four clients send: a new worker starts (one log line), serves,
+    and every message that got 250 is in the maildir."""
+    server = fresh_server_factory("kill", {"server": {"workers": 2}, **INBOUND})
+    server.add_user(addr("alice"), PASSWORD)
+    serving(server, 2)
+    [victim] = children(server)
+    acked: list[str] = []
+    stop = threading.Event()
+
+    def send(source: str) -> None:
+        while not stop.is_set():
+            try:
+                with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=10,
+                                  source_address=(source, 0)) as s:
+                    for _ in range(5):
+                        mark = "w-" + uuid.uuid4().hex
+                        s.sendmail("a@outside.example", [addr("alice")],
+                                   f"Subject: {mark}\r\n\r\n{mark}\r\n" + "x" * 2000 + "\r\n")
+                        acked.append(mark)
+            except (smtplib.SMTPException, OSError):
+                continue                    # the connection was on the killed worker
+
+    threads = [threading.Thread(target=send, args=(f"127.0.0.{10 + i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: len(acked) >= 40, 30, "40 messages accepted")
+        os.kill(victim, signal.SIGKILL)
+        server.wait_for_log(rf"mailguard worker ended: pid={victim} ", 10)
+        wait_for(lambda: len(children(server)) == 1 and children(server) != [victim], 10, "a new worker")
+        [replacement] = children(server)
+        serving(server, 3)
+        before = len(acked)
+        wait_for(lambda: len(acked) >= before + 40, 30, "40 more messages accepted")
+        # The new worker serves too.
+        sock = connect_via(server, server.smtp_port, replacement)
+        assert first_line(sock) == f"220 {server.hostname} ESMTP mailguard"
+        sock.close()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    stored = b"".join(server.messages(addr("alice")))
+    missing = [m for m in acked if m.encode() not in stored]
+    assert not missing, f"{len(missing)} of {len(acked)} acknowledged messages are not in the maildir"
+    assert server.log_lines(rf"mailguard worker started: pid={replacement}$")
