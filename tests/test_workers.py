@@ -18,8 +18,8 @@ from twisted.test.iosim import connectedServerAndClient
 
 from mailguard import config
 from mailguard.app.limits import PER_IP, ConnectionLimiter
-from mailguard.app.state import PopLogin, RemoteLimiter, StateClient, StateServer, Wake
-from mailguard.auth.authenticator import PopBeforeSmtp
+from mailguard.app.state import LoginFailed, PopLogin, RemoteLimiter, StateClient, StateServer, Wake
+from mailguard.auth.authenticator import Authenticator, PopBeforeSmtp, Throttled
 from mailguard.config import ConfigError
 from mailguard.core import replies
 from mailguard.pop3.server import POP3Factory
@@ -64,7 +64,7 @@ class Pair:
     def __init__(self, per_ip: int = 2) -> None:
         self.limiter = ConnectionLimiter(100, per_ip)
         self.woken = 0
-        self.logins: list[str] = []
+        self.told: list[dict[str, str]] = []
         self.gone: list[StateServer] = []
         self.lost = 0
 
@@ -72,7 +72,7 @@ class Pair:
             self.woken += 1
 
         def server() -> StateServer:
-            return StateServer(lambda kind: self.limiter, wake, lambda _s, ip: self.logins.append(ip),
+            return StateServer(lambda kind: self.limiter, wake, lambda _s, cmd, args: self.told.append(args),
                                self.gone.append)
 
         def client() -> StateClient:
@@ -140,7 +140,7 @@ def test_pop_before_smtp_and_wake_reach_the_first_process() -> None:
     p.client.pop_before_smtp = record
     record.record("192.0.2.7")
     p.pump.flush()
-    assert p.logins == ["192.0.2.7"]
+    assert p.told == [{"ip": "192.0.2.7"}]
     p.server.callRemote(PopLogin, ip="192.0.2.8")
     p.client.tell(Wake)
     p.pump.flush()
@@ -238,3 +238,24 @@ def test_lock_holds_against_another_process(tmp_path: Path) -> None:
     locks.acquire(box)
     assert locks.held(box)
     locks.release(box)
+
+
+def test_failed_logins_are_counted_by_every_process() -> None:
+    """A failed login in a worker is told to the first process; one told by it counts here."""
+    p = Pair()
+    clock = task.Clock()
+    limits = office_config(limits={"login_failures": 1}).limits
+    auth = Authenticator(lambda login, password: None, clock, limits)
+    p.client.authenticator = auth
+    auth.share = lambda ip, login: p.client.tell(LoginFailed, client=ip, login=login)
+    checked = auth.check("a@example.com", "wrong", "192.0.2.7", "pop3")
+    clock.advance(0)
+    assert Pair.result(checked) is None
+    p.pump.flush()
+    assert p.told == [{"client": "192.0.2.7", "login": "a@example.com"}]
+    p.server.callRemote(LoginFailed, client="192.0.2.7", login="a@example.com")
+    p.server.callRemote(LoginFailed, client="192.0.2.7", login="a@example.com")
+    p.pump.flush()
+    assert auth.by_ip.count("192.0.2.7") == 3
+    with pytest.raises(Throttled):
+        auth.delay_for("a@example.com", "192.0.2.7")

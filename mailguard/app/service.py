@@ -36,7 +36,7 @@ from mailguard.storage.groupcommit import GroupCommit
 from mailguard.storage.queue import Queue
 from mailguard.app import checkconfig, metrics, reload
 from mailguard.app.limits import ConnectionLimiter, Limiter
-from mailguard.app.state import PopLogin, RemoteLimiter, StateClient, Wake
+from mailguard.app.state import LoginFailed, PopLogin, RemoteLimiter, StateClient, Wake
 from mailguard.milter.chain import MilterChain
 from mailguard.smtp.server import SMTPContext, SMTPFactory
 from mailguard.app.tls import TLSContext
@@ -155,8 +155,9 @@ class Mailhost(service.MultiService):
         self.pop_before_smtp = auth.PopBeforeSmtp(self.clock, cfg.relay.pop_before_smtp)
         if worker is not None:
             client = worker[0]
-            client.pop_before_smtp = self.pop_before_smtp
+            client.pop_before_smtp, client.authenticator = self.pop_before_smtp, self.authenticator
             self.pop_before_smtp.share = lambda ip: client.tell(PopLogin, ip=ip)
+            self.authenticator.share = lambda ip, login: client.tell(LoginFailed, client=ip, login=login)
         # One resolver and one cache for every lookup: outbound MX and the inbound checks.
         self.resolver = dns_resolver.from_config(cfg.dns.servers, cfg.dns.timeout, reactor)
         self.checks = InboundChecks(cfg, self.resolver, self.clock)
@@ -225,9 +226,10 @@ class Mailhost(service.MultiService):
             return self.smtp_context.limiter_for(kind)
         self.pool = WorkerPool(self.reactor, self.cfg.server.workers - 1, self.listeners, limiter_for,
                                self._wake, config_path)
-        self.pool.host_pop = self.pop_before_smtp.learn
+        self.pool.host_pop, self.pool.host_auth = self.pop_before_smtp, self.authenticator
         pool = self.pool
-        self.pop_before_smtp.share = lambda ip: pool.pop_login(None, ip)
+        self.pop_before_smtp.share = lambda ip: pool.told(None, PopLogin, {"ip": ip})
+        self.authenticator.share = lambda ip, login: pool.told(None, LoginFailed, {"client": ip, "login": login})
         self.reloader.followers.append(lambda: pool.signal_all("HUP"))
         service.Service.setServiceParent(self.pool, self)
 

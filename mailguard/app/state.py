@@ -10,7 +10,9 @@ at the first process's end, :class:`StateClient` at the worker's).
   :class:`~mailguard.app.limits.ConnectionLimiter` its own listeners use, so the
   limits hold over all processes together.  What a worker held is released when its
   connection to the first process ends (the worker died).
-- POP-before-SMTP: a login recorded in any process is told to every other one.
+- POP-before-SMTP and login throttling: a POP3 login, or a failed login, in any
+  process is told to the first one, which tells every other worker; each process
+  then decides from its own copy, at once, as with one process.
 - Queue: a worker that queued a message wakes the queue runner, which runs in the
   first process only.
 """
@@ -28,7 +30,7 @@ from twisted.python.failure import Failure
 from mailguard.app.limits import TOTAL, Limiter
 
 if TYPE_CHECKING:
-    from mailguard.auth.authenticator import PopBeforeSmtp
+    from mailguard.auth.authenticator import Authenticator, PopBeforeSmtp
 
 log = Logger(namespace="mailguard")
 
@@ -60,15 +62,26 @@ class PopLogin(amp.Command):
     requiresAnswer = False
 
 
+class LoginFailed(amp.Command):
+    """A failed login of ``login`` from ``client`` (login throttling), told like :class:`PopLogin`."""
+
+    arguments = [(b"client", amp.Unicode()), (b"login", amp.Unicode())]
+    requiresAnswer = False
+
+
+#: Told by one process to all: the commands that :meth:`StateServer.told` passes on.
+Told = Callable[["StateServer | None", type[amp.Command], dict[str, str]], None]
+
+
 class StateServer(amp.AMP):
     """The first process's end of one worker's connection."""
 
-    def __init__(self, limiter_for: Callable[[str], Limiter], wake: Callable[[], None],
-                 pop_login: Callable[[StateServer, str], None], gone: Callable[[StateServer], None]) -> None:
+    def __init__(self, limiter_for: Callable[[str], Limiter], wake: Callable[[], None], told: Told,
+                 gone: Callable[[StateServer], None]) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.limiter_for = limiter_for
         self.wake = wake
-        self.pop_login = pop_login
+        self.told = told
         self.gone = gone
         self.held: Counter[tuple[str, str]] = Counter()
 
@@ -97,7 +110,12 @@ class StateServer(amp.AMP):
 
     @PopLogin.responder
     def pop_logged_in(self, ip: str) -> dict[str, Any]:
-        self.pop_login(self, ip)
+        self.told(self, PopLogin, {"ip": ip})
+        return {}
+
+    @LoginFailed.responder
+    def login_failed(self, client: str, login: str) -> dict[str, Any]:
+        self.told(self, LoginFailed, {"client": client, "login": login})
         return {}
 
     def connectionLost(self, reason: Failure) -> None:      # type: ignore[override]
@@ -116,11 +134,18 @@ class StateClient(amp.AMP):
         super().__init__()  # type: ignore[no-untyped-call]
         self.lost = lost
         self.pop_before_smtp: PopBeforeSmtp | None = None
+        self.authenticator: Authenticator | None = None
 
     @PopLogin.responder
     def pop_logged_in(self, ip: str) -> dict[str, Any]:
         if self.pop_before_smtp is not None:
             self.pop_before_smtp.learn(ip)
+        return {}
+
+    @LoginFailed.responder
+    def login_failed(self, client: str, login: str) -> dict[str, Any]:
+        if self.authenticator is not None:
+            self.authenticator.learn_failure(client, login)
         return {}
 
     def tell(self, command: type[amp.Command], **arguments: str) -> None:

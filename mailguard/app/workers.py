@@ -25,15 +25,17 @@ from twisted.internet import protocol
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IListeningPort, IProcessTransport, IProtocolFactory, IReactorProcess, IReactorSocket, IReactorTime
 from twisted.logger import Logger, LogLevel
+from twisted.protocols import amp
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from mailguard.app.limits import Limiter
-from mailguard.app.state import PopLogin, StateServer
+from mailguard.app.state import LoginFailed, PopLogin, StateServer
 from mailguard.app.tls import TLSContext
 
 if TYPE_CHECKING:
     from mailguard.app.service import ListenerService
+    from mailguard.auth.authenticator import Authenticator, PopBeforeSmtp
 
 log = Logger(namespace="mailguard")
 
@@ -177,7 +179,7 @@ class WorkerPool(service.Service):
             theirs.close()
         proc.pid = transport.pid or 0
         self.workers[slot] = (proc, transport)
-        server = StateServer(self.limiter_for, self.wake, self.pop_login, self.servers.remove)
+        server = StateServer(self.limiter_for, self.wake, self.told, self.servers.remove)
         self.servers.append(server)
         IReactorSocket(self.reactor).adoptStreamConnection(ours.fileno(), socket.AF_UNIX, Handing(server))
         ours.close()
@@ -195,16 +197,21 @@ class WorkerPool(service.Service):
                   pid=proc.pid, why=reason.getErrorMessage(), wait=wait)
         IReactorTime(self.reactor).callLater(wait, self._start_all)
 
-    def pop_login(self, source: StateServer | None, ip: str) -> None:
-        """A POP3 login in one process: the first process records it, every other worker learns it."""
-        if source is not None and self.host_pop is not None:
-            self.host_pop(ip)
+    def told(self, source: StateServer | None, command: type[amp.Command], arguments: dict[str, str]) -> None:
+        """One process's POP3 login or failed login: recorded here (unless it happened here),
+        and told to every worker but the one it came from."""
+        if source is not None and self.host_auth is not None and self.host_pop is not None:
+            if command is PopLogin:
+                self.host_pop.learn(arguments["ip"])
+            elif command is LoginFailed:
+                self.host_auth.learn_failure(arguments["client"], arguments["login"])
         for server in self.servers:
             if server is not source:
-                server.callRemote(PopLogin, ip=ip)  # type: ignore[no-untyped-call]
+                server.callRemote(command, **arguments)  # type: ignore[no-untyped-call]
 
-    #: The first process's own ``PopBeforeSmtp.learn`` (set by the host).
-    host_pop: Callable[[str], None] | None = None
+    #: The first process's own records (set by the host).
+    host_pop: PopBeforeSmtp | None = None
+    host_auth: Authenticator | None = None
 
     def signal_all(self, name: str) -> None:
         for _proc, transport in list(self.workers.values()):
