@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from mailguard import config
 from mailguard.core import replies
 
 from .conftest import DOMAIN, ServerFactory
-from .harness import MailguardServer, tcp_end, tls_context, wait_for
+from .harness import Dialog, MailguardServer, tcp_end, tls_context, wait_for
 
 PASSWORD = "correct horse battery"
 INBOUND = {"domains": {DOMAIN: {"route": "inbound"}}}
@@ -79,7 +80,7 @@ def closed_by_server(sock: socket.socket) -> bool:
     return end is None or end.state != "01"
 
 
-def connect_via(server: MailguardServer, port: int, pid: int | None) -> socket.socket:
+def connect_via(server: MailguardServer, port: int, pid: int | None, source: str = "127.0.0.1") -> socket.socket:
     """A connection accepted by the server process ``pid`` (any when None): the server's
     other processes are stopped (SIGSTOP) until that one has accepted it."""
     assert server.process is not None
@@ -88,7 +89,7 @@ def connect_via(server: MailguardServer, port: int, pid: int | None) -> socket.s
     for p in others:
         os.kill(p, signal.SIGSTOP)
     try:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
         if pid is not None:
             # Accepted there, or already closed (a refusal): only ``pid`` could have done either.
             wait_for(lambda: owner(server, sock) == pid or closed_by_server(sock), 10, f"process {pid} to accept")
@@ -164,6 +165,43 @@ class OnSocket(poplib.POP3):
 
     def _create_socket(self, timeout: float) -> socket.socket:
         return self._made
+
+
+def pop3_login_via(server: MailguardServer, user: str, pid: int, source: str) -> poplib.POP3:
+    p = OnSocket(connect_via(server, server.ports["pop3"], pid, source))
+    p.stls(tls_context())
+    p.user(addr(user))
+    p.pass_(PASSWORD)
+    return p
+
+
+def relay_reply_via(server: MailguardServer, pid: int, source: str) -> str:
+    """The reply to a RCPT for a remote domain from ``source``, in process ``pid``."""
+    with Dialog(connect_via(server, server.smtp_port, pid, source)) as d:
+        assert d.read_reply().code == 220
+        d.cmd("EHLO client.example")
+        d.cmd("MAIL FROM:<alice@realdomain.example>")
+        r = d.cmd("RCPT TO:<friend@elsewhere.example>")
+        d.cmd("QUIT")
+    return r.last
+
+
+def test_pop_before_smtp_holds_in_every_process(fresh_server_factory: ServerFactory) -> None:
+    """A POP3 login served by one process lets that IP relay through the other, both ways."""
+    server = fresh_server_factory("pbs", {"server": {"workers": 2}, "relay": {"pop_before_smtp": 600},
+                                          **INBOUND})
+    server.add_user(addr("alice"), PASSWORD)
+    serving(server, 2)
+    assert server.process is not None
+    first, [worker] = server.process.pid, children(server)
+    denied = str(config.defaults().replies.relay_denied)
+    for login_in, relay_in, source in ((worker, first, "127.0.0.30"), (first, worker, "127.0.0.31")):
+        assert relay_reply_via(server, relay_in, source) == denied
+        pop3_login_via(server, "alice", login_in, source).quit()
+        # Told over the processes' pipe: a moment after the +OK at most.
+        wait_for(lambda: relay_reply_via(server, relay_in, source) == str(replies.RECIPIENT_OK), 5,
+                 f"the login in {login_in} to be known in {relay_in}")
+    assert relay_reply_via(server, worker, "127.0.0.32") == denied
 
 
 def in_use(server: MailguardServer, user: str, pid: int | None = None) -> tuple[poplib.POP3, bytes]:
