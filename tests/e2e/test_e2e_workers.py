@@ -21,7 +21,7 @@ from mailguard import config
 from mailguard.core import replies
 
 from .conftest import DOMAIN, ServerFactory
-from .harness import Dialog, MailguardServer, tcp_end, tls_context, wait_for
+from .harness import Dialog, MailguardServer, deep_merge, tcp_end, tls_context, toml_dumps, wait_for
 
 PASSWORD = "correct horse battery"
 INBOUND = {"domains": {DOMAIN: {"route": "inbound"}}}
@@ -288,3 +288,20 @@ def test_killed_worker_is_replaced_and_acknowledged_mail_is_kept(fresh_server_fa
     missing = [m for m in acked if m.encode() not in stored]
     assert not missing, f"{len(missing)} of {len(acked)} acknowledged messages are not in the maildir"
     assert server.log_lines(rf"mailguard worker started: pid={replacement}$")
+
+
+def test_reload_reaches_every_process(fresh_server_factory: ServerFactory) -> None:
+    """``mailguard reload`` (SIGHUP to the first process) reloads the workers too: a changed
+    reply is given by both processes; the reload line is logged once per process."""
+    server = fresh_server_factory("reload", {"server": {"workers": 2}, **INBOUND})
+    serving(server, 2)
+    assert server.process is not None
+    first, [worker] = server.process.pid, children(server)
+    new = "550 5.7.1 Ask the office to send it for you"
+    server.config = deep_merge(server.config, {"replies": {"relay_denied": new}})
+    server.config_path.write_text(toml_dumps(server.config), encoding="utf-8")
+    assert server.cli_ok("reload").stdout.startswith(f"SIGHUP sent to mailguard (process {first});")
+    wait_for(lambda: len(server.log_lines(r"mailguard reload: .* in use for new connections$")) == 2, 10,
+             "both processes to reload")
+    assert relay_reply_via(server, first, "127.0.0.40") == new
+    assert relay_reply_via(server, worker, "127.0.0.40") == new
