@@ -2,7 +2,11 @@
 
 :class:`Mailhost` holds what the protocols share (directory, store, authenticator,
 POP-before-SMTP record, TLS, connection limits, queue runner) and is a twisted
-``MultiService`` whose children are the listeners and the queue runner.
+``MultiService`` whose children are the listeners and the queue runner.  With
+``[server] workers`` above 1 it also starts the worker processes
+(:mod:`mailguard.app.workers`), each of which builds a ``Mailhost`` of its own with
+``worker=``: the first process's sockets adopted, the counts kept by the first
+process, no queue runner.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from twisted.application import service
 from twisted.internet import endpoints
@@ -130,7 +134,8 @@ class Mailhost(service.MultiService):
                  daemon: bool = False, worker: tuple[StateClient, list[int]] | None = None) -> None:
         service.MultiService.__init__(self)
         self.cfg = cfg
-        #: In a worker of ``[server] workers``: the link to the first process and the inherited sockets.
+        #: In a worker of ``[server] workers``: the link to the first process and the inherited
+        #: sockets not yet adopted.
         self.worker = worker
         self.listeners: list[ListenerService] = []
         self.pool: WorkerPool | None = None
@@ -282,10 +287,8 @@ class Mailhost(service.MultiService):
         listener: service.Service
         if self.worker is not None:
             from mailguard.app.workers import AdoptedListener
-            fds = self.worker[1]
-            listener = AdoptedListener(IReactorSocket(self.reactor), fds[len(self.listeners)], desc, served,
-                                       self.tls)
-            self.listeners.append(cast(ListenerService, listener))
+            fds, self.worker = self.worker[1], (self.worker[0], self.worker[1][1:])    # in [listen] order
+            listener = AdoptedListener(IReactorSocket(self.reactor), fds[0], desc, served, self.tls)
         else:
             listener = ListenerService(self.reactor, desc, served, self.tls, self.daemon)
             self.listeners.append(listener)

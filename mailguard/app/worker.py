@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 from typing import Any, TextIO
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     host.privilegedStartService()             # type: ignore[no-untyped-call]
     host.startService()
     reactor.addSystemEventTrigger("before", "shutdown", host.stopService)
+    # Ctrl-C under ``twistd -n`` reaches the whole process group: the first process stops
+    # the workers itself (SIGTERM), so a worker ignores SIGINT.
+    reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
     reactor.run()                                     
     return 0
 
