@@ -40,7 +40,7 @@ from mailguard.storage.groupcommit import GroupCommit
 from mailguard.storage.queue import Queue
 from mailguard.app import checkconfig, metrics, reload
 from mailguard.app.limits import ConnectionLimiter, Limiter
-from mailguard.app.state import LoginFailed, PopLogin, RemoteLimiter, StateClient, Wake
+from mailguard.app.state import Accepted, LoginFailed, PopLogin, RemoteLimiter, StateClient, Wake
 from mailguard.milter.chain import MilterChain
 from mailguard.smtp.server import SMTPContext, SMTPFactory
 from mailguard.app.tls import TLSContext
@@ -158,14 +158,16 @@ class Mailhost(service.MultiService):
         self.limiter = self._limiter("smtp")
         self.authenticator = auth.Authenticator(self.directory.verify_password, self.clock, cfg.limits)
         self.pop_before_smtp = auth.PopBeforeSmtp(self.clock, cfg.relay.pop_before_smtp)
+        # One resolver and one cache for every lookup: outbound MX and the inbound checks.
+        self.resolver = dns_resolver.from_config(cfg.dns.servers, cfg.dns.timeout, reactor)
+        self.checks = InboundChecks(cfg, self.resolver, self.clock)
         if worker is not None:
             client = worker[0]
             client.pop_before_smtp, client.authenticator = self.pop_before_smtp, self.authenticator
             self.pop_before_smtp.share = lambda ip: client.tell(PopLogin, ip=ip)
             self.authenticator.share = lambda ip, login: client.tell(LoginFailed, client=ip, login=login)
-        # One resolver and one cache for every lookup: outbound MX and the inbound checks.
-        self.resolver = dns_resolver.from_config(cfg.dns.servers, cfg.dns.timeout, reactor)
-        self.checks = InboundChecks(cfg, self.resolver, self.clock)
+            client.accepted = self._learn_accepted
+            self.checks.share = lambda window, key: client.tell(Accepted, window=window, key=key)
         self.runner = self._queue_runner() if worker is None else None
         cfg.mail_dir.mkdir(parents=True, exist_ok=True)
         self.commit = GroupCommit(self.threads, cfg.mail_dir)
@@ -222,6 +224,9 @@ class Mailhost(service.MultiService):
             return RemoteLimiter(self.worker[0], kind)
         return ConnectionLimiter(self.cfg.limits.max_connections, self.cfg.limits.max_connections_per_ip)
 
+    def _learn_accepted(self, window: str, key: str) -> None:
+        self.checks.learn_accepted(window, key, self.clock.seconds())
+
     def _start_workers(self, config_path: str | None) -> None:
         from mailguard.app.workers import WorkerPool
 
@@ -235,6 +240,8 @@ class Mailhost(service.MultiService):
         pool = self.pool
         self.pop_before_smtp.share = lambda ip: pool.told(None, PopLogin, {"ip": ip})
         self.authenticator.share = lambda ip, login: pool.told(None, LoginFailed, {"client": ip, "login": login})
+        self.pool.host_accepted = self._learn_accepted
+        self.checks.share = lambda window, key: pool.told(None, Accepted, {"window": window, "key": key})
         self.reloader.followers.append(lambda: pool.signal_all("HUP"))
         service.Service.setServiceParent(self.pool, self)
 

@@ -10,8 +10,8 @@ at the first process's end, :class:`StateClient` at the worker's).
   :class:`~mailguard.app.limits.ConnectionLimiter` its own listeners use, so the
   limits hold over all processes together.  What a worker held is released when its
   connection to the first process ends (the worker died).
-- POP-before-SMTP and login throttling: a POP3 login, or a failed login, in any
-  process is told to the first one, which tells every other worker; each process
+- POP-before-SMTP, login throttling and rate control: a POP3 login, a failed
+  login or a message counted by ``[limits] messages_per_*`` in any process is told to the first one, which tells every other worker; each process
   then decides from its own copy, at once, as with one process.
 - Queue: a worker that queued a message wakes the queue runner, which runs in the
   first process only.
@@ -69,6 +69,13 @@ class LoginFailed(amp.Command):
     requiresAnswer = False
 
 
+class Accepted(amp.Command):
+    """A message counted by rate control: ``window`` is ``ip`` or ``user``; told like :class:`PopLogin`."""
+
+    arguments = [(b"window", amp.Unicode()), (b"key", amp.Unicode())]
+    requiresAnswer = False
+
+
 #: Told by one process to all: the commands that :meth:`StateServer.told` passes on.
 Told = Callable[["StateServer | None", type[amp.Command], dict[str, str]], None]
 
@@ -118,6 +125,11 @@ class StateServer(amp.AMP):
         self.told(self, LoginFailed, {"client": client, "login": login})
         return {}
 
+    @Accepted.responder
+    def message_accepted(self, window: str, key: str) -> dict[str, Any]:
+        self.told(self, Accepted, {"window": window, "key": key})
+        return {}
+
     def connectionLost(self, reason: Failure) -> None:      # type: ignore[override]
         held, self.held = self.held, Counter()
         for (kind, ip), n in held.items():
@@ -135,6 +147,8 @@ class StateClient(amp.AMP):
         self.lost = lost
         self.pop_before_smtp: PopBeforeSmtp | None = None
         self.authenticator: Authenticator | None = None
+        #: Counts a message another process accepted (rate control).
+        self.accepted: Callable[[str, str], None] | None = None
 
     @PopLogin.responder
     def pop_logged_in(self, ip: str) -> dict[str, Any]:
@@ -146,6 +160,12 @@ class StateClient(amp.AMP):
     def login_failed(self, client: str, login: str) -> dict[str, Any]:
         if self.authenticator is not None:
             self.authenticator.learn_failure(client, login)
+        return {}
+
+    @Accepted.responder
+    def message_accepted(self, window: str, key: str) -> dict[str, Any]:
+        if self.accepted is not None:
+            self.accepted(window, key)
         return {}
 
     def tell(self, command: type[amp.Command], **arguments: str) -> None:

@@ -30,7 +30,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from mailguard.app.limits import Limiter
-from mailguard.app.state import LoginFailed, PopLogin, StateServer
+from mailguard.app.state import Accepted, LoginFailed, PopLogin, StateServer
 from mailguard.app.tls import TLSContext
 
 if TYPE_CHECKING:
@@ -198,13 +198,15 @@ class WorkerPool(service.Service):
         IReactorTime(self.reactor).callLater(wait, self._start_all)
 
     def told(self, source: StateServer | None, command: type[amp.Command], arguments: dict[str, str]) -> None:
-        """One process's POP3 login or failed login: recorded here (unless it happened here),
+        """One process's POP3 login, failed login or rate-counted message: recorded here (unless it happened here),
         and told to every worker but the one it came from."""
         if source is not None and self.host_auth is not None and self.host_pop is not None:
             if command is PopLogin:
                 self.host_pop.learn(arguments["ip"])
             elif command is LoginFailed:
                 self.host_auth.learn_failure(arguments["client"], arguments["login"])
+            elif command is Accepted and self.host_accepted is not None:
+                self.host_accepted(arguments["window"], arguments["key"])
         for server in self.servers:
             if server is not source:
                 server.callRemote(command, **arguments)  # type: ignore[no-untyped-call]
@@ -212,6 +214,7 @@ class WorkerPool(service.Service):
     #: The first process's own records (set by the host).
     host_pop: PopBeforeSmtp | None = None
     host_auth: Authenticator | None = None
+    host_accepted: Callable[[str, str], None] | None = None
 
     def signal_all(self, name: str) -> None:
         for _proc, transport in list(self.workers.values()):

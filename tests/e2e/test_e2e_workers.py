@@ -305,3 +305,32 @@ def test_reload_reaches_every_process(fresh_server_factory: ServerFactory) -> No
              "both processes to reload")
     assert relay_reply_via(server, first, "127.0.0.40") == new
     assert relay_reply_via(server, worker, "127.0.0.40") == new
+
+
+def test_rate_limit_counts_messages_of_every_process(fresh_server_factory: ServerFactory) -> None:
+    """messages_per_ip_per_minute = 2: one message accepted by each process, then MAIL from that
+    address is rate_limited in both."""
+    server = fresh_server_factory("rates", {"server": {"workers": 2}, "limits": {"messages_per_ip_per_minute": 2},
+                                            **INBOUND})
+    server.add_user(addr("alice"), PASSWORD)
+    serving(server, 2)
+    assert server.process is not None
+    first, [worker] = server.process.pid, children(server)
+    limited = str(config.defaults().checks.replies.rate_limited)
+
+    def mail_reply(pid: int, message: bool) -> str:
+        with Dialog(connect_via(server, server.smtp_port, pid, "127.0.0.50")) as d:
+            assert d.read_reply().code == 220
+            d.cmd("EHLO client.example")
+            reply = d.cmd("MAIL FROM:<a@outside.example>")
+            if message and reply.code == 250:
+                assert d.cmd(f"RCPT TO:<{addr('alice')}>").code == 250
+                assert d.data(b"Subject: rate\r\n\r\nrate\r\n").code == 250
+            d.cmd("QUIT")
+        return reply.last
+
+    assert mail_reply(first, True) == str(replies.SENDER_OK)
+    assert mail_reply(worker, True) == str(replies.SENDER_OK)
+    # Told over the processes' pipe: a moment after the 250 at most.
+    wait_for(lambda: mail_reply(first, False) == limited, 5, "the first process to count the worker's message")
+    wait_for(lambda: mail_reply(worker, False) == limited, 5, "the worker to count the first process's message")
