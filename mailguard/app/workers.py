@@ -174,7 +174,7 @@ class WorkerPool(service.Service):
         proc.started = IReactorTime(self.reactor).seconds()
         try:
             transport = IReactorProcess(self.reactor).spawnProcess(
-                proc, sys.executable, args, env=dict(os.environ), path=self.cwd, childFDs=child_fds)
+                proc, sys.executable, args, env=self.environment(), path=self.cwd, childFDs=child_fds)
         finally:
             theirs.close()
         proc.pid = transport.pid or 0
@@ -184,6 +184,11 @@ class WorkerPool(service.Service):
         IReactorSocket(self.reactor).adoptStreamConnection(ours.fileno(), socket.AF_UNIX, Handing(server))
         ours.close()
         log.info("mailguard worker started: pid={pid}", pid=proc.pid)
+
+    @staticmethod
+    def environment() -> dict[str, str]:
+        """This process's environment, less systemd's socket variables (a worker's sockets are its own)."""
+        return {k: v for k, v in os.environ.items() if k not in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")}
 
     def ended(self, proc: WorkerProcess, reason: Failure) -> None:
         if self.workers.get(proc.slot, (None,))[0] is proc:

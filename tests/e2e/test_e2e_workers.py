@@ -22,6 +22,7 @@ from mailguard.core import replies
 
 from .conftest import DOMAIN, ServerFactory
 from .harness import Dialog, MailguardServer, deep_merge, tcp_end, tls_context, toml_dumps, wait_for
+from .test_e2e_systemd import SocketActivated
 
 PASSWORD = "correct horse battery"
 INBOUND = {"domains": {DOMAIN: {"route": "inbound"}}}
@@ -73,6 +74,20 @@ def owner(server: MailguardServer, client: socket.socket) -> int | None:
             except OSError:
                 continue
     return None
+
+
+def sessions_in(pid: int, port: int) -> int:
+    """How many established connections to local ``port`` process ``pid`` holds."""
+    inodes = {line.split()[9] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+              if line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "01"}
+    held = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            link = os.readlink(fd)
+        except OSError:
+            continue
+        held += link.startswith("socket:[") and link[8:-1] in inodes
+    return held
 
 
 def closed_by_server(sock: socket.socket) -> bool:
@@ -269,6 +284,7 @@ def test_killed_worker_is_replaced_and_acknowledged_mail_is_kept(fresh_server_fa
         t.start()
     try:
         wait_for(lambda: len(acked) >= 40, 30, "40 messages accepted")
+        wait_for(lambda: sessions_in(victim, server.smtp_port) > 0, 10, "the worker to be serving a client")
         os.kill(victim, signal.SIGKILL)
         server.wait_for_log(rf"mailguard worker ended: pid={victim} ", 10)
         wait_for(lambda: len(children(server)) == 1 and children(server) != [victim], 10, "a new worker")
@@ -334,3 +350,31 @@ def test_rate_limit_counts_messages_of_every_process(fresh_server_factory: Serve
     # Told over the processes' pipe: a moment after the 250 at most.
     wait_for(lambda: mail_reply(first, False) == limited, 5, "the first process to count the worker's message")
     wait_for(lambda: mail_reply(worker, False) == limited, 5, "the worker to count the first process's message")
+
+
+def test_workers_serve_systemd_sockets(tmp_path: Path) -> None:
+    """Sockets passed by systemd-socket-activate are served by both processes: a message
+    accepted by each is stored."""
+    server = SocketActivated(tmp_path / "sa")
+    server.config = deep_merge(server.config, {"server": {"workers": 2}})
+    server.config_path.write_text(toml_dumps(server.config), encoding="utf-8")
+    server.add_user(addr("alice"), PASSWORD)
+    server.start()
+    try:
+        serving(server, 2)
+        assert server.process is not None
+        marks = []
+        for pid in (server.process.pid, *children(server)):
+            mark = "sd-" + uuid.uuid4().hex
+            with Dialog(connect_via(server, server.smtp_port, pid)) as d:
+                assert d.read_reply().code == 220
+                d.cmd("EHLO client.example")
+                assert d.cmd("MAIL FROM:<a@outside.example>").code == 250
+                assert d.cmd(f"RCPT TO:<{addr('alice')}>").code == 250
+                assert d.data(f"Subject: {mark}\r\n\r\n{mark}\r\n".encode()).code == 250
+            marks.append(mark)
+        assert len(marks) == 2
+        stored = b"".join(server.messages(addr("alice")))
+        assert all(m.encode() in stored for m in marks)
+    finally:
+        server.stop()
