@@ -21,8 +21,11 @@ from mailguard.app.limits import Limiter
 from mailguard.app import maillog
 from mailguard.config import IPAddress
 from mailguard.core import policy, replies
+from mailguard.core.checks import parse_ip
 from mailguard.smtp.context import SMTPContext
 from mailguard.smtp.wire import CLOSED, SMTPWire
+
+_UNSPECIFIED = parse_ip("0.0.0.0")             # the client address until the connection is made
 
 
 @dataclass
@@ -56,7 +59,7 @@ class Session(SMTPWire):
         self._session_call: interfaces.IDelayedCall | None = None
         self.client_ip = "0.0.0.0"
         self.local_ip = "0.0.0.0"
-        self.client_ip_obj: IPAddress = policy.parse_ip("0.0.0.0")
+        self.client_ip_obj: IPAddress = _UNSPECIFIED
         self.local_ip_obj: IPAddress | None = None
 
     def connectionMade(self) -> None:
@@ -64,8 +67,8 @@ class Session(SMTPWire):
         peer, local = conn.getPeer(), conn.getHost()
         self.client_ip = getattr(peer, "host", str(peer))
         self.local_ip = getattr(local, "host", str(local))
-        self.client_ip_obj = policy.parse_ip(self.client_ip)
-        self.local_ip_obj = policy.parse_ip(self.local_ip)
+        self.client_ip_obj = parse_ip(self.client_ip)
+        self.local_ip_obj = parse_ip(self.local_ip)
         limiter = self.ctx.limiter_for(self.kind)
         over = limiter.admit(self.client_ip)
         if isinstance(over, Deferred):
