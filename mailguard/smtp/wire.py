@@ -55,6 +55,19 @@ TOO_MANY_ERRORS = replies.Reply(421, "4.7.0", "Too many errors, closing connecti
 COMMAND, DATA, AUTH, CLOSED = "command", "data", "auth", "closed"
 
 
+#: reply -> its line as sent; the same few dozen replies answer nearly every command
+_WIRE_FORMS: dict[replies.Reply, bytes] = {}
+_MAX_WIRE_FORMS = 512        # milter and DNS replies vary: past this, lines are not remembered
+
+
+def _wire_form(r: replies.Reply) -> bytes:
+    """``r`` as one CRLF-ended line, remembered while the table has room."""
+    data = f"{r}\r\n".encode("utf-8", "replace")
+    if len(_WIRE_FORMS) < _MAX_WIRE_FORMS:
+        _WIRE_FORMS[r] = data
+    return data
+
+
 @implementer(interfaces.IPushProducer)
 class SMTPWire(protocol.Protocol):
     """Framing and limits for one connection; the session overrides the ``*_received`` hooks."""
@@ -112,9 +125,11 @@ class SMTPWire(protocol.Protocol):
 
     def reply(self, r: replies.Reply, suffix: str = "") -> None:
         """Send one reply line; 5xx and 421 replies count towards the error limit."""
-        line = str(r) + (f" {suffix}" if suffix else "")
-        self.send_raw(line + "\r\n")
-        if r.code >= 500 or r.code in (421,):
+        if self.mode != CLOSED:
+            data = (f"{r} {suffix}\r\n".encode("utf-8", "replace") if suffix
+                    else _WIRE_FORMS.get(r) or _wire_form(r))
+            connection(self.transport).write(data)
+        if r.code >= 500 or r.code == 421:
             self._errors += 1
             if self._errors > MAX_ERRORS and self.mode != CLOSED:
                 self.close(TOO_MANY_ERRORS)
