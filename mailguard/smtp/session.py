@@ -10,6 +10,7 @@ what the commands share: the HELO name, the SMTP AUTH identity and the current
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet import interfaces, protocol
 from twisted.internet.defer import Deferred
@@ -26,6 +27,13 @@ from mailguard.smtp.context import SMTPContext
 from mailguard.smtp.wire import CLOSED, SMTPWire
 
 _UNSPECIFIED = parse_ip("0.0.0.0")             # the client address until the connection is made
+_NO_HOST = object()
+
+
+def _host(address: object) -> str:
+    """The address's ``host`` (an IP address), or its text form when it has none."""
+    host: Any = getattr(address, "host", _NO_HOST)
+    return str(address) if host is _NO_HOST else host  # no repr built for every connection
 
 
 @dataclass
@@ -64,9 +72,8 @@ class Session(SMTPWire):
 
     def connectionMade(self) -> None:
         conn = connection(self.transport)
-        peer, local = conn.getPeer(), conn.getHost()
-        self.client_ip = getattr(peer, "host", str(peer))
-        self.local_ip = getattr(local, "host", str(local))
+        self.client_ip = _host(conn.getPeer())
+        self.local_ip = _host(conn.getHost())
         self.client_ip_obj = parse_ip(self.client_ip)
         self.local_ip_obj = parse_ip(self.local_ip)
         limiter = self.ctx.limiter_for(self.kind)
