@@ -70,6 +70,7 @@ class Store:
         self.srs = srs
         self.now = now
         self._maildirs: dict[str, str] = {}
+        self._mail_root: tuple[Config, str] | None = None
 
     def store(self, msg_id: str, sender: str, decisions: Sequence[policy.Decision],
               received: bytes, message: bytes, held: str = "") -> defer.Deferred[str | None]:
@@ -147,7 +148,7 @@ class Store:
             if mailboxes:
                 paths = [self._maildir(m) for m in mailboxes]
                 return_path = f"Return-Path: <{sender}>\r\n".encode("utf-8", "replace")
-                parts.append(maildir.Copies(self.cfg.mail_dir, paths, return_path + received + message))
+                parts.append(maildir.Copies(self._root(), paths, return_path + received + message))
             for envelope, remote in groups.items():
                 entries.append(self.queue.prepare(envelope, remote, received + message, msg_id=msg_id))
             parts.extend(entries)
@@ -163,6 +164,12 @@ class Store:
         _logged(entries, "queued")
         self.wake()
         return entries[0].id
+
+    def _root(self) -> str:
+        """The folder holding the maildirs, as a string (computed once per configuration)."""
+        if self._mail_root is None or self._mail_root[0] is not self.cfg:
+            self._mail_root = (self.cfg, os.fspath(self.cfg.mail_dir))
+        return self._mail_root[1]
 
     def _maildir(self, mailbox: str) -> str:
         """The maildir of a mailbox, as a string (remembered: this is the hot path)."""
