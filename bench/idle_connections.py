@@ -4,7 +4,8 @@
     python3 bench/idle_connections.py [--connections 1000] [--runs 3] [--ehlo]
 
 Each run starts a fresh mailguard from this checkout, makes one complete session
-(so lazily built state exists), reads VmRSS of the twistd process, then opens
+(so lazily built state exists), reads VmRSS of the twistd process and of its worker
+processes (``--server-setting "workers = 2"``), then opens
 ``--connections`` connections spread over several 127.0.0.x source addresses, reads
 each 220 banner (with ``--ehlo`` also says EHLO and reads the reply), waits for the
 server to settle and reads VmRSS again.  Figure: added RSS (MB) and KiB per
@@ -37,6 +38,28 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+def tree_rss_kib(root: int) -> int:
+    """VmRSS of ``root`` and of every live descendant (the worker processes)."""
+    parents: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(name))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            total += rss_kib(pid)
+        except (OSError, RuntimeError):
+            continue
+        todo.extend(parents.get(pid, []))
+    return total
+
+
 def raise_nofile(want: int) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = want if hard == resource.RLIM_INFINITY else min(want, hard)
@@ -60,14 +83,14 @@ def read_reply(s: socket.socket) -> bytes:
             return data
 
 
-def one_run(n: int, sources: int, ehlo: bool, settle: float) -> dict:
-    mg = Mailguard().start()
+def one_run(n: int, sources: int, ehlo: bool, settle: float, server_toml: str = "") -> dict:
+    mg = Mailguard(server_toml=server_toml).start()
     try:
         with smtplib.SMTP(mg.host, mg.port, timeout=10) as c:    # a full session first
             c.ehlo("warmup.example")
             c.sendmail("w@warmup.example", ["mguser@bench.example"], b"Subject: w\r\n\r\nw\r\n")
         time.sleep(settle)
-        before = rss_kib(mg.pid)
+        before = tree_rss_kib(mg.pid)
         socks = []
         refused = 0
         for i in range(n):
@@ -81,7 +104,7 @@ def one_run(n: int, sources: int, ehlo: bool, settle: float) -> dict:
                 read_reply(s)
             socks.append(s)
         time.sleep(settle)
-        after = rss_kib(mg.pid)
+        after = tree_rss_kib(mg.pid)
         # every connection must still be open and served
         alive = 0
         for s in socks[:: max(1, n // 50)]:
@@ -105,11 +128,13 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--ehlo", action="store_true", help="say EHLO on every connection")
     ap.add_argument("--settle", type=float, default=2.0)
+    ap.add_argument("--server-setting", action="append", default=[],
+                    help='an extra line for mailguard\'s [server] section, e.g. "workers = 2"')
     a = ap.parse_args()
     limit = raise_nofile(a.connections * 2 + 256)
     runs = []
     for i in range(a.runs):
-        r = one_run(a.connections, a.sources, a.ehlo, a.settle)
+        r = one_run(a.connections, a.sources, a.ehlo, a.settle, "".join(x + "\n" for x in a.server_setting))
         r.update(run=i + 1, nofile=limit)
         print(json.dumps(r), flush=True)
         runs.append(r)

@@ -40,7 +40,7 @@ from gen_maildir import generate  # noqa: E402
 from proccpu import cpu_tree  # noqa: E402
 from servers import BENCH, DOMAIN, Mailguard, free_port  # noqa: E402
 
-PASSWORD = "secret"
+PASSWORD = "secret-pass"      # [auth] min_password_length is 8 by default
 
 
 def session(host: str, port: int, user: str, mode: str, server_pid: int | None) -> dict:

@@ -88,7 +88,7 @@ class Mailguard:
     name = "mailguard"
 
     def __init__(self, root: Path | None = None, extra_toml: str = "",
-                 max_connections: int = 5000, max_per_ip: int = 1000) -> None:
+                 max_connections: int = 5000, max_per_ip: int = 1000, server_toml: str = "") -> None:
         base = Path(os.environ.get("BENCH_TMP", "/var/tmp"))
         base.mkdir(parents=True, exist_ok=True)
         self.root = root or Path(tempfile.mkdtemp(prefix="mailguard-bench-", dir=base))
@@ -101,7 +101,7 @@ class Mailguard:
         listen = "\n".join(
             f'{k} = ["{"ssl" if k in ssl else "tcp"}:{p}:interface=127.0.0.1"]' for k, p in self.ports.items())
         self.config.write_text(
-            f'[server]\nhostname = "mx.{DOMAIN}"\ndata_dir = "{self.data_dir}"\n\n'
+            f'[server]\nhostname = "mx.{DOMAIN}"\ndata_dir = "{self.data_dir}"\n{server_toml}\n'
             f"[listen]\n{listen}\n\n"
             f'[domains."{DOMAIN}"]\nroute = "inbound"\n\n'
             f"[limits]\nmax_connections_per_ip = {max_per_ip}\nmax_connections = {max_connections}\n"

@@ -1,8 +1,9 @@
 #!/bin/bash
 # A private Dovecot POP3 instance for bench/ (own config file, /etc/dovecot untouched).
 #   POP3 on 127.0.0.1:PORT, plaintext login allowed (loopback, no TLS), passwd-file users
-#   pop5k and pop20k (password "secret") whose homes are $ROOT/home/<user> with maildirs
-#   in <home>/Maildir, owned by the unix user mguser.  Adapted from the shared perf notes.
+#   pop5k and pop20k (password "secret-pass", the one bench/pop3_compare.py uses) whose homes
+#   are $ROOT/home/<user> with maildirs in <home>/Maildir, owned by the unix user mguser.
+#   Adapted from the shared perf notes.
 # Usage: setup_dovecot.sh ROOT PORT        (prints the master pid)
 set -euo pipefail
 ROOT=${1:?root folder}; PORT=${2:?port}
@@ -11,8 +12,8 @@ mkdir -p "$D" "$ROOT/run" "$ROOT/home"
 id mguser >/dev/null 2>&1 || useradd -m -s /bin/bash mguser
 U=$(id -u mguser); G=$(id -g mguser)
 cat > "$D/users" <<USERS
-pop5k:{PLAIN}secret:$U:$G::$ROOT/home/pop5k::
-pop20k:{PLAIN}secret:$U:$G::$ROOT/home/pop20k::
+pop5k:{PLAIN}secret-pass:$U:$G::$ROOT/home/pop5k::
+pop20k:{PLAIN}secret-pass:$U:$G::$ROOT/home/pop20k::
 USERS
 chmod 640 "$D/users"; chgrp dovecot "$D/users"
 cat > "$D/dovecot.conf" <<CONF

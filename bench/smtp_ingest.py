@@ -194,15 +194,18 @@ def main() -> int:
     ap.add_argument("--no-relay", action="store_true")
     ap.add_argument("--postfix-port", type=int)
     ap.add_argument("--json-out", help="append every record to this file")
+    ap.add_argument("--server-setting", action="append", default=[],
+                    help='an extra line for mailguard\'s [server] section, e.g. "workers = 2" (repeatable)')
     a = ap.parse_args()
 
     out = open(a.json_out, "a") if a.json_out else None
-    mg = Mailguard()
+    mg = Mailguard(server_toml="".join(line + "\n" for line in a.server_setting))
     pf = Postfix(a.postfix_port) if a.with_postfix else None
     servers = [mg] + ([pf] if pf else [])
     emit({"machine": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
           "kernel": platform.release(), "mailguard_root": str(mg.root),
-          "limits": "max_connections=5000 max_connections_per_ip=1000"}, out)
+          "limits": "max_connections=5000 max_connections_per_ip=1000",
+          "mailguard_server": a.server_setting}, out)
     results: dict[tuple[str, str], list[dict]] = {}
     relay: dict[tuple[str, int], list[dict]] = {}
     try:

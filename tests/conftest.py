@@ -270,6 +270,7 @@ class FakeContext(SMTPContext):
             self.limiter = ConnectionLimiter(lm.max_connections, lm.max_connections_per_ip)
         if self.pop_before_smtp is None:
             self.pop_before_smtp = PopBeforeSmtp(self.clock, self.cfg.relay.pop_before_smtp)
+        super().__post_init__()
 
 
 class Session:

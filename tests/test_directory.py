@@ -69,7 +69,7 @@ def test_list_crud(gal: SQLiteStore) -> None:
     assert gal.kind("staff@office.example") == "list"
     assert ("staff@office.example", "list", "alice@office.example, partner@remote.example") in gal.entries()
     gal.delete_list("staff@office.example", ["partner@remote.example"])
-    assert gal.expand("staff@office.example") == Expansion(mailboxes=("alice@office.example",))
+    assert gal.expand("staff@office.example") == Expansion(mailboxes=("alice@office.example",), senders="anyone")
     gal.delete_list("staff@office.example")
     assert gal.kind("staff@office.example") is None
     with pytest.raises(EntryError):
@@ -364,7 +364,8 @@ def test_unparsable_member_in_the_database_is_an_other(gal: SQLiteStore) -> None
     gal.add_mailbox("bob@office.example", "pw")
     gal.add_list_members("staff@office.example", ["bob@office.example"])
     gal._write("INSERT INTO list_members VALUES (?, ?)", ("staff@office.example", "bob"))
-    assert gal.expand("staff@office.example") == Expansion(mailboxes=("bob@office.example",), others=("bob",))
+    assert gal.expand("staff@office.example") == Expansion(mailboxes=("bob@office.example",), others=("bob",),
+                                                           senders="anyone")
 
 
 @pytest.mark.parametrize("address, reason", [

@@ -25,6 +25,24 @@ def test_a_new_file_and_an_old_one_get_the_current_version(tmp_path: Path) -> No
         assert db.execute("SELECT alias, target FROM aliases").fetchall() == [("a@x.example", "b@x.example")]
 
 
+def test_a_version_1_file_gets_list_sender_policies_and_its_lists_stay_open(tmp_path: Path) -> None:
+    """Version 1 had no list_senders table: the upgrade adds it, and a list from before keeps
+    taking mail from anyone (the behaviour it had), until its policy is set."""
+    path = tmp_path / "v1.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript(store_mod._SCHEMA + "INSERT INTO list_members VALUES ('team@x.example', 'a@x.example');"
+                         "PRAGMA user_version = 1;")
+    store = SQLiteStore(path)
+    assert store.list_senders("team@x.example") == "anyone"
+    exp = store.expand("team@x.example")
+    assert exp is not None and exp.senders == "anyone"
+    store.set_list_senders("team@x.example", "members")
+    exp = store.expand("team@x.example")
+    assert exp is not None and exp.senders == "members" and exp.members == {"a@x.example"}
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+
+
 def test_a_newer_file_is_refused(tmp_path: Path) -> None:
     """A file written by a newer mailguard is not touched: a DirectoryError naming both versions."""
     path = tmp_path / "newer.sqlite"

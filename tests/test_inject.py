@@ -14,7 +14,7 @@ from mailguard.storage.delivery import Store
 from mailguard.storage.groupcommit import Part
 from mailguard.storage.queue import Queue
 
-from conftest import OFFICE, FakeDirectory, make_config
+from conftest import OFFICE, FakeDirectory, LogCapture, make_config
 from delivery_helpers import commit_inline
 
 DSN = b"From: MAILER-DAEMON@mx.office.example\r\nSubject: Undelivered\r\n\r\nSorry.\r\n"
@@ -65,6 +65,15 @@ def test_inject_routes_through_the_directory(tmp_path: Path) -> None:
     assert [r.address for r in entry.recipients] == ["x@remote.example"]
     [stored] = Path(paths[0], "new").iterdir()
     assert stored.read_bytes() == message.replace(b"\r\n", b"\n")
+
+
+def test_a_bounce_is_queued_under_the_bounced_message_id(tmp_path: Path, logs: LogCapture) -> None:
+    """The bounce's queue entry carries the id of the message it reports on, and says so in its log line."""
+    store, gal, queue, commit = setup(tmp_path)
+    entry_id = result(store.inject("", ["x@remote.example"], DSN, "2k7f3q1x9b"))
+    assert queue.load(entry_id).msg_id == "2k7f3q1x9b"
+    assert logs.matching("mailguard outbound:") == [
+        f"mailguard outbound: id={entry_id} msg=2k7f3q1x9b state=queued from=<> to=<x@remote.example>"]
 
 
 def test_inject_with_the_directory_down_fails_and_writes_nothing(tmp_path: Path) -> None:

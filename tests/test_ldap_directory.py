@@ -66,14 +66,15 @@ async def test_mailboxes_aliases_contacts_and_unknown(slapd: Slapd) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_lists_nested_deduplicated_and_loops_end(slapd: Slapd) -> None:
-    """Group members resolve to addresses; nested groups once per mailbox; a loop ends."""
+    """Group members resolve to addresses; nested groups once per mailbox; a loop ends; a group
+    takes mail from anyone (no sender policy is read from LDAP)."""
     d = directory(slapd)
     try:
-        assert await d.expand(f"team@{D}") == Expansion(mailboxes=(f"alice@{D}", f"bob@{D}"))
+        assert await d.expand(f"team@{D}") == Expansion(mailboxes=(f"alice@{D}", f"bob@{D}"), senders="anyone")
         got = await d.expand(f"all@{D}")
         assert got is not None and sorted(got.mailboxes) == [f"alice@{D}", f"bob@{D}", f"carol@{D}"]
         assert got.others == ()
-        assert await d.expand(f"loopa@{D}") == Expansion(mailboxes=(f"alice@{D}",))
+        assert await d.expand(f"loopa@{D}") == Expansion(mailboxes=(f"alice@{D}",), senders="anyone")
     finally:
         d.close()
 

@@ -66,11 +66,11 @@ class Injected:
     """The core's inject(): records bounces; can fail the first ``failures`` calls."""
 
     def __init__(self, failures: int = 0) -> None:
-        self.calls: list[tuple[str, list[str], bytes]] = []
+        self.calls: list[tuple[str, list[str], bytes, str]] = []
         self.failures = failures
 
-    def __call__(self, sender: str, recipients: list[str], message: bytes) -> defer.Deferred[None]:
-        self.calls.append((sender, recipients, message))
+    def __call__(self, sender: str, recipients: list[str], message: bytes, msg_id: str = "") -> defer.Deferred[None]:
+        self.calls.append((sender, recipients, message, msg_id))
         if self.failures:
             self.failures -= 1
             return defer.fail(OSError("disk full"))
@@ -148,7 +148,7 @@ def test_5xx_fails_at_once_and_bounces(tmp_path: Path) -> None:
     u.queue.enqueue("joe@here.test", ["a@x.test", "b@x.test"], MESSAGE)
     u.start()
     assert len(u.courier.calls) == 1
-    [(sender, rcpts, dsn)] = u.inject.calls
+    [(sender, rcpts, dsn, _)] = u.inject.calls
     assert (sender, rcpts) == ("", ["joe@here.test"])
     report = email.message_from_bytes(dsn, policy=email.policy.default)
     block = report.get_payload()[1].get_payload()[1]
@@ -194,7 +194,7 @@ def test_max_queue_time_fails_and_bounces(tmp_path: Path) -> None:
     assert u.inject.calls == []
     u.clock.advance(1)
     assert len(u.courier.calls) == 4
-    [(_, _, dsn)] = u.inject.calls
+    [(_, _, dsn, _)] = u.inject.calls
     block = email.message_from_bytes(dsn).get_payload()[1].get_payload()[1]
     assert block["Status"] == "4.4.1" and "connection refused" in block["Diagnostic-Code"]
     assert u.queue.ids() == []
@@ -209,7 +209,7 @@ def test_delay_warning_sent_once_while_retrying(tmp_path: Path) -> None:
     u.clock.advance(999)
     assert u.inject.calls == []
     u.clock.advance(1)                                  # due at queued_at + 1000, between two attempts
-    [(sender, rcpts, dsn)] = u.inject.calls
+    [(sender, rcpts, dsn, _)] = u.inject.calls
     assert (sender, rcpts) == ("", ["joe@here.test"])
     report = email.message_from_bytes(dsn, policy=email.policy.default)
     assert report.get_content_type() == "multipart/report"
@@ -506,7 +506,7 @@ async def test_loopback_550_bounces(tmp_path: Path) -> None:
         await lo.enqueue("joe@here.test", ["ann@remote.test", "bob@remote.test"])
         await lo.until(lambda: bool(lo.inject.calls) and not lo.queue.ids())
         assert lo.sink.messages == [("joe@here.test", ["bob@remote.test"], MESSAGE)]
-        [(sender, rcpts, raw)] = lo.inject.calls
+        [(sender, rcpts, raw, _)] = lo.inject.calls
         assert (sender, rcpts) == ("", ["joe@here.test"])
         dsn = email.message_from_bytes(raw, policy=email.policy.default)
         assert dsn.get_content_type() == "multipart/report"
@@ -707,15 +707,18 @@ def test_each_decision_logged(tmp_path: Path) -> None:
     globalLogPublisher.addObserver(observe)
     try:
         u = Unit(tmp_path, {"a@x.test": [(FAILED, "550 5.1.1 no such user")]})
-        entry_id = u.queue.enqueue("joe@here.test", ["a@x.test", "b@x.test"], MESSAGE)
+        entry_id = u.queue.enqueue("joe@here.test", ["a@x.test", "b@x.test"], MESSAGE, msg_id="2k7f3q1x9b")
         u.start()
     finally:
         globalLogPublisher.removeObserver(observe)
-    assert (f"mailguard outbound: id={entry_id} to=<a@x.test> state=failed relay=mx.x.test[127.0.0.1]:25 "
+    assert (f"mailguard outbound: id={entry_id} msg=2k7f3q1x9b to=<a@x.test> state=failed "
+            "relay=mx.x.test[127.0.0.1]:25 reply=550 5.1.1 no such user") in lines
+    assert (f"mailguard outbound: id={entry_id} msg=2k7f3q1x9b to=<b@x.test> state=delivered "
+            "relay=mx.x.test[127.0.0.1]:25 reply=250 2.0.0 ok") in lines
+    assert (f"mailguard outbound: id={entry_id} msg=2k7f3q1x9b to=<a@x.test> state=bounced relay=<joe@here.test> "
             "reply=550 5.1.1 no such user") in lines
-    assert (f"mailguard outbound: id={entry_id} to=<b@x.test> state=delivered relay=mx.x.test[127.0.0.1]:25 "
-            "reply=250 2.0.0 ok") in lines
-    assert any(line.startswith(f"mailguard outbound: id={entry_id} to=<a@x.test> state=bounced") for line in lines)
+    # The bounce is handed on with the bounced message's id: its own queue lines carry it.
+    assert [(c[0], c[1], c[3]) for c in u.inject.calls] == [("", ["joe@here.test"], "2k7f3q1x9b")]
 
 
 def test_a_damaged_entry_is_logged_once_and_left_alone(tmp_path: Path) -> None:

@@ -149,6 +149,36 @@ def test_format_entry(tmp_path: Path) -> None:
     assert line == f"{entry_id} 3h05m <> a@r.example=deferred(451 4.3.0 later) b@r.example=delivered"
 
 
+def test_queue_list_says_empty_and_when_each_recipient_is_tried_next(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty queue is one line saying so; a deferred recipient shows its next try (or "now" once due)."""
+    from mailguard.app import cli
+
+    monkeypatch.setattr(time, "time", lambda: 1_764_420_000.0)
+
+    (tmp_path / "mailguard.toml").write_text(f'[server]\ndata_dir = "{tmp_path / "var"}"\n')
+    argv = ["--config", str(tmp_path / "mailguard.toml"), "queue", "list"]
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out == "queue is empty\n"
+    q = Queue(tmp_path / "var" / "queue")
+    entry_id = q.enqueue("joe@here.example", ["a@r.example", "b@r.example"], MESSAGE)
+
+    def change(e: queue_mod.QueueEntry) -> None:
+        e.queued_at = time.time() - 125
+        e.recipients[0].state = "deferred"
+        e.recipients[0].last_reply = "451 4.3.0 later"
+        e.recipients[0].next_attempt = time.time() + 3 * 3600 + 5 * 60 + 30
+        e.recipients[1].state = "deferred"
+        e.recipients[1].last_reply = "421 busy"
+        e.recipients[1].next_attempt = time.time() - 10
+
+    q.update(entry_id, change)
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out == (
+        f"{entry_id} 2m05s <joe@here.example> a@r.example=deferred(451 4.3.0 later, next try in 3h05m) "
+        f"b@r.example=deferred(421 busy, next try now)\n")
+
+
 def test_ids_sort_by_age(tmp_path: Path) -> None:
     """Entries list oldest first."""
     now = [5000.0]
@@ -214,3 +244,15 @@ def test_old_envelopes_without_held_still_load(tmp_path: Path) -> None:
     q.envelope_path(entry_id).write_text(json.dumps(env))
     entry = q.load(entry_id)
     assert entry.held == "" and not entry.recipients[0].local
+
+
+def test_the_smtp_message_id_is_kept_and_old_envelopes_still_load(tmp_path: Path) -> None:
+    """``msg_id`` survives the envelope file; an envelope written before it existed loads with ""."""
+    q = Queue(tmp_path / "queue")
+    entry_id = q.enqueue("joe@x.test", ["a@y.test"], b"hi\r\n", msg_id="2k7f3q1x9b")
+    assert q.load(entry_id).msg_id == "2k7f3q1x9b"
+    path = q.envelope_path(entry_id)
+    data = json.loads(path.read_text())
+    del data["msg_id"]
+    path.write_text(json.dumps(data))
+    assert q.load(entry_id).msg_id == ""

@@ -120,10 +120,30 @@ def test_classic_manual_relay_check(session_factory: Open, logs: LogCapture) -> 
     assert s.closed
     lines = logs.matching("mailguard smtp decision:")
     assert len(lines) == 2
+    msg_id = lines[0].rpartition(" id=")[2]
     assert lines[0] == (f'mailguard smtp decision: client={OUTSIDER} local=10.0.0.1 helo=me '
                         f'from=<someaddress@somedomain.com> rcpt=<nobody@afakedomain.com> rule=relay_denied '
-                        f'reply="550 5.7.1 Relaying prohibited"')
-    assert "rule=inbound" in lines[1] and 'reply="250 2.1.5 Recipient ok"' in lines[1]
+                        f'reply="550 5.7.1 Relaying prohibited" id={msg_id}')
+    assert "rule=inbound" in lines[1] and lines[1].endswith(f'reply="250 2.1.5 Recipient ok" id={msg_id}')
+
+
+def test_one_id_from_rcpt_to_the_stored_line(session_factory: Open, logs: LogCapture) -> None:
+    """The id of the 250 reply ends each RCPT line of its transaction; its stored line names the mailboxes."""
+    s = session_factory()
+    ehlo(s)
+    transaction(s, rcpts=("<alice@office.example>", "<a.smith@office.example>"))
+    s.send("Subject: hi\r\n\r\nHello\r\n.\r\n")
+    msg_id = s.lines()[-1].rpartition(" ")[2]
+    assert s.lines()[-1] == f"{replies.QUEUED} {msg_id}"
+    decisions = logs.matching("mailguard smtp decision:")
+    assert [line.rpartition(" ")[2] for line in decisions] == [f"id={msg_id}", f"id={msg_id}"]
+    assert logs.matching("mailguard smtp stored:") == [
+        f"mailguard smtp stored: client={OUTSIDER} id={msg_id} sender=joe@sender.example rcpts=2 size=22 "
+        f"mailboxes=alice@office.example"]
+    transaction(s)
+    s.send("Subject: two\r\n\r\n.\r\n")
+    second = s.lines()[-1].rpartition(" ")[2]
+    assert second != msg_id and logs.matching("mailguard smtp decision:")[-1].endswith(f" id={second}")
 
 
 def test_relay_allowed_by_network(session_factory: Open) -> None:

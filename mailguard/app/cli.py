@@ -13,14 +13,14 @@ import os
 import getpass
 import sys
 from pathlib import Path
-from pathlib import Path
 from typing import Callable, Sequence
 
 from mailguard import config
-from mailguard.app import cli_dns, dircli, statuscli
+from mailguard.app import cli_dns, dangling, dircli, statuscli
 from mailguard.config import lookup
 from mailguard.core import policy
 from mailguard.core.address import AddressError, parse_path
+from mailguard.core.entries import SENDER_POLICIES
 from mailguard.storage.maildir import maildir_path
 from mailguard.storage.usage import Sizes
 from mailguard.directory.sqlite import DirectoryError, EntryError, SQLiteStore
@@ -53,7 +53,9 @@ def _address(text: str) -> str:
     return key
 
 
-def _read_password(args: argparse.Namespace) -> str:
+def _read_password(cfg: config.Config, args: argparse.Namespace) -> str:
+    """The new password from stdin (or asked twice on a terminal), refused when shorter than
+    ``[auth] min_password_length``."""
     if args.password_stdin or not sys.stdin.isatty():
         password = sys.stdin.readline().rstrip("\r\n")
     else:
@@ -62,6 +64,10 @@ def _read_password(args: argparse.Namespace) -> str:
             raise CommandError("the passwords differ")
     if not password:
         raise CommandError("empty password")
+    least = cfg.auth.min_password_length
+    if len(password) < least:
+        raise CommandError(f"the password is too short: {len(password)} characters, at least {least} needed "
+                           f"([auth] min_password_length in {cfg.source})")
     return password
 
 
@@ -85,14 +91,15 @@ def cmd_user(cfg: config.Config, args: argparse.Namespace) -> int:
         raise CommandError(f"user {args.action} takes one ADDRESS, not {args.value!r} too")
     if args.action == "add":
         _check_local_domain(cfg, address)
-        d.add_mailbox(address, _read_password(args))
+        d.add_mailbox(address, _read_password(cfg, args))
         print(f"mailbox {address} created")
     elif args.action == "passwd":
-        d.set_password(address, _read_password(args))
+        d.set_password(address, _read_password(cfg, args))
         print(f"password of {address} changed")
     elif args.action == "del":
         d.delete_mailbox(address)
         print(f"mailbox {address} deleted (its maildir is kept)")
+        dangling.warn(dangling.left_by(cfg, d, address))
     return 0
 
 
@@ -138,11 +145,14 @@ def _pointer(cfg: config.Config, args: argparse.Namespace, kind: str, name: str,
         if not target:
             raise CommandError(f"{kind} add needs two addresses")
         _check_local_domain(cfg, address)
-        add(d, address, _address(target))
-        print(f"{kind} {address} -> {_address(target)}")
+        to = _address(target)
+        add(d, address, to)
+        print(f"{kind} {address} -> {to}")
+        dangling.warn_targets(cfg, d, kind, address, [to])
     else:
         delete(d, address)
         print(f"{kind} {address} deleted")
+        dangling.warn(dangling.left_by(cfg, d, address))
     return 0
 
 
@@ -159,6 +169,8 @@ def cmd_list(cfg: config.Config, args: argparse.Namespace) -> int:
         return statuscli.print_entries(cfg, "list", _address(args.name))
     d = _directory(cfg)
     name = _address(args.name)
+    if args.action == "senders":
+        return _list_senders(d, name, args.members)
     try:
         members = [_address(m) for m in args.members]
     except CommandError as e:
@@ -169,9 +181,27 @@ def cmd_list(cfg: config.Config, args: argparse.Namespace) -> int:
         _check_local_domain(cfg, name)
         d.add_list_members(name, members)
         print(f"list {name}: {len(members)} member(s) added")
+        dangling.warn_targets(cfg, d, "list", name, members)
+        inbound = cfg.inbound_domains()
+        if d.list_senders(name) == "anyone" and any(m.rpartition("@")[2] not in inbound for m in members):
+            print(f"list {name}: takes mail from anyone and forwards it to remote members; "
+                  f"'mailguard list senders {name} authenticated' limits who may send")
     else:
         d.delete_list(name, members)
         print(f"list {name}: " + (f"{len(members)} member(s) removed" if members else "deleted"))
+        dangling.warn(dangling.left_by(cfg, d, name))
+    return 0
+
+
+def _list_senders(d: SQLiteStore, name: str, values: list[str]) -> int:
+    """``list senders LIST [anyone|authenticated|members]``: set the policy, or print it."""
+    if len(values) > 1:
+        raise CommandError(f"list senders needs LIST and one of {', '.join(SENDER_POLICIES)}")
+    if values:
+        d.set_list_senders(name, values[0].lower())
+    elif d.kind(name) != "list":
+        raise EntryError(f"no list {name}")
+    print(f"list {name}: senders {d.list_senders(name)}")
     return 0
 
 
@@ -202,6 +232,11 @@ def cmd_check_config(cfg: config.Config, args: argparse.Namespace) -> int:
     print(f"{cfg.source}: ok")
     for line in config.routing_table(cfg):
         print(line)
+    if cfg.directory.backend == "sqlite" and cfg.directory.path.is_file():
+        try:
+            dangling.warn(dangling.find(cfg, SQLiteStore(cfg.directory.path, create=False)))
+        except DirectoryError as e:
+            print(f"mailguard: warning: the directory was not read: {e}", file=sys.stderr)
     if cfg.directory.backend == "ldap":
         print(dircli.check_ldap(cfg))
     return 0
@@ -321,9 +356,9 @@ def parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_alias)
 
     ls = sub.add_parser("list", help="distribution lists")
-    ls.add_argument("action", choices=["add", "del", "show"])
+    ls.add_argument("action", choices=["add", "del", "show", "senders"])
     ls.add_argument("name")
-    ls.add_argument("members", nargs="*")
+    ls.add_argument("members", nargs="*", help="members; for senders: anyone, authenticated or members")
     ls.set_defaults(func=cmd_list)
 
     c = sub.add_parser("contact", help="contacts (forward to a remote address)")

@@ -8,9 +8,11 @@ accepted recipient, or the network, pattern, zone and code, record of a refusal)
    does not own gets ``553 5.7.1`` (rule ``enforce_sender``), as MAIL does.
 2. The inbound checks of MAIL (:mod:`mailguard.checks`), DNS included, for the client
    as the server sees it (trusted or not).
-3. The recipient policy (:mod:`mailguard.core.policy`), facts from the directory, then
-   the mailbox quotas (:mod:`mailguard.core.quota`: a full mailbox is ``452 4.2.2``, rule
-   ``mailbox_quota``; with ``-v`` a list's full members are named after ``over quota:``).
+3. The recipient policy (:mod:`mailguard.core.policy`), facts from the directory.  A
+   list's line adds its sender policy and what it made of this client and ``--from``
+   (without ``--from``, the null sender): ``[list senders: members; <a@b> is a member]``.
+   Then the mailbox quotas (:mod:`mailguard.core.quota`: a full mailbox is ``452 4.2.2``,
+   rule ``mailbox_quota``; with ``-v`` a list's full members are named after ``over quota:``).
 4. The inbound checks of RCPT (greylisting, read only: explain changes no state).
 
 Rate control counts live in the running server, so explain always finds them clear.
@@ -131,7 +133,8 @@ async def _decide(cfg: config.Config, args: argparse.Namespace, checks: InboundC
     key = cfg.server.data_dir / "srs.key"
     srs = SRS(key.read_bytes()) if key.is_file() else None     # the CLI never makes one
     for rcpt in rcpts:
-        step = functools.partial(policy.decide, cfg, who=who, text=rcpt, srs=srs, now=time.time())
+        step = functools.partial(policy.decide, cfg, who=who, text=rcpt, srs=srs, now=time.time(),
+                                 sender=sender_text)
         dropped: tuple[tuple[str, replies.Reply], ...] = ()
         try:
             decision = await gather(step, directory)

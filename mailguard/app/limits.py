@@ -5,17 +5,41 @@
 (``submission`` and ``submissions``) and POP3 (``pop3`` and ``pop3s``) each count
 their own, so a flood of idle connections to port 25 leaves submission free for
 staff.  A client is an IPv4 address or an IPv6 /64 (:func:`client_key`).  This
-module imports nothing from Twisted.
+module imports nothing from Twisted at run time.
+
+``[limits] memory_budget`` is one :class:`MemoryBudget` shared by every SMTP
+session of a process: the octets of unfinished messages held in memory (with
+``[server] workers`` each process has its own).
+
+With ``[server] workers`` above 1 the counts live in the first process and the
+others ask it over a pipe (:class:`mailguard.app.state.RemoteLimiter`): their
+``admit`` answers later, with a Deferred.  :class:`Limiter` is what a listener
+uses of either.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Protocol
+
 from mailguard.core.clients import client_key
 
-__all__ = ["ConnectionLimiter", "PER_IP", "TOTAL", "client_key"]
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+__all__ = ["ConnectionLimiter", "Limiter", "MemoryBudget", "PER_IP", "TOTAL", "client_key"]
 
 TOTAL = "total"
 PER_IP = "per_ip"
+
+
+class Limiter(Protocol):
+    """Admits and releases connections: :class:`ConnectionLimiter` here, or a remote one."""
+
+    def admit(self, ip: str) -> str | None | Deferred[str | None]:
+        """Count a new connection; which limit refuses it (``TOTAL``/``PER_IP``), or None."""
+
+    def release(self, ip: str) -> None:
+        """Forget one admitted connection."""
 
 
 class ConnectionLimiter:
@@ -47,3 +71,24 @@ class ConnectionLimiter:
             self.by_ip[ip] = n
         else:
             self.by_ip.pop(ip, None)
+
+
+class MemoryBudget:
+    """Octets of unfinished messages held in memory by all sessions together.
+
+    Each session keeps its own share and sets it with :meth:`hold`; :meth:`fits` says
+    whether a share may grow to a size without the total passing ``limit``.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def fits(self, share: int, new: int) -> bool:
+        """True when a session holding ``share`` octets may hold ``new`` instead."""
+        return new <= share or self.held - share + new <= self.limit
+
+    def hold(self, share: int, new: int) -> int:
+        """Change a session's share from ``share`` to ``new`` octets; returns ``new``."""
+        self.held += new - share
+        return new

@@ -7,15 +7,28 @@ stable, ``key=value`` separated by spaces, so that grep and fail2ban can read th
     mailguard smtp decision: client=192.0.2.9 local=127.0.0.1 helo=x from=<a@b> rcpt=<> rule=dnsbl_listed reply="554 5.7.1 Client host blocked by a DNS block list" detail="zone=bl.example code=127.0.0.2"
     mailguard auth failure: service=smtp client=192.0.2.7 user=alice@example.com
 
+One message has one id from its MAIL command on: the ``id=`` that ends its RCPT
+decision lines, the ``id=`` of its ``stored`` line (which names the local
+``mailboxes=`` it went into) and the ``msg=`` of the queue's lines (queued,
+deferred, delivered, failed, bounced, and those of the bounce itself), so that
+``grep 2K7F3Q1X9B`` on the log follows it from RCPT to delivery or bounce::
+
+    mailguard smtp decision: client=192.0.2.7 ... rcpt=<ann@remote.example> rule=allow reply="250 2.1.5 Recipient ok" id=2K7F3Q1X9B
+    mailguard outbound: id=66190428394dccdf61af0 msg=2K7F3Q1X9B state=queued from=<joe@example.com> to=<ann@remote.example>
+    mailguard smtp stored: client=192.0.2.7 id=2K7F3Q1X9B sender=joe@example.com rcpts=2 size=1290 mailboxes=bob@example.com
+    mailguard outbound: id=66190428394dccdf61af0 msg=2K7F3Q1X9B to=<ann@remote.example> state=failed relay=... reply=550 ...
+
 Passwords and AUTH payloads are never logged.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
+from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.logger import Logger
+from zope.interface import implementer
 
 log = Logger(namespace="mailguard")
 
@@ -34,12 +47,16 @@ def clean(value: object) -> str:
 
 
 def decision(client: str, local: str, helo: str, sender: str, rcpt: str, rule: str, reply: object,
-             detail: str = "") -> None:
-    """Log one decision (a RCPT, or a check's refusal; ``detail`` says what decided it)."""
+             detail: str = "", msg_id: str = "") -> None:
+    """Log one decision (a RCPT, or a check's refusal; ``detail`` says what decided it).
+
+    ``msg_id``: the message's id, made at MAIL (the one of the ``250`` reply, the
+    ``stored`` line and the queue's lines), ending the line as ``id=...``.
+    """
     for hook in DECISION_HOOKS:
         hook(rule, reply)
     # Formatted here once: the observers then only copy one field.
-    extra = f' detail="{clean(detail)}"' if detail else ""
+    extra = (f' detail="{clean(detail)}"' if detail else "") + (f" id={msg_id}" if msg_id else "")
     log.info("{line}", line=(
         f"mailguard smtp decision: client={client} local={local} helo={clean(helo)} from=<{clean(sender)}> "
         f"rcpt=<{clean(rcpt)}> rule={rule} reply=\"{clean(reply)}\"{extra}"))
@@ -107,3 +124,21 @@ def directory_entry(what: str, **fields: object) -> None:
     """Log a directory entry that cannot be used: ``mailguard directory <what>: k=v ...``."""
     extra = " ".join(f"{k}={clean(v)}" for k, v in fields.items())
     log.warn("{line}", line=f"mailguard directory {what}: {extra}")
+
+
+@implementer(IStreamClientEndpoint)
+class Quiet:
+    """An endpoint whose connections do not log ``Starting factory``/``Stopping factory``.
+
+    Twisted logs both lines for every connection of a factory left ``noisy`` (such
+    as the one ``endpoints.connectProtocol`` and the web client make): two lines per
+    outbound delivery, MTA-STS fetch or directory connection, none of them news.
+    ``Quiet(endpoint)`` turns that off for each factory it connects.
+    """
+
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self.endpoint = endpoint
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Any:  # noqa: N803 - Twisted's name
+        setattr(protocolFactory, "noisy", False)
+        return self.endpoint.connect(protocolFactory)

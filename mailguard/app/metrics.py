@@ -64,8 +64,12 @@ def _auth_failure(service: str) -> None:
     AUTH_FAILURES.labels(service).inc()
 
 
+#: The runner's per-recipient line (mailguard.outbound.runner), as its format string begins.
+_OUTBOUND_LINE = "mailguard outbound: id={queue_id} msg={msg} to="
+
+
 def _outbound(event: LogEvent) -> None:
-    if str(event.get("log_format", "")).startswith("mailguard outbound: id={queue_id} to=") and "state" in event:
+    if str(event.get("log_format", "")).startswith(_OUTBOUND_LINE) and "state" in event:
         OUTBOUND.labels(str(event["state"])).inc()
 
 

@@ -13,7 +13,7 @@ failed logins, POP-before-SMTP windows) carry over.
 
 What a reload cannot change without dropping connections or moving data keeps its
 running value and is logged as needing a restart: ``[listen]``, ``[directory]``,
-``[dns]`` and ``[metrics]``.  A changed ``server.data_dir`` refuses the reload.
+``[dns]``, ``[metrics]`` and ``[log]``.  A changed ``server.data_dir`` refuses the reload.
 
 The running server's process id is in ``data_dir/mailguard.pid`` (written at start,
 removed at a clean stop), which is how ``mailguard reload`` finds it.
@@ -32,6 +32,7 @@ from OpenSSL import SSL
 from twisted.logger import Logger
 
 from mailguard import config
+from mailguard.app.limits import ConnectionLimiter
 from mailguard.checks.pipeline import InboundChecks
 from mailguard.config import Config
 from mailguard.dkim.outgoing import Outgoing
@@ -45,7 +46,7 @@ log = Logger(namespace="mailguard")
 PIDFILE = "mailguard.pid"
 
 #: Sections a running server keeps until it restarts (listening sockets, the open directory, the resolver).
-NEEDS_RESTART = ("listen", "directory", "dns", "metrics")
+NEEDS_RESTART = ("listen", "directory", "dns", "metrics", "log")
 
 
 class ReloadError(Exception):
@@ -81,6 +82,8 @@ class Reloader:
         self.host = host
         self.source = source.resolve() if source is not None else None   # before a daemon's chdir
         self.load = load
+        #: Called at each reload before this process's own (``[server] workers``: signal the workers).
+        self.followers: list[Callable[[], None]] = []
 
     def stage(self) -> Staged:
         """Read and validate the file and build what depends on it; change nothing.
@@ -99,8 +102,11 @@ class Reloader:
             raise ReloadError(f"{new.source}: server.data_dir: changed from {old.server.data_dir} to "
                               f"{new.server.data_dir}; that needs a restart")
         restart = restart_keys(old, new)
+        if new.server.workers != old.server.workers:
+            restart.append("server.workers")
+            new = dataclasses.replace(new, server=dataclasses.replace(new.server, workers=old.server.workers))
         if restart:
-            new = dataclasses.replace(new, **{name: getattr(old, name) for name in restart})
+            new = dataclasses.replace(new, **{name: getattr(old, name) for name in restart if name in NEEDS_RESTART})
         try:
             tls = self.host.tls.staged(new)
         except (OSError, ValueError, SSL.Error) as e:
@@ -125,14 +131,15 @@ class Reloader:
         host.smtp_context = ctx
         for factory in host.smtp_factories:
             factory.ctx = ctx
-        for limiter in (host.limiter, ctx.submission_limiter):
-            if limiter is not None:
+        pop3_limiter = host.pop3_factory.limiter if host.pop3_factory is not None else None
+        for limiter in (host.limiter, ctx.submission_limiter, pop3_limiter):
+            if isinstance(limiter, ConnectionLimiter):       # a worker's remote ones follow the first process
                 limiter.total_limit = new.limits.max_connections
                 limiter.per_ip_limit = new.limits.max_connections_per_ip
+        if ctx.memory is not None:
+            ctx.memory.limit = new.limits.memory_budget
         if host.pop3_factory is not None:
             host.pop3_factory.config = new
-            host.pop3_factory.limiter.total_limit = new.limits.max_connections
-            host.pop3_factory.limiter.per_ip_limit = new.limits.max_connections_per_ip
         host.authenticator.configure(new.limits)
         host.pop_before_smtp.window = new.relay.pop_before_smtp
         host.store.cfg = new
@@ -141,6 +148,8 @@ class Reloader:
 
     def reload(self) -> bool:
         """Stage and apply; log one line either way.  True when the new configuration is in use."""
+        for follow in self.followers:
+            follow()
         try:
             staged = self.stage()
         except ReloadError as e:

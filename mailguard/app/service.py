@@ -2,7 +2,11 @@
 
 :class:`Mailhost` holds what the protocols share (directory, store, authenticator,
 POP-before-SMTP record, TLS, connection limits, queue runner) and is a twisted
-``MultiService`` whose children are the listeners and the queue runner.
+``MultiService`` whose children are the listeners and the queue runner.  With
+``[server] workers`` above 1 it also starts the worker processes
+(:mod:`mailguard.app.workers`), each of which builds a ``Mailhost`` of its own with
+``worker=``: the first process's sockets adopted, the counts kept by the first
+process, no queue runner.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ from typing import TYPE_CHECKING, Callable
 
 from twisted.application import service
 from twisted.internet import endpoints, threads
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore, IReactorThreads, IReactorTime
+from twisted.internet.interfaces import (IListeningPort, IProtocolFactory, IReactorCore, IReactorSocket,
+                                         IReactorThreads, IReactorTime)
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
@@ -33,7 +39,8 @@ from mailguard.dns import resolver as dns_resolver
 from mailguard.storage.groupcommit import GroupCommit
 from mailguard.storage.queue import Queue
 from mailguard.app import checkconfig, metrics, reload
-from mailguard.app.limits import ConnectionLimiter
+from mailguard.app.limits import ConnectionLimiter, Limiter
+from mailguard.app.state import Accepted, LoginFailed, PopLogin, RemoteLimiter, StateClient, Wake
 from mailguard.milter.chain import MilterChain
 from mailguard.smtp.quota import MailboxQuotas
 from mailguard.storage.usage import Sizes
@@ -42,6 +49,7 @@ from mailguard.app.tls import TLSContext
 
 if TYPE_CHECKING:
     from mailguard.outbound.runner import QueueRunner
+    from mailguard.app.workers import WorkerPool
     from mailguard.pop3.server import POP3Factory
 
 log = Logger(namespace="mailguard")
@@ -125,11 +133,18 @@ class Mailhost(service.MultiService):
     """Everything the listeners share; start it and mail flows."""
 
     def __init__(self, cfg: Config, reactor: IReactorCore, *, owner: tuple[int, int] | None = None,
-                 daemon: bool = False) -> None:
+                 daemon: bool = False, worker: tuple[StateClient, list[int]] | None = None) -> None:
         service.MultiService.__init__(self)
         self.cfg = cfg
+        #: In a worker of ``[server] workers``: the link to the first process and the inherited
+        #: sockets not yet adopted.
+        self.worker = worker
+        self.listeners: list[ListenerService] = []
+        self.pool: WorkerPool | None = None
         self.reactor = reactor
         self.daemon = daemon
+        #: The observer twistd logs to instead of its own (set by the plugin for ``--logfile``).
+        self.log_observer: ILogObserver | None = None
         self.clock = IReactorTime(reactor)
         self.threads = IReactorThreads(reactor)
         cfg.server.data_dir.mkdir(parents=True, exist_ok=True)
@@ -142,13 +157,20 @@ class Mailhost(service.MultiService):
         self.directory.close()
         self.queue = Queue(cfg.queue_dir)
         self.tls = TLSContext(cfg)
-        self.limiter = ConnectionLimiter(cfg.limits.max_connections, cfg.limits.max_connections_per_ip)
+        self.limiter = self._limiter("smtp")
         self.authenticator = auth.Authenticator(self.directory.verify_password, self.clock, cfg.limits)
         self.pop_before_smtp = auth.PopBeforeSmtp(self.clock, cfg.relay.pop_before_smtp)
         # One resolver and one cache for every lookup: outbound MX and the inbound checks.
         self.resolver = dns_resolver.from_config(cfg.dns.servers, cfg.dns.timeout, reactor)
         self.checks = InboundChecks(cfg, self.resolver, self.clock)
-        self.runner = self._queue_runner()
+        if worker is not None:
+            client = worker[0]
+            client.pop_before_smtp, client.authenticator = self.pop_before_smtp, self.authenticator
+            self.pop_before_smtp.share = lambda ip: client.tell(PopLogin, ip=ip)
+            self.authenticator.share = lambda ip, login: client.tell(LoginFailed, client=ip, login=login)
+            client.accepted = self._learn_accepted
+            self.checks.share = lambda window, key: client.tell(Accepted, window=window, key=key)
+        self.runner = self._queue_runner() if worker is None else None
         cfg.mail_dir.mkdir(parents=True, exist_ok=True)
         self.commit = GroupCommit(self.threads, cfg.mail_dir)
         filters = cfg.filters
@@ -165,7 +187,9 @@ class Mailhost(service.MultiService):
         self._listen()
         source = Path(cfg.source)
         self.reloader = reload.Reloader(self, source if source.is_file() else None)
-        if owner is not None:
+        if worker is None and cfg.server.workers > 1:
+            self._start_workers(str(source.resolve()) if source.is_file() else None)
+        if owner is not None and worker is None:
             give_away(cfg.server.data_dir, *owner)
 
     def _open_directory(self, cfg: Config) -> Directory:
@@ -197,13 +221,40 @@ class Mailhost(service.MultiService):
             return SQLiteStore(path, create=False)
         return SQLiteStore(path)
 
+    def _limiter(self, kind: str) -> Limiter:
+        """Connection counts of a listener kind: here, or in the first process for a worker."""
+        if self.worker is not None:
+            return RemoteLimiter(self.worker[0], kind)
+        return ConnectionLimiter(self.cfg.limits.max_connections, self.cfg.limits.max_connections_per_ip)
+
+    def _learn_accepted(self, window: str, key: str) -> None:
+        self.checks.learn_accepted(window, key, self.clock.seconds())
+
+    def _start_workers(self, config_path: str | None) -> None:
+        from mailguard.app.workers import WorkerPool
+
+        def limiter_for(kind: str) -> Limiter:
+            if kind.startswith("pop3") and self.pop3_factory is not None:
+                return self.pop3_factory.limiter
+            return self.smtp_context.limiter_for(kind)
+        self.pool = WorkerPool(self.reactor, self.cfg.server.workers - 1, self.listeners, limiter_for,
+                               self._wake, config_path)
+        self.pool.host_pop, self.pool.host_auth = self.pop_before_smtp, self.authenticator
+        pool = self.pool
+        self.pop_before_smtp.share = lambda ip: pool.told(None, PopLogin, {"ip": ip})
+        self.authenticator.share = lambda ip, login: pool.told(None, LoginFailed, {"client": ip, "login": login})
+        self.pool.host_accepted = self._learn_accepted
+        self.checks.share = lambda window, key: pool.told(None, Accepted, {"window": window, "key": key})
+        self.reloader.followers.append(lambda: pool.signal_all("HUP"))
+        service.Service.setServiceParent(self.pool, self)
+
     def _queue_runner(self) -> QueueRunner:
         from mailguard.outbound.runner import QueueRunner
         return QueueRunner(self.cfg, self.queue, self.clock, self._inject, self.resolver,
                            local=self._deliver_local)
 
-    def _inject(self, sender: str, recipients: list[str], message: bytes) -> Deferred[str | None]:
-        return self.store.inject(sender, recipients, message)
+    def _inject(self, sender: str, recipients: list[str], message: bytes, msg_id: str) -> Deferred[str | None]:
+        return self.store.inject(sender, recipients, message, msg_id)
 
     def _deliver_local(self, sender: str, mailboxes: list[str], message: bytes) -> Deferred[list[str]]:
         return self.store.deliver_local(sender, mailboxes, message)
@@ -215,6 +266,8 @@ class Mailhost(service.MultiService):
     def _wake(self) -> None:
         if self.runner is not None:
             self.runner.wake()
+        elif self.worker is not None:
+            self.worker[0].tell(Wake)
 
     def _listen(self) -> None:
         listen = self.cfg.listen
@@ -227,33 +280,51 @@ class Mailhost(service.MultiService):
                           limiter=self.limiter, tls=self.tls, clock=self.clock, milters=self.milters,
                           outgoing=Outgoing(self.cfg), srs=self.srs, checks=self.checks,
                           quotas=MailboxQuotas(self._in_pool, self.sizes),
-                          submission_limiter=ConnectionLimiter(self.cfg.limits.max_connections,
-                                                               self.cfg.limits.max_connections_per_ip))
+                          submission_limiter=self._limiter("submission"))
         self.smtp_context = ctx
         for kind in ("smtp", "submission", "submissions"):
             for desc in getattr(listen, kind):
                 factory = SMTPFactory(ctx, kind)
                 self.smtp_factories.append(factory)
                 served: IProtocolFactory = metrics.Counted(factory, kind) if counted else factory
-                listener = ListenerService(self.reactor, desc, served, self.tls, self.daemon)
-                service.Service.setServiceParent(listener, self)
+                self._serve(desc, served)
         self.pop3_factory = pop3_factory = self._pop3_factory()
         for kind in ("pop3", "pop3s"):
             for desc in getattr(listen, kind):
                 served = metrics.Counted(pop3_factory, kind) if counted else pop3_factory
-                listener = ListenerService(self.reactor, desc, served, self.tls, self.daemon)
-                service.Service.setServiceParent(listener, self)
-        for desc in self.cfg.metrics.listen:
+                self._serve(desc, served)
+        for desc in self.cfg.metrics.listen if self.worker is None else ():
             listener = ListenerService(self.reactor, desc, metrics.site(), None, self.daemon)
             service.Service.setServiceParent(listener, self)
 
+    def _serve(self, desc: str, served: IProtocolFactory) -> None:
+        """A mail listener: opened here, or in a worker the first process's socket adopted."""
+        listener: service.Service
+        if self.worker is not None:
+            from mailguard.app.workers import AdoptedListener
+            fds, self.worker = self.worker[1], (self.worker[0], self.worker[1][1:])    # in [listen] order
+            listener = AdoptedListener(IReactorSocket(self.reactor), fds[0], desc, served, self.tls)
+        else:
+            listener = ListenerService(self.reactor, desc, served, self.tls, self.daemon)
+            self.listeners.append(listener)
+        service.Service.setServiceParent(listener, self)
+
     def _pop3_factory(self) -> POP3Factory:
         from mailguard.pop3.server import POP3Factory
-        return POP3Factory(self.cfg, self.authenticator, self.pop_before_smtp, self.tls, clock=self.clock)
+        factory = POP3Factory(self.cfg, self.authenticator, self.pop_before_smtp, self.tls, clock=self.clock)
+        factory.limiter = self._limiter("pop3")
+        return factory
+
+    def setServiceParent(self, parent: service.IServiceCollection) -> None:
+        """Join twistd's application, handing it :attr:`log_observer` first (its ``ILogObserver``)."""
+        if self.log_observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.log_observer)  # type: ignore[no-untyped-call]
+        service.MultiService.setServiceParent(self, parent)
 
     def startService(self) -> None:
         reload.install_sighup(self.reloader, self.threads.callFromThread)
-        reload.write_pidfile(self.cfg.server.data_dir)
+        if self.worker is None:
+            reload.write_pidfile(self.cfg.server.data_dir)
         self.threads.suggestThreadPoolSize(20)
         self.hash_pool.start()
         log.info("mailguard starting: hostname={host} data_dir={data}",
@@ -263,7 +334,8 @@ class Mailhost(service.MultiService):
     def stopService(self) -> Deferred[None] | None:
         d: Deferred[None] | None = service.MultiService.stopService(self)
         self.commit.stop()
-        reload.remove_pidfile(self.cfg.server.data_dir)
+        if self.worker is None:
+            reload.remove_pidfile(self.cfg.server.data_dir)
         self.checks.close()
         self.directory.close()
         self.hash_pool.stop()

@@ -8,6 +8,10 @@ the directory cannot be read::
     queue: 2 message(s), oldest 3h12m (since 2026-12-01 04:00 UTC)
     last delivery error: 451 4.3.0 try later (to <ann@remote.example>, queue id 0641...)
     directory: sqlite /var/lib/mailguard/directory.sqlite, 12 mailbox(es)
+    directory: alias sales@office.example -> bob@office.example points at nothing: no mailbox, ...
+
+The ``directory:`` lines after the first name each alias, list member and contact that
+points at nothing (:mod:`mailguard.app.dangling`); they do not change the exit status.
 
 A listener is probed with a TCP connection when it is a ``tcp:``/``ssl:`` port;
 ``systemd:`` and ``unix:`` ones are shown as configured.
@@ -23,7 +27,7 @@ import time
 from pathlib import Path
 
 from mailguard import config
-from mailguard.app import reload
+from mailguard.app import dangling, reload
 from mailguard.app.checkconfig import LISTENERS
 from mailguard.directory.sqlite import DirectoryError, SQLiteStore
 
@@ -102,8 +106,10 @@ def cmd_status(cfg: config.Config, args: argparse.Namespace) -> int:
         healthy = False
     else:
         try:
-            count = len(SQLiteStore(cfg.directory.path, create=False).mailboxes())
-            print(f"directory: sqlite {cfg.directory.path}, {count} mailbox(es)")
+            store = SQLiteStore(cfg.directory.path, create=False)
+            print(f"directory: sqlite {cfg.directory.path}, {len(store.mailboxes())} mailbox(es)")
+            for entry in dangling.find(cfg, store):
+                print(f"directory: {entry.line()}")
         except DirectoryError as e:
             print(f"directory: UNREADABLE: {e}")
             healthy = False
@@ -111,12 +117,17 @@ def cmd_status(cfg: config.Config, args: argparse.Namespace) -> int:
 
 
 def print_entries(cfg: config.Config, kind: str, name: str | None = None) -> int:
-    """``alias list`` / ``contact list`` (``address -> target``) and ``list show LIST`` (its members)."""
-    rows = SQLiteStore(cfg.directory.path).entries()
+    """``alias list`` / ``contact list`` (``address -> target``) and ``list show LIST``.
+
+    ``list show``: ``senders: POLICY`` (who may send to it), then its members, one a line.
+    """
+    store = SQLiteStore(cfg.directory.path)
+    rows = store.entries()
     if name is not None:
         found = [detail for address, k, detail in rows if k == "list" and address == name]
         if not found:
             raise DirectoryError(f"no list {name}")
+        print(f"senders: {store.list_senders(name)}")
         for member in found[0].split(", "):
             print(member)
         return 0

@@ -40,7 +40,8 @@ def makeService(options: Options) -> service.IService:
     Files are private from the start (umask 077, unless twistd's ``--umask`` says
     otherwise): the directory holds password hashes, the data folder keys.  With
     twistd's ``--uid``/``--gid`` the data folder is handed to that user once built,
-    and the listening sockets are opened before the switch.
+    and the listening sockets are opened before the switch.  With ``--logfile`` the
+    file rotates as ``[log]`` says (:mod:`mailguard.app.logfile`).
     """
     try:
         cfg = config.find(options["config"])
@@ -66,4 +67,9 @@ def makeService(options: Options) -> service.IService:
     elif isinstance(gid, int):
         owner = (os.getuid(), gid)
     nodaemon = _twistd_option(options, "nodaemon")
-    return Mailhost(cfg, reactor, owner=owner, daemon=nodaemon is not None and not nodaemon)
+    mailhost = Mailhost(cfg, reactor, owner=owner, daemon=nodaemon is not None and not nodaemon)
+    from mailguard.app import logfile
+    path = logfile.twistd_log_path(lambda name: _twistd_option(options, name))
+    if path is not None:
+        mailhost.log_observer = logfile.observer(path, cfg.log, reactor)
+    return mailhost

@@ -100,6 +100,13 @@ class Authenticator:
         self._in_flight: dict[str, int] = {}       # checks under way per client and per account
         self._trusted: dict[tuple[str, str], float] = {}   # (login, client) -> until
         self.hashes = HashQueue(MAX_PARALLEL_CHECKS, MAX_QUEUED_CHECKS)
+        #: Told of every failed login here (``[server] workers``: the other processes count it too).
+        self.share: Callable[[str, str], None] | None = None
+
+    def learn_failure(self, client: str, login: str) -> None:
+        """Count one failed login of ``login`` from ``client`` (a :func:`client_key`), here or elsewhere."""
+        self.by_ip.add(client)
+        self.by_account.add(login)
 
     def configure(self, limits: LimitsConfig) -> None:
         """Use a reloaded ``[limits]`` login_failures/login_lockout; failures so far still count."""
@@ -166,8 +173,9 @@ class Authenticator:
 
         def done(mailbox: str | None) -> str | None:
             if mailbox is None:
-                self.by_ip.add(client)
-                self.by_account.add(login)
+                self.learn_failure(client, login)
+                if self.share is not None:
+                    self.share(client, login)
                 maillog.auth_failure(service, client_ip, login)
             else:
                 self._trust(login, client)
@@ -184,9 +192,17 @@ class PopBeforeSmtp:
         self.clock = clock
         self.window = window
         self._until: dict[str, float] = {}
+        #: Told of every login recorded here (``[server] workers``: the other processes).
+        self.share: Callable[[str], None] | None = None
 
     def record(self, ip: str) -> None:
         """A successful POP3 login from ``ip``."""
+        self.learn(ip)
+        if self.share is not None and self.window > 0:
+            self.share(ip)
+
+    def learn(self, ip: str) -> None:
+        """A successful POP3 login from ``ip``, here or in another process."""
         if self.window <= 0:
             return
         now = self.clock.seconds()

@@ -18,7 +18,7 @@ Authentication-Results header (:mod:`mailguard.checks.senderauth`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from twisted.internet import threads
 from twisted.logger import Logger
@@ -55,6 +55,8 @@ class InboundChecks:
         self.lookup = lookup
         self.clock = clock
         self.rate: rate.RateControl | None = None
+        #: Told of each message rate control counted (``[server] workers``: the other processes count it too).
+        self.share: Callable[[str, str], None] | None = None
         self.greylist_store: greylist.GreylistStore | None = None
         checks: list[Check] = []
         if c.reject_clients:
@@ -142,7 +144,14 @@ class InboundChecks:
     def accepted(self, facts: Facts) -> None:
         """One message was accepted from this client (rate control counts it)."""
         if self.rate is not None:
-            self.rate.accepted(facts)
+            counted = self.rate.accepted(facts)
+            if counted is not None and self.share is not None:
+                self.share(*counted)
+
+    def learn_accepted(self, window: str, key: str, now: float) -> None:
+        """A message another process accepted (see :meth:`rate.RateControl.learn`)."""
+        if self.rate is not None:
+            self.rate.learn(window, key, now)
 
     async def received_name(self, conn: Connection) -> str:
         """The client's forward-confirmed reverse name for Received:, or ``unknown``."""
@@ -154,6 +163,7 @@ class InboundChecks:
         Rate counts stay when a limit is unchanged; the greylist store stays when it is the
         same file.  The old store is closed otherwise (a session still using it reopens it).
         """
+        self.share = old.share
         if self.rate is not None and old.rate is not None:
             if self.rate.per_ip.limit == old.rate.per_ip.limit:
                 self.rate.per_ip = old.rate.per_ip

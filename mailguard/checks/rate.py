@@ -38,9 +38,18 @@ class RateControl:
             return Refusal(self.rule, self.reply, f"ip={facts.conn.client_ip} limit={self.per_ip.limit}/minute")
         return None
 
-    def accepted(self, facts: Facts) -> None:
-        """Count one accepted message."""
+    def accepted(self, facts: Facts) -> tuple[str, str] | None:
+        """Count one accepted message; the window (``user``/``ip``) and key it counted in, if any."""
         if facts.authenticated:
-            self.per_user.add(facts.authenticated, facts.now)
+            counted = ("user", facts.authenticated)
         elif not facts.trusted:
-            self.per_ip.add(facts.conn.client_ip, facts.now)
+            counted = ("ip", facts.conn.client_ip)
+        else:
+            return None
+        return counted if self.learn(*counted, facts.now) else None
+
+    def learn(self, window: str, key: str, now: float) -> bool:
+        """Count one message accepted here or in another process; False when that window has no limit."""
+        counts = self.per_user if window == "user" else self.per_ip
+        counts.add(key, now)
+        return counts.limit > 0

@@ -4,7 +4,8 @@ Format
 ======
 ``etc/mailguard.toml`` (see the shipped file for every key with its default).
 Sections: ``[server] [tls] [listen] [domains."name"] [relay] [replies] [limits]
-[submission] [outbound] [directory] [filters]``.  Unknown keys are an error.  Relative paths
+[submission] [outbound] [directory] [filters] [dkim] [dns] [checks] [metrics]
+[log]``.  Unknown keys are an error.  Relative paths
 are relative to the configuration file's folder (or, for the built-in defaults, to
 the current directory).
 
@@ -26,6 +27,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from mailguard.config import auth as auth_cfg
 from mailguard.config import dkim as dkim_section
 from mailguard.core import replies
 from mailguard.core.address import AddressError, normalize_domain
@@ -34,6 +36,7 @@ from mailguard.config.filters import FiltersConfig
 from mailguard.config import checks as checks_cfg
 from mailguard.config import dns as dns_cfg
 from mailguard.config import ldap as ldap_config
+from mailguard.config import log as log_cfg
 from mailguard.config import lookup
 from mailguard.config import metrics as metrics_cfg
 from mailguard.config.ldap import LDAPConfig
@@ -53,6 +56,22 @@ class ServerConfig:
     hostname: str
     data_dir: Path
     postmaster: str
+    #: Reactor processes serving the listeners (``[server] workers``; "auto" is the number of cores).
+    workers: int = 1
+
+
+#: The most ``[server] workers`` accepts: more processes than this only cost memory.
+MAX_WORKERS = 64
+
+
+def _workers(srv: Reader) -> int:
+    """``[server] workers``: a count, or ``"auto"`` for the number of cores."""
+    value = srv.get("workers", (int, str))
+    if value == "auto":
+        return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    if isinstance(value, str) or isinstance(value, bool):
+        raise srv.fail("workers", f'must be a number of processes or "auto", not {value!r}')
+    return srv.integer("workers", 1, MAX_WORKERS)
 
 
 @dataclass(frozen=True)
@@ -108,6 +127,7 @@ class LimitsConfig:
     login_failures: int
     login_lockout: int
     mailbox_quota: int = 0          # bytes per mailbox (new/ + cur/); 0 = none
+    memory_budget: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -162,6 +182,8 @@ class Config:
     dns: dns_cfg.DNSConfig = dns_cfg.DNSConfig()
     checks: checks_cfg.ChecksConfig = checks_cfg.OFF
     metrics: metrics_cfg.MetricsConfig = metrics_cfg.MetricsConfig()
+    auth: auth_cfg.AuthConfig = auth_cfg.AuthConfig()
+    log: log_cfg.LogConfig = log_cfg.LogConfig()
 
     def route_for(self, domain: str) -> DomainRoute | None:
         """The configured route for a (normalised) domain, or None when it is remote."""
@@ -182,7 +204,7 @@ class Config:
 
 # Every key with its default.  The shipped etc/mailguard.toml mirrors this table.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "server": {"hostname": "localhost", "data_dir": "var", "postmaster": ""},
+    "server": {"hostname": "localhost", "data_dir": "var", "postmaster": "", "workers": 1},
     "tls": {"certificate": "", "key": "", "auth_requires_tls": True},
     "listen": {
         "smtp": ["tcp:2525:interface=127.0.0.1"],
@@ -216,6 +238,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "login_failures": 5,
         "login_lockout": 300,
         "mailbox_quota": 0,
+        "memory_budget": 64 * 1024 * 1024,
         **checks_cfg.LIMIT_DEFAULTS,
     },
     "submission": {"enforce_sender": True, "normalize_bare_newlines": True},
@@ -242,6 +265,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "dns": dns_cfg.DEFAULTS,
     "checks": checks_cfg.DEFAULTS,
     "metrics": metrics_cfg.DEFAULTS,
+    "auth": auth_cfg.DEFAULTS,
+    "log": log_cfg.DEFAULTS,
 }
 DEFAULT_DOMAINS: dict[str, dict[str, Any]] = {"localhost": {"route": "inbound"}}
 
@@ -262,7 +287,8 @@ def parse(data: Mapping[str, Any], source: str, base: Path) -> Config:
     hostname = srv.string("hostname").strip()
     if not hostname or any(c.isspace() for c in hostname):
         raise srv.fail("hostname", f"must be a host name, not {hostname!r}")
-    server = ServerConfig(hostname, _path(base, srv.string("data_dir")), srv.string("postmaster").lower())
+    server = ServerConfig(hostname, _path(base, srv.string("data_dir")), srv.string("postmaster").lower(),
+                          _workers(srv))
 
     t = r["tls"]
     cert, key = t.string("certificate"), t.string("key")
@@ -312,6 +338,7 @@ def parse(data: Mapping[str, Any], source: str, base: Path) -> Config:
         login_failures=lm.integer("login_failures", 1),
         login_lockout=lm.integer("login_lockout", 0),
         mailbox_quota=lm.integer("mailbox_quota", 0),
+        memory_budget=lm.integer("memory_budget", 0),
     )
 
     sub = SubmissionConfig(r["submission"].boolean("enforce_sender"),
@@ -372,7 +399,8 @@ def parse(data: Mapping[str, Any], source: str, base: Path) -> Config:
     return Config(source, server, tls, listen, MappingProxyType(domains), relay, reply_cfg,
                   limits, sub, outbound, directory,
                   dkim=dkim_section.parse(r["dkim"], base, server.data_dir), filters=filters, dns=dns,
-                  checks=checks, metrics=metrics_cfg.parse(r["metrics"]))
+                  checks=checks, metrics=metrics_cfg.parse(r["metrics"]), auth=auth_cfg.parse(r["auth"]),
+                  log=log_cfg.parse(r["log"]))
 
 
 def _domains(source: str, table: Any) -> dict[str, DomainRoute]:

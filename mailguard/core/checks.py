@@ -10,6 +10,7 @@ This module imports nothing from Twisted, sqlite3 or socket.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -42,8 +43,14 @@ class Refusal:
         return Refusal(self.rule, self.reply.soften(), self.detail) if soft_bounce else self
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_ip(text: str) -> IPAddress:
-    """An IP address from a socket's text form (IPv4-mapped IPv6 and zone ids unwrapped)."""
+    """An IP address from a socket's text form (IPv4-mapped IPv6 and zone ids unwrapped).
+
+    Remembered for the last few thousand texts: every connection asks for its client and
+    local address several times, and the same clients come back (address objects are
+    immutable, so sharing one is safe).  A text that is not an address raises ValueError.
+    """
     addr = ipaddress.ip_address(text.split("%")[0])
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return addr.ipv4_mapped

@@ -12,6 +12,10 @@ A recipient is judged at RCPT time, never accepted and bounced later
      client may use it).
    - ``inbound``: the recipient must exist in the directory (``postmaster@`` always
      does, RFC 5321 section 4.5.1): rule ``inbound``, or ``unknown_recipient``.
+     A list (or an alias of one) also has a sender policy (:func:`list_gate`):
+     ``authenticated`` takes mail only from a client that did SMTP AUTH or may relay,
+     ``members`` only from an envelope sender that is a member; others get
+     ``550 5.7.1 <list@domain>: only ... may post to this list`` (rule ``list_senders``).
    - ``relay``: accepted from any client, except a host on the never list
      (rule ``relay_domain``).
 
@@ -112,6 +116,7 @@ class Decision:
     recipient: str                        # the address as finally routed (after reroutes)
     mailboxes: tuple[str, ...] = ()       # local mailboxes to store into
     remote: tuple[str, ...] = ()          # addresses for the outbound queue
+    list_senders: str = ""                # a list recipient: its sender policy and why this sender passed or not
 
     @property
     def accepted(self) -> bool:
@@ -175,8 +180,11 @@ def _recipient(cfg: Config, text: str) -> Address | Decision:
 
 
 def decide(cfg: Config, facts: Facts, who: Client, text: str, *, srs: SRS | None = None,
-           now: float = 0.0) -> Decision | Missing:
+           now: float = 0.0, sender: str = "") -> Decision | Missing:
     """Judge the forward-path ``text`` (as given after ``RCPT TO:``) for this client.
+
+    ``sender`` is the envelope sender of the transaction (``""``: the null sender), for
+    the sender policy of lists.
 
     With ``srs`` (the server's SRS secret) an SRS0/SRS1 address in an inbound domain
     is a bounce to forwarded mail: it verifies (at time ``now``) and goes back to the
@@ -192,7 +200,7 @@ def decide(cfg: Config, facts: Facts, who: Client, text: str, *, srs: SRS | None
             route = cfg.route_for(addr.domain)
             if route is not None and route.route == "inbound":
                 return _srs_bounce(cfg, facts, srs, addr, now)
-        return _route(cfg, facts, who, addr)
+        return _route(cfg, facts, who, addr, sender)
     except _Need as need:
         return Missing(need.key)
 
@@ -200,7 +208,9 @@ def decide(cfg: Config, facts: Facts, who: Client, text: str, *, srs: SRS | None
 def _srs_bounce(cfg: Config, facts: Facts, srs: SRS, addr: Address, now: float) -> Decision:
     """A reply to mail forwarded with an SRS sender: back to the original sender, for anyone.
 
-    A forged or expired SRS address is unknown (the ``unknown_recipient`` reply).
+    A forged or expired SRS address is unknown (the ``unknown_recipient`` reply).  The
+    bounce goes back whatever the original sender's sender policy (it is a list only
+    when a list sent the forwarded mail).
     """
     try:
         original = parse_path(srs.reverse(addr.local, now))
@@ -210,7 +220,7 @@ def _srs_bounce(cfg: Config, facts: Facts, srs: SRS, addr: Address, now: float) 
     final, _ = final_domain(cfg, original)
     route = None if final.is_literal else cfg.route_for(final.domain)
     if route is not None and route.route == "inbound":
-        return _inbound(cfg, facts, final)
+        return _inbound(cfg, facts, final, None, "")
     return Decision(replies.RECIPIENT_OK, "srs", addr.key, remote=(str(final),))
 
 
@@ -239,18 +249,18 @@ def final_domain(cfg: Config, addr: Address) -> tuple[Address, int]:
     return addr, hops
 
 
-def _route(cfg: Config, facts: Facts, who: Client, addr: Address) -> Decision:
+def _route(cfg: Config, facts: Facts, who: Client, addr: Address, sender: str) -> Decision:
     addr, hops = final_domain(cfg, addr)
-    d = _route_final(cfg, facts, who, addr, rerouted=hops > 0)
+    d = _route_final(cfg, facts, who, addr, sender, rerouted=hops > 0)
     if hops and d.accepted:
-        return Decision(d.reply, "reroute", d.recipient, d.mailboxes, d.remote)
+        return Decision(d.reply, "reroute", d.recipient, d.mailboxes, d.remote, d.list_senders)
     return d
 
 
-def _route_final(cfg: Config, facts: Facts, who: Client, addr: Address, rerouted: bool) -> Decision:
+def _route_final(cfg: Config, facts: Facts, who: Client, addr: Address, sender: str, rerouted: bool) -> Decision:
     route = None if addr.is_literal else cfg.route_for(addr.domain)
     if route is not None and route.route == "inbound":
-        return _inbound(cfg, facts, addr)
+        return _inbound(cfg, facts, addr, who, sender)
     if route is not None and route.route == "relay":
         if any(who.ip in net for net in cfg.relay.never):
             return _refuse(cfg, cfg.replies.never_host, "never", addr.key)
@@ -264,20 +274,75 @@ def _route_final(cfg: Config, facts: Facts, who: Client, addr: Address, rerouted
     return _refuse(cfg, reply, rule, addr.key)
 
 
-def _inbound(cfg: Config, facts: Facts, addr: Address) -> Decision:
+def _inbound(cfg: Config, facts: Facts, addr: Address, who: Client | None, sender: str) -> Decision:
+    """A recipient in an inbound domain; ``who`` None: no sender policy applies (an SRS bounce)."""
     key = addr.key
     found = _look(facts, key)
+    gate = ""
     if found is None:
         if addr.local.lower() != "postmaster":
             return _refuse(cfg, cfg.replies.unknown_recipient, "unknown_recipient", key)
         mailbox = (cfg.server.postmaster or key).lower()
         found = _look(facts, mailbox) or Expansion(mailboxes=(mailbox,))
+    elif found.senders is not None and who is not None and addr.local.lower() != "postmaster":
+        allowed, why = list_gate(cfg, facts, found, who, sender)
+        gate = f"{found.senders}; {why}" if why else found.senders
+        if not allowed:
+            d = _refuse(cfg, list_refusal(key, found.senders), "list_senders", key)
+            return Decision(d.reply, d.rule, d.recipient, list_senders=gate)
     mailboxes, remote = _targets(cfg, facts, found)
     if not mailboxes and not remote:
         # An alias loop, a dangling alias, a list of stale members: a 250 here would
         # accept mail that is then stored nowhere.
         return _refuse(cfg, cfg.replies.unknown_recipient, "unknown_recipient", key)
-    return Decision(replies.RECIPIENT_OK, "inbound", key, mailboxes, remote)
+    return Decision(replies.RECIPIENT_OK, "inbound", key, mailboxes, remote, gate)
+
+
+def list_refusal(key: str, senders: str) -> replies.Reply:
+    """The reply to a sender a list's policy ``senders`` refuses."""
+    who = "members" if senders == "members" else "authenticated senders"
+    return replies.Reply(550, "5.7.1", f"<{key}>: only {who} may post to this list")
+
+
+def list_gate(cfg: Config, facts: Facts, found: Expansion, who: Client, sender: str) -> tuple[bool, str]:
+    """May ``sender`` (the envelope sender) from ``who`` send to the list ``found``?
+
+    Returns (allowed, why) for ``mailguard explain``.  ``authenticated``: the client did
+    SMTP AUTH, or may relay (``allow``, ``internal_addresses``, POP-before-SMTP: the
+    office's own hosts).  ``members``: the envelope sender is one of ``found.members``,
+    or an alias in an inbound domain of exactly one member mailbox.  Only the envelope
+    sender is judged, never the ``From:`` header; both are easy to forge, so
+    ``members`` keeps out mistakes and spam to guessed addresses, not a determined
+    forger (``authenticated`` does).  Raises :class:`_Need` for the sender's alias.
+    """
+    if found.senders == "authenticated":
+        if who.authenticated:
+            return True, f"authenticated as {who.authenticated}"
+        allowed, rule = relay_permission(cfg, who)
+        return (True, f"trusted client ({rule})") if allowed else (False, "not authenticated")
+    if found.senders == "members":
+        shown = f"<{sender}>"
+        if _is_member(cfg, facts, found, sender):
+            return True, f"{shown} is a member"
+        return False, f"{shown} is not a member"
+    return True, ""
+
+
+def _is_member(cfg: Config, facts: Facts, found: Expansion, sender: str) -> bool:
+    try:
+        addr = parse_path(sender, null_ok=True)
+    except AddressError:
+        return False
+    if addr is None:
+        return False                                   # the null sender is nobody's address
+    if addr.key in found.members:
+        return True
+    route = None if addr.is_literal else cfg.route_for(addr.domain)
+    if route is None or route.route != "inbound":
+        return False
+    own = _look(facts, addr.key)
+    return (own is not None and own.senders is None and len(own.mailboxes) == 1 and not own.others
+            and own.mailboxes[0] in found.members)
 
 
 Targets = tuple[tuple[str, ...], tuple[str, ...]]
@@ -328,11 +393,13 @@ def _targets(cfg: Config, facts: Facts, found: Expansion) -> Targets:
 def explain_line(decision: Decision, text: str, verbose: bool = False) -> str:
     """The ``mailguard explain`` line: ``<rcpt>: <reply> (rule: <rule>)``.
 
-    With ``verbose``, an accepted recipient's destinations follow:
-    `` -> mailbox a@b, queue c@d``.
+    A list recipient's sender policy follows, with what decided it for this sender:
+    `` [list senders: members; <a@b> is a member]``.  With ``verbose``, an accepted
+    recipient's destinations follow: `` -> mailbox a@b, queue c@d``.
     """
+    gate = f" [list senders: {decision.list_senders}]" if decision.list_senders else ""
     where = ""
     if verbose and decision.accepted:
         parts = [f"mailbox {m}" for m in decision.mailboxes] + [f"queue {r}" for r in decision.remote]
         where = f" -> {', '.join(parts)}" if parts else ""
-    return f"{text}: {decision.reply} (rule: {decision.rule}){where}"
+    return f"{text}: {decision.reply} (rule: {decision.rule}){gate}{where}"

@@ -98,6 +98,8 @@ BARE_LINEFEED = Reply(550, "5.6.2", "Bare CR or LF not allowed in message (RFC 5
 MILTER_REJECTED = Reply(550, "5.7.1", "Command rejected")
 MILTER_TEMPFAIL = Reply(451, "4.7.1", "Service unavailable - try again later")
 STORE_FAILED = Reply(451, "4.3.0", "Temporary failure storing the message, try again later")
+# [limits] memory_budget spent and no spool file to take the message (RFC 3463: 4.3.1).
+NO_ROOM = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 SIGNING_FAILED = Reply(451, "4.3.0", "The message cannot be DKIM-signed now, try again later")
 RELAY_TRICK = Reply(550, "5.7.1", "Relaying prohibited (address form not accepted)")
 TIMEOUT = Reply(421, "4.4.2", "Timeout, closing connection")

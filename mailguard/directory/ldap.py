@@ -17,6 +17,8 @@ configured filters (escaped per RFC 4515, so ``*)(uid=*`` matches nothing):
   (nested groups, up to :data:`MAX_DEPTH` levels, each group once, so loops end).
 
 Several entries matching one address all receive it (as Postfix's LDAP tables do).
+A list takes mail from anyone: no sender policy is read from LDAP (``mailguard list
+senders`` is for the SQLite directory).
 ``msExchHideFromAddressLists`` only hides an entry from address books: it is not read.
 
 Answers, including "no such entry", are kept ``cache_ttl`` seconds; concurrent
@@ -196,7 +198,9 @@ class LDAPDirectory:
             walk.seen.add(group.dn.lower())
         for group in groups:
             await self._members(group, walk, 1)
-        return Found(address, mailboxes, contacts, tuple(groups), Expansion(tuple(walk.mailboxes), tuple(walk.others)))
+        senders = "anyone" if groups else None            # no sender policy is read from LDAP
+        return Found(address, mailboxes, contacts, tuple(groups),
+                     Expansion(tuple(walk.mailboxes), tuple(walk.others), senders))
 
     def _search(self, filt: Any, base: str | None = None) -> defer.Deferred[list[Entry]]:
         if base is None:

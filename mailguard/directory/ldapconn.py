@@ -26,6 +26,7 @@ from twisted.internet import defer, endpoints, error, ssl
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailguard.app import maillog
 from mailguard.config.ldap import LDAPConfig
 from mailguard.directory.base import DirectoryError
 
@@ -168,7 +169,7 @@ async def open_connection(reactor: Any, cfg: LDAPConfig, timeout: float) -> Conn
     if cfg.tls == "ldaps":
         endpoint = endpoints.wrapClientTLS(tls_options(cfg), endpoint)
     try:
-        d: defer.Deferred[Any] = endpoints.connectProtocol(endpoint, ldapclient.LDAPClient())
+        d: defer.Deferred[Any] = endpoints.connectProtocol(maillog.Quiet(endpoint), ldapclient.LDAPClient())
         client = await d.addTimeout(timeout, reactor)
     except Exception as e:
         raise DirectoryError(f"{cfg.url}: {_why(e)}") from None

@@ -2,7 +2,7 @@
 
 Format
 ======
-``data_dir/directory.sqlite``, WAL mode, four tables keyed by lower-case ``local@domain``:
+``data_dir/directory.sqlite``, WAL mode, tables keyed by lower-case ``local@domain``:
 
 - ``mailboxes(address, password, created, quota)``: local users; ``password`` is a
   libpass (passlib) hash string, argon2 by default; ``quota`` the mailbox's own quota
@@ -10,6 +10,9 @@ Format
 - ``aliases(alias, target)``: another name for any entry, or for a remote address.
 - ``list_members(list, member)``: distribution lists; members are local or remote.
 - ``contacts(address, remote)``: a custom recipient that forwards to a remote address.
+- ``list_senders(list, senders)``: who may send to a list (``anyone``, ``authenticated``,
+  ``members``).  A list without a row takes mail from ``anyone``: every list made
+  before schema version 2, and a new one until its policy is set.
 
 An address is at most one kind of entry.  The server queries the file for every
 lookup, so changes made by the CLI (another process) are seen at once.
@@ -44,6 +47,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from mailguard.core.address import AddressError, parse_path
+from mailguard.core.entries import SENDER_POLICIES
 from mailguard.directory.base import DirectoryError, EntryError, Expansion
 
 __all__ = ["SQLiteStore", "SQLiteDirectory", "DirectoryError", "EntryError", "Expansion", "HASHES"]
@@ -65,12 +69,15 @@ CREATE TABLE IF NOT EXISTS contacts (address TEXT PRIMARY KEY, remote TEXT NOT N
 
 #: The schema version this code writes (``PRAGMA user_version``); 0 is a file made
 #: before versions were recorded (the same four tables as version 1).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: The SQL that takes a database from version ``n - 1`` to ``n``, applied in order at
 #: start (and by any command that opens the file), each step in one transaction.
 MIGRATIONS: dict[int, str] = {
     1: "",
-    2: "ALTER TABLE mailboxes ADD COLUMN quota INTEGER;",   # per-mailbox quota; NULL = the default
+    # Lists' sender policies; existing lists get no row: they go on taking mail from anyone.
+    2: "CREATE TABLE IF NOT EXISTS list_senders (list TEXT PRIMARY KEY, senders TEXT NOT NULL "
+       "CHECK (senders IN ('anyone', 'authenticated', 'members')));",
+    3: "ALTER TABLE mailboxes ADD COLUMN quota INTEGER;",   # per-mailbox quota; NULL = the default
 }
 
 _KIND_QUERY = """
@@ -202,7 +209,28 @@ class SQLiteStore:
             return Expansion(mailboxes=(address,))
         walk = _Walk()
         self._walk(address, walk, 0)
-        return Expansion(tuple(walk.mailboxes), tuple(walk.others))
+        senders, members = self._sender_policy(address, kind, walk)
+        return Expansion(tuple(walk.mailboxes), tuple(walk.others), senders, members)
+
+    def _sender_policy(self, address: str, kind: str, walk: _Walk) -> tuple[str | None, frozenset[str]]:
+        """The sender policy of the list ``address`` is (or that its aliases lead to), and its members.
+
+        The members, only for ``members``: every address the walk reached below the list.
+        """
+        chain = {address}
+        for _ in range(MAX_DEPTH):
+            if kind != "alias":
+                break
+            (target,), = self._query("SELECT target FROM aliases WHERE alias = ?", (address,))
+            address = str(target)
+            chain.add(address)
+            kind = self.kind(address) or ""
+        if kind != "list":
+            return None, frozenset()
+        senders = self.list_senders(address)
+        if senders != "members":
+            return senders, frozenset()
+        return senders, frozenset((walk.seen - chain) | set(walk.mailboxes) | set(walk.others))
 
     def _walk(self, address: str, walk: _Walk, depth: int) -> None:
         if address in walk.seen:
@@ -364,6 +392,22 @@ class SQLiteStore:
                 self._write("DELETE FROM list_members WHERE list = ? AND member = ?", (name, m.lower()))
         else:
             self._write("DELETE FROM list_members WHERE list = ?", (name,))
+        if self.kind(name) != "list":          # gone: a list made again later starts afresh
+            self._write("DELETE FROM list_senders WHERE list = ?", (name,))
+
+    def list_senders(self, name: str) -> str:
+        """Who may send to the list ``name``: ``anyone`` (also without a row), ``authenticated``, ``members``."""
+        rows = self._query("SELECT senders FROM list_senders WHERE list = ?", (name.lower(),))
+        return str(rows[0][0]) if rows else "anyone"
+
+    def set_list_senders(self, name: str, senders: str) -> None:
+        """Set who may send to the list ``name`` (one of :data:`SENDER_POLICIES`)."""
+        name = name.lower()
+        if senders not in SENDER_POLICIES:
+            raise EntryError(f"list {name}: senders must be one of {', '.join(SENDER_POLICIES)}, not {senders!r}")
+        if self.kind(name) != "list":
+            raise EntryError(f"no list {name}")
+        self._write("INSERT OR REPLACE INTO list_senders VALUES (?, ?)", (name, senders))
 
     def add_contact(self, address: str, remote: str) -> None:
         """Create a contact: mail to ``address`` goes on to ``remote``."""
@@ -375,6 +419,14 @@ class SQLiteStore:
         """Remove a contact."""
         if not self._write("DELETE FROM contacts WHERE address = ?", (address.lower(),)):
             raise EntryError(f"no contact {address}")
+
+    def references(self) -> list[tuple[str, str, str]]:
+        """Every address an entry points at, as ``(entry, kind, target)``: alias targets,
+        list members and contacts' remote addresses, sorted."""
+        rows = [("alias", a, t) for a, t in self._query("SELECT alias, target FROM aliases")]
+        rows += [("list", n, m) for n, m in self._query("SELECT list, member FROM list_members")]
+        rows += [("contact", a, r) for a, r in self._query("SELECT address, remote FROM contacts")]
+        return sorted((str(entry), kind, str(target)) for kind, entry, target in rows)
 
     def entries(self) -> list[tuple[str, str, str]]:
         """Every entry as ``(address, kind, detail)``, sorted by address."""

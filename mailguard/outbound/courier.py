@@ -16,6 +16,7 @@ from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 
+from mailguard.app import maillog
 from mailguard.config import Config, host_port
 from mailguard.dns.resolver import Lookup
 from mailguard.outbound import mtasts, mx
@@ -61,7 +62,7 @@ class SMTPCourier:
         if options.tls == "tls":
             endpoint = endpoints.wrapClientTLS(options.tls_creator(), endpoint)
         conn = ClientConnection(self.clock, options.command_timeout)
-        connected: defer.Deferred[ClientConnection] = endpoints.connectProtocol(endpoint, conn)
+        connected: defer.Deferred[ClientConnection] = endpoints.connectProtocol(maillog.Quiet(endpoint), conn)
         return connected
 
     async def __call__(self, sender: str, domain: str, recipients: list[str],

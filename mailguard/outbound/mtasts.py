@@ -29,6 +29,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from mailguard.app import maillog
 from mailguard.core.mtasts import MAX_POLICY_SIZE, Policy, PolicyError, parse_policy, record_id
 from mailguard.dns.resolver import Lookup, TemporaryDNSError
 from mailguard.outbound.client import tls_options
@@ -79,7 +80,7 @@ class _Pinned:
     def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:  # noqa: N802 - Twisted's name
         kind = endpoints.TCP6ClientEndpoint if ":" in self.address else endpoints.TCP4ClientEndpoint
         tcp = kind(self.reactor, self.address, uri.port, timeout=self.timeout)
-        return endpoints.wrapClientTLS(tls_options(self.host, self.ca_file), tcp)
+        return maillog.Quiet(endpoints.wrapClientTLS(tls_options(self.host, self.ca_file), tcp))
 
 
 def https_fetcher(reactor: Any, resolver: Lookup, ca_file: Path | None, timeout: float) -> Fetch:

@@ -72,7 +72,8 @@ class QueueRunner(Service):
 
     :param config: uses ``config.server.hostname`` and ``config.outbound``.
     :param reactor: ``IReactorTime`` (+ ``IReactorTCP`` for the default courier).
-    :param inject: ``inject(sender, recipients, message) -> Deferred``; takes bounces.
+    :param inject: ``inject(sender, recipients, message, msg_id) -> Deferred``; takes bounces
+        (``msg_id``: the bounced message's, so that the bounce's own log lines carry it).
     :param resolver: the shared :class:`mailguard.dns.Resolver`; default: one of its own from ``[dns]``.
     :param courier: replaces SMTP delivery (tests): ``await courier(sender, domain,
         recipients, message) -> {recipient: Outcome}``.
@@ -85,7 +86,7 @@ class QueueRunner(Service):
     MAX_PARALLEL = 10
 
     def __init__(self, config: Config, queue: Queue, reactor: IReactorTime,
-                 inject: Callable[[str, list[str], bytes], defer.Deferred[Any]],
+                 inject: Callable[[str, list[str], bytes, str], defer.Deferred[Any]],
                  resolver: Lookup | None = None, *, courier: Courier | None = None,
                  blocking: Callable[..., defer.Deferred[Any]] = threads.deferToThread,
                  local: Callable[[str, list[str], bytes], defer.Deferred[Any]] | None = None) -> None:
@@ -327,9 +328,10 @@ class QueueRunner(Service):
                               "reply": r.last_reply})
 
         updated = await self.blocking(self.queue.update, entry_id, change)
+        msg = _msg(updated)
         for line in lines:
-            log.info("mailguard outbound: id={queue_id} to=<{recipient}> state={state} relay={relay} "
-                     "reply={reply}", queue_id=entry_id, **line)
+            log.info("mailguard outbound: id={queue_id} msg={msg} to=<{recipient}> state={state} relay={relay} "
+                     "reply={reply}", queue_id=entry_id, msg=msg, **line)
         return updated  # type: ignore[no-any-return]
 
     async def _entry_and_message(self, entry_id: str) -> tuple[QueueEntry, bytes] | None:
@@ -352,8 +354,8 @@ class QueueRunner(Service):
 
     def _log_notice(self, entry: QueueEntry, recipients: list[RecipientState], state: str) -> None:
         for r in recipients:
-            log.info("mailguard outbound: id={queue_id} to=<{recipient}> state={state} relay={relay} "
-                     "reply={reply}", queue_id=entry.id, recipient=r.address, state=state,
+            log.info("mailguard outbound: id={queue_id} msg={msg} to=<{recipient}> state={state} relay={relay} "
+                     "reply={reply}", queue_id=entry.id, msg=_msg(entry), recipient=r.address, state=state,
                      relay=f"<{entry.sender}>", reply=r.last_reply)
 
     def _warn_at(self, entry: QueueEntry) -> float | None:
@@ -383,7 +385,7 @@ class QueueRunner(Service):
                             message, now, delayed_until=until,
                             size_limit=self.config.outbound.bounce_size_limit)
             try:
-                await self.inject("", [entry.sender], dsn)
+                await self.inject("", [entry.sender], dsn, entry.msg_id or entry.id)
             except Exception as e:
                 log.warn("mailguard outbound: id={queue_id} delay warning to <{sender}> failed: {error}",
                          queue_id=entry_id, sender=entry.sender, error=repr(e))
@@ -417,7 +419,7 @@ class QueueRunner(Service):
                             [FailedRecipient(r.address, r.last_reply, r.relay) for r in failed],
                             message, now, size_limit=self.config.outbound.bounce_size_limit)
             try:
-                await self.inject("", [entry.sender], dsn)
+                await self.inject("", [entry.sender], dsn, entry.msg_id or entry.id)
             except Exception as e:
                 log.warn("mailguard outbound: id={queue_id} bounce to <{sender}> failed, will retry: {error}",
                          queue_id=entry_id, sender=entry.sender, error=repr(e))
@@ -430,6 +432,11 @@ class QueueRunner(Service):
             self._log_notice(entry, failed, "bounced")
         finally:
             self._bouncing.discard(entry_id)
+
+
+def _msg(entry: QueueEntry | None) -> str:
+    """The SMTP message id for the log lines of an entry (``-`` when unknown)."""
+    return (entry.msg_id if entry is not None else "") or "-"
 
 
 def _expired_reply(entry: QueueEntry, address: str) -> str:

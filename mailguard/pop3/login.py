@@ -20,7 +20,8 @@ from mailguard.pop3.session import (AUTHORIZATION, ERR_ALREADY, ERR_AUTH_CANCELL
                                      ERR_SYNTAX, ERR_TEMPFAIL, ERR_THROTTLED, ERR_TLS_ACTIVE,
                                      ERR_TLS_UNAVAILABLE, ERR_USER_FIRST, TRANSACTION)
 from mailguard.pop3.session import POP3Session, log
-from mailguard.storage.maildir import Mailbox, MailboxLocked, maildir_path
+from mailguard.storage.maildir import Mailbox, maildir_path
+from mailguard.storage.poplock import MailboxLocked
 
 
 class LoginCommands(POP3Session):

@@ -34,10 +34,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-from twisted.internet import protocol, threads
+from twisted.internet import defer, protocol, threads
 from twisted.internet.interfaces import IReactorTime
 
-from mailguard.app.limits import ConnectionLimiter
+from mailguard.app.limits import ConnectionLimiter, Limiter
 from mailguard.app.tls import TLSContext
 from mailguard.auth.authenticator import Authenticator, PopBeforeSmtp
 from mailguard.config import Config
@@ -45,7 +45,7 @@ from mailguard.pop3.login import LoginCommands
 from mailguard.pop3.mailbox import MailboxCommands
 from mailguard.pop3.session import *  # noqa: F401,F403 - the replies, for callers and tests
 from mailguard.pop3.session import RunInThread
-from mailguard.storage.maildir import LockTable
+from mailguard.storage.poplock import LockTable
 
 
 class POP3Server(LoginCommands, MailboxCommands):
@@ -93,11 +93,15 @@ class POP3Factory(protocol.ServerFactory[POP3Server]):
         self.clock = clock
         self.run_in_thread: RunInThread = run_in_thread or threads.deferToThread
         self.locks = locks if locks is not None else PROCESS_LOCKS
-        self.limiter = ConnectionLimiter(config.limits.max_connections, config.limits.max_connections_per_ip)
+        self.limiter: Limiter = ConnectionLimiter(config.limits.max_connections, config.limits.max_connections_per_ip)
 
-    def admit(self, ip: str) -> bool:
-        """Count a new connection; False when a limit in ``[limits]`` is reached."""
-        return self.limiter.admit(ip) is None
+    def admit(self, ip: str) -> bool | defer.Deferred[bool]:
+        """Count a new connection; False when a limit in ``[limits]`` is reached (later, with
+        ``[server] workers``: a Deferred)."""
+        over = self.limiter.admit(ip)
+        if isinstance(over, defer.Deferred):
+            return over.addCallback(lambda refused: refused is None)
+        return over is None
 
     def leave(self, ip: str) -> None:
         """A counted connection ended."""

@@ -113,8 +113,26 @@ class POP3Session(protocol.Protocol, policies.TimeoutMixin):
     def connectionMade(self) -> None:
         f = self.factory
         self.peer = getattr(connection(self.transport).getPeer(), "host", "unknown")
-        if not f.admit(self.peer):
-            self._counted = False
+        self._counted = False
+        admitted = f.admit(self.peer)
+        if isinstance(admitted, defer.Deferred):
+            # Counted by the first process ([server] workers): nothing is read until it answers.
+            connection(self.transport).pauseProducing()
+            admitted.addCallback(self._admission)
+            return
+        self._admit_or_refuse(admitted)
+
+    def _admission(self, admitted: bool) -> None:
+        if self._gone:                           # the client left while the count was asked for
+            if admitted:
+                self.factory.leave(self.peer)
+            return
+        connection(self.transport).resumeProducing()
+        self._admit_or_refuse(admitted)
+
+    def _admit_or_refuse(self, admitted: bool) -> None:
+        f = self.factory
+        if not admitted:
             self._send(ERR_TOO_MANY)
             self._close()
             return

@@ -61,14 +61,14 @@ class CheckedSession(Session):
         facts = self.check_facts(sender)
         if facts is None or self.ctx.checks is None:
             return None
-        return self._logged(await self.ctx.checks.at_mail(facts), sender, "")
+        return self._logged(await self.ctx.checks.at_mail(facts), sender, "", "")
 
     async def rcpt_checks(self, sender: str, recipient: str) -> Refusal | None:
         """The RCPT-stage checks (greylisting) for an accepted recipient."""
         facts = self.check_facts(sender, recipient)
         if facts is None or self.ctx.checks is None:
             return None
-        return self._logged(await self.ctx.checks.at_rcpt(facts), sender, recipient)
+        return self._logged(await self.ctx.checks.at_rcpt(facts), sender, recipient, self.msg_id)
 
     async def received_name(self) -> str | None:
         """The name for Received: (forward-confirmed, or ``unknown``); None for a trusted client."""
@@ -82,7 +82,7 @@ class CheckedSession(Session):
         if facts is None or self.ctx.checks is None:
             return Outcome(b"", message, None)
         outcome = await self.ctx.checks.at_data(facts, message)
-        self._logged(outcome.refusal, sender, "")
+        self._logged(outcome.refusal, sender, "", self.msg_id)
         return outcome
 
     def checks_accepted(self, sender: str) -> None:
@@ -91,10 +91,10 @@ class CheckedSession(Session):
         if facts is not None and self.ctx.checks is not None:
             self.ctx.checks.accepted(facts)
 
-    def _logged(self, refusal: Refusal | None, sender: str, recipient: str) -> Refusal | None:
+    def _logged(self, refusal: Refusal | None, sender: str, recipient: str, msg_id: str) -> Refusal | None:
         if refusal is not None:
             maillog.decision(self.client_ip, self.local_ip, self.helo or "", sender, recipient, refusal.rule,
-                             refusal.reply, refusal.detail)
+                             refusal.reply, refusal.detail, msg_id=msg_id)
         return refusal
 
 

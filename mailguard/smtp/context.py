@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
-from mailguard.app.limits import ConnectionLimiter
+from mailguard.app.limits import Limiter, MemoryBudget
 from mailguard.config import Config
 from mailguard.core.policy import Decision
 from mailguard.core.srs import SRS
@@ -65,7 +65,7 @@ class SMTPContext:
     store: MessageStore
     authenticator: CredentialCheck
     pop_before_smtp: RecentLogins
-    limiter: ConnectionLimiter
+    limiter: Limiter
     tls: TLSOptions | None
     clock: IReactorTime
     milters: MilterChain | None = None         # [filters]; None when no milter is configured
@@ -75,9 +75,15 @@ class SMTPContext:
     quotas: MailboxQuotas | None = None        # mailbox quotas at RCPT; None: no quota is ever checked
     #: submission and submissions count their connections apart from port 25, so idle
     #: connections to the MX cannot lock staff out; None: they share ``limiter``.
-    submission_limiter: ConnectionLimiter | None = None
+    submission_limiter: Limiter | None = None
+    #: ``[limits] memory_budget``: unfinished messages' octets in memory, all sessions together.
+    memory: MemoryBudget | None = None
 
-    def limiter_for(self, kind: str) -> ConnectionLimiter:
+    def __post_init__(self) -> None:
+        if self.memory is None:
+            self.memory = MemoryBudget(self.cfg.limits.memory_budget)
+
+    def limiter_for(self, kind: str) -> Limiter:
         """The connection limiter of a listener kind (``smtp``, ``submission``, ``submissions``)."""
         if kind != "smtp" and self.submission_limiter is not None:
             return self.submission_limiter

@@ -10,18 +10,31 @@ what the commands share: the HELO name, the SMTP AUTH identity and the current
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet import interfaces, protocol
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from mailguard.app import limits as limits_mod
-from mailguard.app.connection import connection
+from mailguard.app.connection import Connection, connection
+from mailguard.app.limits import Limiter
 from mailguard.app import maillog
 from mailguard.config import IPAddress
 from mailguard.core import policy, replies
 from mailguard.core.quota import Usage
+from mailguard.core.checks import parse_ip
 from mailguard.smtp.context import SMTPContext
 from mailguard.smtp.wire import CLOSED, SMTPWire
+
+_UNSPECIFIED = parse_ip("0.0.0.0")             # the client address until the connection is made
+_NO_HOST = object()
+
+
+def _host(address: object) -> str:
+    """The address's ``host`` (an IP address), or its text form when it has none."""
+    host: Any = getattr(address, "host", _NO_HOST)
+    return str(address) if host is _NO_HOST else host  # no repr built for every connection
 
 
 @dataclass
@@ -45,26 +58,44 @@ class Session(SMTPWire):
         self.clock = ctx.clock
         self.max_message_size = ctx.cfg.limits.max_message_size
         self.spool_dir = ctx.cfg.server.data_dir / "spool"
+        self.memory = ctx.memory
         self.helo: str | None = None
         self.esmtp = False
         self.authenticated: str | None = None
         self.envelope = Envelope()
+        self.msg_id = ""        # the id of the current (or last) transaction's message, made at MAIL
         self._admitted = False
         self._idle_call: interfaces.IDelayedCall | None = None
         self._session_call: interfaces.IDelayedCall | None = None
         self.client_ip = "0.0.0.0"
         self.local_ip = "0.0.0.0"
-        self.client_ip_obj: IPAddress = policy.parse_ip("0.0.0.0")
+        self.client_ip_obj: IPAddress = _UNSPECIFIED
         self.local_ip_obj: IPAddress | None = None
 
     def connectionMade(self) -> None:
         conn = connection(self.transport)
-        peer, local = conn.getPeer(), conn.getHost()
-        self.client_ip = getattr(peer, "host", str(peer))
-        self.local_ip = getattr(local, "host", str(local))
-        self.client_ip_obj = policy.parse_ip(self.client_ip)
-        self.local_ip_obj = policy.parse_ip(self.local_ip)
-        over = self.ctx.limiter_for(self.kind).admit(self.client_ip)
+        self.client_ip = _host(conn.getPeer())
+        self.local_ip = _host(conn.getHost())
+        self.client_ip_obj = parse_ip(self.client_ip)
+        self.local_ip_obj = parse_ip(self.local_ip)
+        limiter = self.ctx.limiter_for(self.kind)
+        over = limiter.admit(self.client_ip)
+        if isinstance(over, Deferred):
+            # Counted by the first process ([server] workers): nothing is read until it answers.
+            conn.pauseProducing()
+            over.addCallback(self._admission, limiter, conn)
+            return
+        self._admit_or_refuse(over)
+
+    def _admission(self, over: str | None, limiter: Limiter, conn: Connection) -> None:
+        if self.mode == CLOSED:                  # the client left while the count was asked for
+            if over is None:
+                limiter.release(self.client_ip)
+            return
+        conn.resumeProducing()
+        self._admit_or_refuse(over)
+
+    def _admit_or_refuse(self, over: str | None) -> None:
         if over is not None:
             refusal = replies.TOO_MANY_CONNECTIONS if over == limits_mod.TOTAL else replies.TOO_MANY_FROM_IP
             maillog.event("smtp", "refused", self.client_ip, reason=refusal.text)
@@ -80,7 +111,7 @@ class Session(SMTPWire):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.mode = CLOSED
-        self.drop_spool()
+        self.forget_message()
         for call in (self._idle_call, self._session_call):
             if call is not None and call.active():
                 call.cancel()

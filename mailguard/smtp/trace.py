@@ -22,14 +22,22 @@ _ids = itertools.count()
 _DIGITS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
+#: every two-digit base-36 numeral, "00" to "ZZ": an id is written two digits at a time
+_PAIRS = [a + b for a in _DIGITS for b in _DIGITS]
+
+
 def make_id(clock: IReactorTime) -> str:
     """A short unique message id: time, process id and a counter, base 36."""
     n = (int(clock.seconds() * 1000) << 20) ^ (os.getpid() << 8) ^ next(_ids)
-    out = ""
-    while n:
-        n, r = divmod(n, 36)
-        out = _DIGITS[r] + out
-    return out or "0"
+    if n < 36:
+        return _DIGITS[n]
+    parts = []
+    while n >= 1296:
+        n, r = divmod(n, 1296)
+        parts.append(_PAIRS[r])
+    parts.append(_DIGITS[n] if n < 36 else _PAIRS[n])   # the leading digits, never a leading 0
+    parts.reverse()
+    return "".join(parts)
 
 
 def received(*, msg_id: str, helo: str | None, client_ip: str, hostname: str, esmtp: bool,

@@ -6,7 +6,8 @@
   addresses (asked of the directory).
 - Each RCPT is judged by :func:`mailguard.core.policy.decide` on facts fetched
   from the directory (:func:`mailguard.directory.facts.gather`); a directory that
-  cannot answer gives the 4xx ``directory_failure``.  One log line per decision.
+  cannot answer gives the 4xx ``directory_failure``.  A list's sender policy judges
+  the client and the envelope sender of MAIL.  One log line per decision.
   An accepted recipient's mailboxes then meet their quotas (:mod:`mailguard.smtp.quota`):
   ``452 4.2.2`` for a full one, ``552 5.2.2`` when ``SIZE=`` would not fit.
 - After the final dot: a bare CR or LF anywhere is ``550 5.6.2`` (RFC 5321 section
@@ -138,6 +139,7 @@ class MailCommands(CheckedSession):
             self.reply(refusal.reply)
             return
         self.envelope = Envelope(sender=sender_text, declared_size=size)
+        self.msg_id = trace.make_id(self.clock)     # from here on, every log line of the message has it
         self.reply(replies.SENDER_OK)
 
     def _check_failed(self, f: Failure) -> None:
@@ -170,7 +172,8 @@ class MailCommands(CheckedSession):
         who = self.policy_client()
         self.pause()
         now = self.clock.seconds()
-        d = gather(lambda facts: policy.decide(self.cfg, facts, who, path, srs=self.ctx.srs, now=now),
+        sender = env.sender or ""
+        d = gather(lambda facts: policy.decide(self.cfg, facts, who, path, srs=self.ctx.srs, now=now, sender=sender),
                    self.ctx.directory)
         d.addErrback(self._decision_failed, path)
         d.addCallback(self._decided, env)
@@ -223,7 +226,7 @@ class MailCommands(CheckedSession):
 
     def _answer_rcpt(self, decision: policy.Decision, env: Envelope) -> None:
         maillog.decision(self.client_ip, self.local_ip, self.helo or "", env.sender or "", decision.recipient,
-                         decision.rule, decision.reply)
+                         decision.rule, decision.reply, msg_id=self.msg_id)
         if decision.accepted:
             env.decisions.append(decision)
         self.reply(decision.reply)
@@ -240,10 +243,12 @@ class MailCommands(CheckedSession):
             self.start_data()
             self.send_raw(DATA_GO_AHEAD)
 
-    def message_received(self, message: bytes, too_big: bool) -> None:
+    def message_received(self, message: bytes, refusal: replies.Reply | None) -> None:
         env, self.envelope = self.envelope, Envelope()
-        if too_big or len(message) > self.cfg.limits.max_message_size:
-            self.reply(replies.TOO_BIG)
+        if refusal is None and len(message) > self.cfg.limits.max_message_size:
+            refusal = replies.TOO_BIG
+        if refusal is not None:
+            self.reply(refusal)
             return
         crlf = message.count(b"\r\n")
         if message.count(b"\r") != crlf or message.count(b"\n") != crlf:
@@ -262,7 +267,7 @@ class MailCommands(CheckedSession):
             maillog.event("smtp", "mail-loop", self.client_ip, sender=env.sender)
             self.reply(replies.TOO_MANY_HOPS)
             return
-        msg_id = trace.make_id(self.clock)
+        msg_id = self.msg_id or trace.make_id(self.clock)
         self.pause()
         d = Deferred.fromCoroutine(self._deliver(msg_id, env, message))
         d.addErrback(self._filter_failed, msg_id).addBoth(lambda _: self.resume())
@@ -333,8 +338,9 @@ class MailCommands(CheckedSession):
         if usage and not held and self.ctx.quotas is not None:
             self.ctx.quotas.delivered(usage, list(dict.fromkeys(m for d in decisions for m in d.mailboxes)),
                                       len(received) + len(message))
+        mailboxes = ",".join(dict.fromkeys(m for d in decisions for m in d.mailboxes)) or "-"
         maillog.event("smtp", "held" if held else "stored", self.client_ip, id=msg_id,
-                      sender=sender, rcpts=len(decisions), size=len(message))
+                      sender=sender, rcpts=len(decisions), size=len(message), mailboxes=mailboxes)
         self.stored()
         self.reply(replies.QUEUED, msg_id)
 

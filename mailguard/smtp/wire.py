@@ -13,6 +13,13 @@ the session above it:
   no longer kept, only its end looked for.  Past :data:`SPOOL_THRESHOLD` an
   unfinished message waits in an unlinked file under ``data_dir/spool`` instead of
   memory, so clients that never finish their DATA cost disk, not RAM.
+- All sessions together hold at most ``[limits] memory_budget`` octets of unfinished
+  messages in memory (a :class:`~mailguard.app.limits.MemoryBudget`): a message that
+  would pass it goes to the spool file at once, however small.  When the spool cannot
+  take it (a full or broken disk), the rest of the message is read and dropped and the
+  final dot is answered ``NO_ROOM`` (452 4.3.1): the client keeps its mail and
+  tries again later.  A session's share is returned when its message ends and when
+  the connection is lost.
 - Replies go out strictly in order: while the session waits (:meth:`pause`, for a
   password check, a directory lookup, a store), later pipelined input waits in the
   buffer, and past :data:`MAX_PENDING_INPUT` the transport stops reading (RFC 2920).
@@ -31,7 +38,9 @@ from typing import BinaryIO
 from twisted.internet import interfaces, protocol
 from zope.interface import implementer
 
+from mailguard.app import maillog
 from mailguard.app.connection import connection, hang_up, hold_reading
+from mailguard.app.limits import MemoryBudget
 from mailguard.core import replies
 
 MAX_COMMAND = 2048           # octets in a command line (RFC 5321 says 512; Postfix allows 2048)
@@ -46,12 +55,27 @@ TOO_MANY_ERRORS = replies.Reply(421, "4.7.0", "Too many errors, closing connecti
 COMMAND, DATA, AUTH, CLOSED = "command", "data", "auth", "closed"
 
 
+#: reply -> its line as sent; the same few dozen replies answer nearly every command
+_WIRE_FORMS: dict[replies.Reply, bytes] = {}
+_MAX_WIRE_FORMS = 512        # milter and DNS replies vary: past this, lines are not remembered
+
+
+def _wire_form(r: replies.Reply) -> bytes:
+    """``r`` as one CRLF-ended line, remembered while the table has room."""
+    data = f"{r}\r\n".encode("utf-8", "replace")
+    if len(_WIRE_FORMS) < _MAX_WIRE_FORMS:
+        _WIRE_FORMS[r] = data
+    return data
+
+
 @implementer(interfaces.IPushProducer)
 class SMTPWire(protocol.Protocol):
     """Framing and limits for one connection; the session overrides the ``*_received`` hooks."""
 
     max_message_size = 0                        # set by the session from [limits]
     spool_dir: Path | None = None               # where DATA past SPOOL_THRESHOLD goes; None: memory
+    memory: MemoryBudget | None = None          # [limits] memory_budget, shared; None: no budget
+    client_ip = ""                              # for the log line
 
     def __init__(self) -> None:
         self.mode = COMMAND                     # command | data | auth | closed
@@ -62,8 +86,9 @@ class SMTPWire(protocol.Protocol):
         self._processing = False
         self._errors = 0
         self._body: bytearray | None = None
-        self._too_big = False
+        self._refusal: replies.Reply | None = None   # the answer to the final dot, when not the session's
         self._line_len = 0
+        self._in_memory = 0                     # this session's share of the memory budget
         self._spool: BinaryIO | None = None
         self._spooled = 0
         self._spool_broken = False
@@ -84,8 +109,11 @@ class SMTPWire(protocol.Protocol):
     def auth_aborted(self) -> None:
         """A SASL response line was too long: the exchange cannot go on in step."""
 
-    def message_received(self, message: bytes, too_big: bool) -> None:
-        """The DATA between the 354 and the final dot, CRLF line ends, dot-stuffing kept."""
+    def message_received(self, message: bytes, refusal: replies.Reply | None) -> None:
+        """The DATA between the 354 and the final dot, CRLF line ends, dot-stuffing kept.
+
+        ``refusal`` is the answer when the message was not kept whole (``TOO_BIG``, ``NO_ROOM``).
+        """
         raise NotImplementedError
 
     # -- output ----------------------------------------------------------------------
@@ -97,9 +125,11 @@ class SMTPWire(protocol.Protocol):
 
     def reply(self, r: replies.Reply, suffix: str = "") -> None:
         """Send one reply line; 5xx and 421 replies count towards the error limit."""
-        line = str(r) + (f" {suffix}" if suffix else "")
-        self.send_raw(line + "\r\n")
-        if r.code >= 500 or r.code in (421,):
+        if self.mode != CLOSED:
+            data = (f"{r} {suffix}\r\n".encode("utf-8", "replace") if suffix
+                    else _WIRE_FORMS.get(r) or _wire_form(r))
+            connection(self.transport).write(data)
+        if r.code >= 500 or r.code == 421:
             self._errors += 1
             if self._errors > MAX_ERRORS and self.mode != CLOSED:
                 self.close(TOO_MANY_ERRORS)
@@ -109,6 +139,7 @@ class SMTPWire(protocol.Protocol):
         self.send_raw(f"{r}\r\n")
         self.mode = CLOSED
         self._buf.clear()
+        self.forget_message()
         hang_up(self.transport, client_reads=not self._out_paused)
 
     # -- IPushProducer: the transport's write buffer -------------------------------------
@@ -160,7 +191,7 @@ class SMTPWire(protocol.Protocol):
         self._body = bytearray(b"\r\n")     # a virtual CRLF: the first line can be "."
         self.drop_spool()
         self._spool_broken = False
-        self._too_big = False
+        self._refusal = None
         self._line_len = 0
 
     def pause(self) -> None:
@@ -232,24 +263,47 @@ class SMTPWire(protocol.Protocol):
         body += data
         end = body.find(b"\r\n.\r\n", start)
         if end < 0:
-            if self._spooled + len(body) > self.max_message_size + 2:
-                self._too_big = True
+            if self._refusal is None and self._spooled + len(body) > self.max_message_size + 2:
+                self._refusal = replies.TOO_BIG
+            if self._refusal is None and (len(body) > SPOOL_THRESHOLD or not self._fits(len(body))) \
+                    and not self._to_disk(body) and not self._fits(len(body)):
+                maillog.event("smtp", "memory-budget-full", self.client_ip, size=len(body))
+                self._refusal = replies.NO_ROOM
+            if self._refusal is not None:
                 self.drop_spool()
                 del body[:-4]
-            elif self.spool_dir is not None and not self._spool_broken and len(body) > SPOOL_THRESHOLD:
-                try:
-                    self._spill(body)
-                except OSError:
-                    # A full or broken disk: keep this message in memory (bounded by the
-                    # size limit); the store then answers for the disk (451).
-                    self._spool_broken = True
+            self._hold(len(body))
             return False
         self._buf += body[end + 5:]
         tail = bytes(body[(0 if self._spool is not None else 2): end + 2])
         message = self._unspool() + tail if self._spool is not None else tail
-        self._body = None
+        self.forget_message()
         self.mode = COMMAND
-        self.message_received(message, self._too_big)
+        self.message_received(message, self._refusal)
+        return True
+
+    def _fits(self, size: int) -> bool:
+        """May this session hold ``size`` octets of its message in memory?"""
+        return self.memory is None or self.memory.fits(self._in_memory, size)
+
+    def _hold(self, size: int) -> None:
+        """This session now holds ``size`` octets of an unfinished message in memory."""
+        if self.memory is not None:
+            self._in_memory = self.memory.hold(self._in_memory, size)
+
+    def _to_disk(self, body: bytearray) -> bool:
+        """Spill ``body`` to the spool file; False when there is none or the disk refused.
+
+        A full or broken disk keeps this message in memory (within the budget and the
+        size limit); the store then answers for the disk (451).
+        """
+        if self.spool_dir is None or self._spool_broken:
+            return False
+        try:
+            self._spill(body)
+        except OSError:
+            self._spool_broken = True
+            return False
         return True
 
     def _spill(self, body: bytearray) -> None:
@@ -286,6 +340,12 @@ class SMTPWire(protocol.Protocol):
         head = self._spool.read(self._spooled)
         self.drop_spool()
         return head
+
+    def forget_message(self) -> None:
+        """Drop the unfinished message: its memory goes back to the budget, its file away."""
+        self._body = None
+        self._hold(0)
+        self.drop_spool()
 
     def drop_spool(self) -> None:
         """Forget a spooled message (closing the file deletes it)."""

@@ -26,6 +26,7 @@ import time
 from typing import Callable, Iterable, ParamSpec, Protocol, Sequence, TypeVar
 
 from twisted.internet import defer, threads
+from twisted.logger import Logger
 
 from mailguard.storage import maildir
 from mailguard.core import policy
@@ -37,6 +38,8 @@ from mailguard.directory.facts import gather
 from mailguard.storage.groupcommit import GroupCommit, Part
 from mailguard.storage.queue import Queue, StagedEntry
 from mailguard.storage.usage import CountedCopies, Sizes
+
+log = Logger(namespace="mailguard.storage.delivery")
 
 #: Decision rules whose remote addresses are forwards made here (SRS applies).
 FORWARDING_RULES = frozenset({"inbound", "reroute"})
@@ -69,6 +72,7 @@ class Store:
         self.now = now
         self.sizes = sizes                  # told of each local copy (mailbox quotas)
         self._maildirs: dict[str, str] = {}
+        self._mail_root: tuple[Config, str] | None = None
 
     def store(self, msg_id: str, sender: str, decisions: Sequence[policy.Decision],
               received: bytes, message: bytes, held: str = "") -> defer.Deferred[str | None]:
@@ -82,31 +86,35 @@ class Store:
         mailboxes = list(dict.fromkeys(m for d in decisions for m in d.mailboxes))
         remote = list(dict.fromkeys(r for d in decisions for r in d.remote))
         if not held and remote and self.srs is not None:
-            return self._write_groups(self._by_sender(sender, decisions), mailboxes, sender, received, message)
+            return self._write_groups(self._by_sender(sender, decisions), mailboxes, sender, received, message,
+                                      msg_id)
         if held:
             try:
-                entry = self.queue.prepare(sender, remote, received + message, held=held, local=mailboxes)
+                entry = self.queue.prepare(sender, remote, received + message, held=held, local=mailboxes,
+                                           msg_id=msg_id)
             except Exception:
                 return defer.fail()
-            return self.commit.commit([entry]).addCallback(lambda _: entry.id)
-        return self._write(sender, mailboxes, remote, received, message)
+            return self.commit.commit([entry]).addCallback(lambda _: _logged([entry], "held")[0].id)
+        return self._write(sender, mailboxes, remote, received, message, msg_id)
 
     def deliver_local(self, sender: str, mailboxes: list[str], message: bytes) -> defer.Deferred[list[str]]:
         """Store a released held message (``Received:`` included) into local mailboxes."""
         return_path = f"Return-Path: <{sender}>\r\n".encode("utf-8", "replace")
         return self.commit.deliver([self._maildir(m) for m in mailboxes], return_path + message)
 
-    def inject(self, sender: str, recipients: Iterable[str], message: bytes) -> defer.Deferred[str | None]:
+    def inject(self, sender: str, recipients: Iterable[str], message: bytes,
+               msg_id: str = "") -> defer.Deferred[str | None]:
         """Deliver a message made here (a bounce) to addresses routed like local mail.
 
         Inbound recipients are expanded through the directory (unknown ones dropped);
-        every other one is queued.  ``message`` is complete, CRLF line endings.  A
+        every other one is queued.  ``message`` is complete, CRLF line endings;
+        ``msg_id`` is the id of the message the bounce reports on (for the log).  A
         directory that cannot answer fails the Deferred (DirectoryError): nothing written.
         """
         found = Expansion(others=tuple(r.lower() for r in recipients))
         d = gather(lambda facts: policy.resolve_targets(self.cfg, facts, found), self.directory)
         return d.addCallback(lambda targets: self._write(sender, list(targets[0]), list(targets[1]), b"",
-                                                         message))
+                                                         message, msg_id))
 
     def _by_sender(self, sender: str, decisions: Sequence[policy.Decision]) -> dict[str, list[str]]:
         """The remote recipients grouped by the envelope sender each gets (SRS for forwards)."""
@@ -128,11 +136,11 @@ class Store:
         return groups
 
     def _write(self, sender: str, mailboxes: list[str], remote: list[str],
-               received: bytes, message: bytes) -> defer.Deferred[str | None]:
-        return self._write_groups({sender: remote} if remote else {}, mailboxes, sender, received, message)
+               received: bytes, message: bytes, msg_id: str = "") -> defer.Deferred[str | None]:
+        return self._write_groups({sender: remote} if remote else {}, mailboxes, sender, received, message, msg_id)
 
     def _write_groups(self, groups: dict[str, list[str]], mailboxes: list[str], sender: str,
-                      received: bytes, message: bytes) -> defer.Deferred[str | None]:
+                      received: bytes, message: bytes, msg_id: str = "") -> defer.Deferred[str | None]:
         """One transaction: every local copy and the queue entries (one per envelope
         sender) become durable and visible together, then the Deferred fires and the
         runner is woken; on any failure nothing is left and the Deferred fails."""
@@ -143,10 +151,10 @@ class Store:
                 paths = [self._maildir(m) for m in mailboxes]
                 return_path = f"Return-Path: <{sender}>\r\n".encode("utf-8", "replace")
                 copy = return_path + received + message
-                parts.append(maildir.Copies(self.cfg.mail_dir, paths, copy) if self.sizes is None
-                             else CountedCopies(self.cfg.mail_dir, paths, copy, self.sizes))
+                parts.append(maildir.Copies(self._root(), paths, copy) if self.sizes is None
+                             else CountedCopies(self._root(), paths, copy, self.sizes))
             for envelope, remote in groups.items():
-                entries.append(self.queue.prepare(envelope, remote, received + message))
+                entries.append(self.queue.prepare(envelope, remote, received + message, msg_id=msg_id))
             parts.extend(entries)
         except Exception:
             return defer.fail()
@@ -157,8 +165,15 @@ class Store:
     def _committed(self, _parts: object, entries: list[StagedEntry]) -> str | None:
         if not entries:
             return None
+        _logged(entries, "queued")
         self.wake()
         return entries[0].id
+
+    def _root(self) -> str:
+        """The folder holding the maildirs, as a string (computed once per configuration)."""
+        if self._mail_root is None or self._mail_root[0] is not self.cfg:
+            self._mail_root = (self.cfg, os.fspath(self.cfg.mail_dir))
+        return self._mail_root[1]
 
     def _maildir(self, mailbox: str) -> str:
         """The maildir of a mailbox, as a string (remembered: this is the hot path)."""
@@ -168,3 +183,16 @@ class Store:
             if len(self._maildirs) < 10_000:
                 self._maildirs[mailbox] = path
         return path
+
+
+def _logged(entries: list[StagedEntry], state: str) -> list[StagedEntry]:
+    """Log each new queue entry with the SMTP message id it carries (``grep`` follows it)::
+
+        mailguard outbound: id=66190428394dccdf61af0 msg=2K7F3Q1X9B state=queued from=<joe@example.com> to=<ann@remote.example>
+    """
+    for staged in entries:
+        e = staged.entry
+        log.info("{line}", line=(
+            f"mailguard outbound: id={e.id} msg={e.msg_id or '-'} state={state} from=<{e.sender}> "
+            f"to={','.join(f'<{r.address}>' for r in e.recipients)}"))
+    return entries

@@ -135,7 +135,9 @@ class GroupCommit:
         """
         d: defer.Deferred[Sequence[Part]] = defer.Deferred()
         self._jobs.put(_Job(list(parts), d))
-        self._start()
+        thread = self._thread
+        if thread is None or not thread.is_alive():     # checked again under the lock
+            self._start()
         return d
 
     def deliver(self, maildirs: Sequence[str | Path], message: bytes) -> defer.Deferred[list[str]]:

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import BinaryIO, Sequence
 
 from mailguard.storage import safeio
+from mailguard.storage.poplock import LockTable as LockTable, MailboxLocked as MailboxLocked  # their old home
 
 _DIR_MODE = 0o700
 _SUBDIRS = ("tmp", "new", "cur")
@@ -288,34 +289,6 @@ class _ScanCache:
 
 
 _SCANS = _ScanCache()
-
-
-class MailboxLocked(Exception):
-    """Another session holds this mailbox (POP3 ``-ERR [IN-USE]``, RFC 2449 section 8.1.2)."""
-
-
-class LockTable:
-    """In-process exclusive locks on maildirs: one POP3 session per mailbox."""
-
-    def __init__(self) -> None:
-        self._held: set[str] = set()
-        self._mutex = threading.Lock()
-
-    def acquire(self, maildir: Path) -> None:
-        """Take the lock or raise :class:`MailboxLocked`."""
-        key = os.path.abspath(maildir)
-        with self._mutex:
-            if key in self._held:
-                raise MailboxLocked(key)
-            self._held.add(key)
-
-    def release(self, maildir: Path) -> None:
-        """Give the lock back; releasing a lock not held is harmless."""
-        with self._mutex:
-            self._held.discard(os.path.abspath(maildir))
-
-    def held(self, maildir: Path) -> bool:
-        return os.path.abspath(maildir) in self._held
 
 
 @dataclass(frozen=True)

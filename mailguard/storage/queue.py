@@ -19,7 +19,7 @@ Everything lives in one folder (``cfg.queue_dir``, normally ``data_dir/queue``):
             "attempts": 1, "next_attempt": 1764420300.25,
             "last_reply": "451 4.3.0 try later", "relay": "mx1.remote.example",
             "notified": false, "local": false}],
-         "held": ""}
+         "held": "", "msg_id": "2K7F3Q1X9B"}
 
     ``sender`` is ``""`` for the null sender ``<>``.  ``state`` is ``pending``
     (never tried), ``deferred`` (a temporary failure; ``next_attempt`` is when to try
@@ -29,6 +29,9 @@ Everything lives in one folder (``cfg.queue_dir``, normally ``data_dir/queue``):
     held entry is not delivered (and does not expire) until ``mailguard queue release
     ID`` empties it.  A ``local`` recipient is a mailbox of this host: a held message
     for local mailboxes waits here too, and goes into the maildir when released.
+    ``msg_id`` is the id the SMTP server gave the message (in its ``250`` reply, its
+    ``Received:`` header and its log lines; for a bounce, the bounced message's id),
+    so that the log lines of every step carry it; ``""`` when unknown.
 ``.tmp-*``
     A file being written.  Leftovers from a crash are removed by :meth:`Queue.cleanup`.
 ``flush``
@@ -120,6 +123,7 @@ class QueueEntry:
     queued_at: float
     recipients: list[RecipientState] = field(default_factory=list)
     held: str = ""                # the quarantine reason; "" = deliver
+    msg_id: str = ""              # the SMTP message id it came from (a bounce: the bounced one's)
 
     @property
     def finished(self) -> bool:
@@ -128,7 +132,8 @@ class QueueEntry:
 
     def to_json(self) -> bytes:
         data = {"version": 1, "id": self.id, "sender": self.sender, "queued_at": self.queued_at,
-                "recipients": [asdict(r) for r in self.recipients], "held": self.held}
+                "recipients": [asdict(r) for r in self.recipients], "held": self.held,
+                "msg_id": self.msg_id}
         return json.dumps(data, indent=1).encode("utf-8") + b"\n"
 
     @classmethod
@@ -141,7 +146,7 @@ class QueueEntry:
             if r.state not in STATES:
                 raise QueueError(f"unknown recipient state {r.state!r}")
         return cls(str(data["id"]), str(data["sender"]), float(data["queued_at"]), rcpts,
-                   str(data.get("held", "")))
+                   str(data.get("held", "")), str(data.get("msg_id", "")))
 
 
 class Queue:
@@ -185,15 +190,16 @@ class Queue:
     # -- the contract --------------------------------------------------------
 
     def enqueue(self, sender: str, recipients: builtins.list[str], message: bytes, *, held: str = "",
-                local: Sequence[str] = ()) -> str:
+                local: Sequence[str] = (), msg_id: str = "") -> str:
         """Store a message durably for delivery to ``recipients``; returns its queue id.
 
         Blocking; on return the entry survives a crash.  ``sender`` is "" for ``<>``.
         ``held``: the quarantine reason (the entry waits for ``release``); ``local``:
-        mailboxes of this host that get the message when it is released.  (The server
+        mailboxes of this host that get the message when it is released; ``msg_id``:
+        the SMTP message id the log lines carry.  (The server
         queues through :meth:`prepare` and a group commit instead.)
         """
-        entry = self.prepare(sender, recipients, message, held=held, local=local)
+        entry = self.prepare(sender, recipients, message, held=held, local=local, msg_id=msg_id)
         staged: builtins.list[tuple[str, str]] = []
         try:
             entry.stage(staged, sync=True)
@@ -210,7 +216,7 @@ class Queue:
         return entry.id
 
     def prepare(self, sender: str, recipients: builtins.list[str], message: bytes, *, held: str = "",
-                local: Sequence[str] = ()) -> StagedEntry:
+                local: Sequence[str] = (), msg_id: str = "") -> StagedEntry:
         """A new entry as the queue part of a delivery transaction (nothing written yet).
 
         The entry stays out of :meth:`ids` (and so out of the runner's sight) until
@@ -222,7 +228,7 @@ class Queue:
         entry_id = f"{int(now * 1_000_000) & (16**13 - 1):013x}{secrets.token_hex(4)}"
         unique = builtins.list(dict.fromkeys(recipients))
         entry = QueueEntry(entry_id, sender, now, [RecipientState(r) for r in unique]
-                           + [RecipientState(m, local=True) for m in dict.fromkeys(local)], held)
+                           + [RecipientState(m, local=True) for m in dict.fromkeys(local)], held, msg_id)
         with self._lock:
             self._inflight.add(entry_id)
         return StagedEntry(self, entry, message)
@@ -414,30 +420,38 @@ class StagedEntry:
         self.queue._settled(self.id)
 
 
-def format_entry(entry: QueueEntry, now: float | None = None) -> str:
-    """One line for ``mailguard queue list``: id, age, sender, then each recipient.
-
-    ``0123abcd... 2h05m <joe@example.com> ann@x.example=deferred(451 4.3.0 later) bob@y.example=delivered``
-
-    A quarantined entry shows ``HELD(<reason>)`` after the sender.
-    """
-    age = max(0, int((time.time() if now is None else now) - entry.queued_at))
-    days, rest = divmod(age, 86400)
+def _span(seconds: float) -> str:
+    """``4m30s``, ``2h05m``, ``3d01h``: a duration as ``queue list`` shows it."""
+    days, rest = divmod(max(0, int(seconds)), 86400)
     hours, rest = divmod(rest, 3600)
     minutes, seconds = divmod(rest, 60)
     if days:
-        age_text = f"{days}d{hours:02d}h"
-    elif hours:
-        age_text = f"{hours}h{minutes:02d}m"
-    else:
-        age_text = f"{minutes}m{seconds:02d}s"
-    parts = [entry.id, age_text, f"<{entry.sender}>"]
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds:02d}s"
+
+
+def format_entry(entry: QueueEntry, now: float | None = None) -> str:
+    """One line for ``mailguard queue list``: id, age, sender, then each recipient.
+
+    ``0123abcd... 2h05m <joe@example.com> ann@x.example=deferred(451 4.3.0 later, next try in 4m30s) bob@y.example=delivered``
+
+    A quarantined entry shows ``HELD(<reason>)`` after the sender (it is not tried
+    until released, so no next try is shown).
+    """
+    now = time.time() if now is None else now
+    parts = [entry.id, _span(now - entry.queued_at), f"<{entry.sender}>"]
     if entry.held:
         parts.append(f"HELD({' '.join(entry.held.split())})")
     for r in entry.recipients:
+        notes = [r.last_reply] if r.last_reply and r.state != DELIVERED else []
+        if r.state == DEFERRED and r.next_attempt is not None and not entry.held:
+            wait = r.next_attempt - now
+            notes.append(f"next try in {_span(wait)}" if wait >= 1 else "next try now")
         text = f"{r.address}={r.state}"
-        if r.last_reply and r.state != DELIVERED:
-            text += f"({r.last_reply})"
+        if notes:
+            text += f"({', '.join(notes)})"
         parts.append(text)
     return " ".join(parts)
 
@@ -448,8 +462,13 @@ def format_damaged(damaged: Damaged) -> str:
     return f"{damaged.id} DAMAGED {reason}"
 
 
+#: What ``mailguard queue list`` prints for a queue with nothing in it.
+EMPTY = "queue is empty"
+
+
 def format_entries(entries: Iterable[QueueEntry], now: float | None = None,
                    damaged: Iterable[Damaged] = ()) -> list[str]:
-    """``format_entry`` for each entry and ``format_damaged`` for each damaged one, oldest first."""
+    """``format_entry`` for each entry and ``format_damaged`` for each damaged one, oldest first
+    (``[EMPTY]`` when there is none)."""
     lines = [(e.id, format_entry(e, now)) for e in entries] + [(d.id, format_damaged(d)) for d in damaged]
-    return [line for _, line in sorted(lines)]
+    return [line for _, line in sorted(lines)] or [EMPTY]

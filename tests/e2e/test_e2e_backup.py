@@ -14,6 +14,8 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from mailguard.directory.sqlite import SCHEMA_VERSION
+
 from .conftest import (ALLOWED_HOST, DOMAIN, OFFICE_CONFIG, OFFICE_USERS, ServerFactory, populate_office)
 from .harness import MailguardServer, make_message
 
@@ -83,9 +85,9 @@ def test_backup_while_mail_flows_then_restore(fresh_server_factory: ServerFactor
         sender.join(30)
     assert len(during) >= 3
     manifest = json.loads((dest / "MANIFEST.json").read_text())
-    assert manifest["schema"] == 2 and manifest["mailboxes"] == len(USERS)
+    assert manifest["schema"] == SCHEMA_VERSION and manifest["mailboxes"] == len(USERS)
     assert out == (f"backup in {dest}: {len(USERS)} mailbox(es), {manifest['messages']} message(s), "
-                   "1 queued, directory schema 2\n")
+                   f"1 queued, directory schema {SCHEMA_VERSION}\n")
     # The database copy is a whole, self-contained file (no -wal needed).
     assert not (dest / "directory.sqlite-wal").exists()
     with sqlite3.connect(dest / "directory.sqlite") as db:

@@ -204,26 +204,8 @@ def test_smtp_forty_unfinished_25mb_datas(server: MailguardServer) -> None:
     """40 connections each sending 25 MB of DATA and never the final dot: the messages wait on
     disk (data_dir/spool), not in memory; RSS growth < 50 MiB; a message sent after still arrives."""
     assert server.process is not None
-    chunk = (b"y" * 998 + b"\r\n") * 64
-    socks = []
     with RssSampler(server.process.pid) as rss:
-        for i in range(40):
-            s = socket.create_connection(("127.0.0.1", server.smtp_port), timeout=30,
-                                         source_address=(f"127.0.3.{i + 1}", 0))
-            s.recv(1024)
-            s.sendall(f"EHLO big{i}.example\r\nMAIL FROM:<big@outside.example>\r\nRCPT TO:<{ALICE}>\r\nDATA\r\n"
-                      .encode())
-            got = b""
-            while b"354 " not in got:
-                chunk_in = s.recv(4096)
-                assert chunk_in, got
-                got += chunk_in
-            assert got.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n"), got
-            sent = 0
-            while sent < 25_000_000:
-                s.sendall(chunk)
-                sent += len(chunk)
-            socks.append(s)
+        socks = unfinished_datas(server, "127.0.3", 25_000_000)
         time.sleep(2.0)
     spooled = sum(p.stat().st_size for p in (server.data_dir / "spool").iterdir()) \
         if (server.data_dir / "spool").is_dir() else 0
@@ -233,3 +215,79 @@ def test_smtp_forty_unfinished_25mb_datas(server: MailguardServer) -> None:
           f"{rss.peak / 1024:.1f} MiB, added {rss.growth_mib:.1f} MiB")
     assert rss.growth_mib < BOUND_MIB
     assert spooled == 0                                  # unlinked files: nothing to see or leave behind
+
+
+BUDGET_MIB = 8
+
+
+def test_smtp_forty_2mb_datas_without_a_spool_stay_within_memory_budget(server_factory: ServerFactory) -> None:
+    """``[limits] memory_budget = 8 MiB`` and a spool that cannot be used (``data_dir/spool`` is a
+    file): 40 connections each send 2 MB of DATA and wait.  The messages the budget can hold stay
+    in memory; the rest are read and dropped, and their final dot is answered 452 4.3.1 on a
+    connection that stays open.  RSS growth stays near the budget, not 80 MB; every dot gets 250
+    or that 452, and a message sent after all of them is accepted."""
+    srv = server_factory("memory-budget", {**MEMORY_CONFIG, "limits": {"memory_budget": BUDGET_MIB * MIB}})
+    srv.add_user(ALICE)
+    assert srv.process is not None
+    (srv.data_dir / "spool").write_bytes(b"")              # mkdir fails: no message can be spooled
+    with RssSampler(srv.process.pid) as rss:
+        socks = unfinished_datas(srv, "127.0.4", 2_000_000)
+        time.sleep(2.0)
+    answers = []
+    for s in socks:
+        s.sendall(b".\r\n")
+        answers.append(read_reply(s))
+    print(f"\n[memory] smtp 40 unfinished 2 MB DATAs, no spool, memory_budget {BUDGET_MIB} MiB: RSS before "
+          f"{rss.before / 1024:.1f} MiB, peak {rss.peak / 1024:.1f} MiB, added {rss.growth_mib:.1f} MiB; "
+          f"{answers.count(b'452 4.3.1 Insufficient system storage, try again later')} x 452")
+    assert rss.growth_mib < 3 * BUDGET_MIB
+    refused = [a for a in answers if not a.startswith(b"250 ")]
+    assert set(refused) == {b"452 4.3.1 Insufficient system storage, try again later"}
+    assert 30 <= len(refused) < 40
+    socks[-1].sendall(f"MAIL FROM:<big@outside.example>\r\nRCPT TO:<{ALICE}>\r\nDATA\r\n".encode())
+    assert [read_reply(socks[-1]) for _ in range(3)][-1].startswith(b"354 ")
+    socks[-1].sendall(b"Subject: after\r\n\r\nsmall\r\n.\r\n")
+    assert read_reply(socks[-1]).startswith(b"250 ")
+    for s in socks:
+        s.close()
+
+
+def unfinished_datas(server: MailguardServer, network: str, size: int) -> list[socket.socket]:
+    """40 SMTP connections from ``network``.1 to .40, each sending ``size`` octets of DATA, no dot."""
+    chunk = (b"y" * 998 + b"\r\n") * 64
+    socks = []
+    for i in range(40):
+        s = smtp_in_data(server, f"{network}.{i + 1}")
+        sent = 0
+        while sent < size:
+            s.sendall(chunk)
+            sent += len(chunk)
+        socks.append(s)
+    return socks
+
+
+def smtp_in_data(server: MailguardServer, source: str) -> socket.socket:
+    """An SMTP connection from ``source`` that got 354 to DATA for alice."""
+    s = socket.create_connection(("127.0.0.1", server.smtp_port), timeout=30, source_address=(source, 0))
+    s.sendall(f"EHLO budget.example\r\nMAIL FROM:<big@outside.example>\r\nRCPT TO:<{ALICE}>\r\nDATA\r\n".encode())
+    got = b""
+    while b"354 " not in got:
+        data = s.recv(4096)
+        assert data, got
+        got += data
+    assert got.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n"), got
+    return s
+
+
+def read_reply(s: socket.socket) -> bytes:
+    """One reply line (the last line of a multi-line reply), without CRLF."""
+    s.settimeout(30)
+    line = b""
+    while True:
+        while not line.endswith(b"\r\n"):
+            data = s.recv(1)
+            assert data, line
+            line += data
+        if line[3:4] != b"-":
+            return line[:-2]
+        line = b""

@@ -58,7 +58,7 @@ def test_metrics_count_what_happened(fresh_server_factory: ServerFactory) -> Non
     with server.smtp(source=ALLOWED_HOST) as c:       # relayed; the smarthost is down: deferred
         assert c.sendmail(f"bob@{DOMAIN}", ["far@remote.example"],
                           make_message(f"bob@{DOMAIN}", "far@remote.example", "metrics-out")) == {}
-    server.wait_for_log(r"mailguard outbound: id=\S+ to=<far@remote.example> state=deferred", timeout=30)
+    server.wait_for_log(r"mailguard outbound: id=\S+ msg=\S+ to=<far@remote.example> state=deferred", timeout=30)
 
     box = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=30)
     ctx = ssl.create_default_context()

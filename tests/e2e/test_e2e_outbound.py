@@ -110,7 +110,7 @@ def wait_queue_clear(server: MailguardServer, rcpt: str | None = None, timeout: 
     """Wait until ``queue list`` shows nothing (or nothing for ``rcpt``)."""
     def clear() -> bool:
         listing = queue_listing(server)
-        return (rcpt not in listing) if rcpt is not None else listing.strip() == ""
+        return (rcpt not in listing) if rcpt is not None else listing == "queue is empty\n"
     wait_until(clear, timeout, f"an empty queue{' for ' + rcpt if rcpt else ''}:\n{queue_listing(server)}"
                f"\n{server.log_text()[-3000:]}")
 
@@ -121,7 +121,7 @@ def assert_recorded_once(server: MailguardServer, rcpt: str, state: str) -> None
     The line is written after the envelope is updated, so once it is there the runner
     has finished with that recipient: checks that nothing more happened can follow.
     """
-    pattern = rf"mailguard outbound: id=\S+ to=<{re.escape(rcpt)}> state={state} "
+    pattern = rf"mailguard outbound: id=\S+ msg=\S+ to=<{re.escape(rcpt)}> state={state} "
     server.wait_for_log(pattern, timeout=DELIVERY_TIMEOUT)
     assert len(server.log_lines(pattern)) == 1, server.log_lines(rf"to=<{re.escape(rcpt)}>")
 
@@ -420,7 +420,7 @@ def test_null_sender_failure_is_dropped(outbound: MailguardServer, mx_sink: SMTP
 
     wait_until(lambda: mx_sink.rcpt_commands(rcpt) >= 1, DELIVERY_TIMEOUT, "the attempt at the sink")
     wait_queue_clear(outbound)
-    assert queue_listing(outbound) == ""
+    assert queue_listing(outbound) == "queue is empty\n"
     # The runner logs "dropped" once it has decided not to bounce a bounce: only then
     # does an unchanged mail folder show that no bounce was made.
     assert_recorded_once(outbound, rcpt, "dropped")

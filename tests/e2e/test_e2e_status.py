@@ -17,7 +17,8 @@ def test_status_and_listings(fresh_server_factory: ServerFactory) -> None:
     with server.smtp(source=ALLOWED_HOST) as c:        # the smarthost is down: it waits, deferred
         assert c.sendmail(f"bob@{DOMAIN}", ["far@remote.example"],
                           make_message(f"bob@{DOMAIN}", "far@remote.example", "status-queued")) == {}
-    logged = server.wait_for_log(r"mailguard outbound: id=\S+ to=<far@remote.example> state=deferred", timeout=30)
+    logged = server.wait_for_log(r"mailguard outbound: id=\S+ msg=\S+ to=<far@remote.example> state=deferred",
+                                 timeout=30)
     queue_id = re.search(r"id=(\S+)", logged).group(1)       # type: ignore[union-attr]
     reply = logged.split(" reply=", 1)[1]
 
@@ -33,7 +34,8 @@ def test_status_and_listings(fresh_server_factory: ServerFactory) -> None:
     assert lines[8] == f"directory: sqlite {server.data_dir / 'directory.sqlite'}, {len(OFFICE_USERS)} mailbox(es)"
 
     assert server.cli_ok("alias", "list").stdout == f"sales@{DOMAIN} -> alice@{DOMAIN}\n"
-    assert server.cli_ok("list", "show", f"team@{DOMAIN}").stdout == f"alice@{DOMAIN}\nbob@{DOMAIN}\n"
+    assert server.cli_ok("list", "show", f"team@{DOMAIN}").stdout == \
+        f"senders: anyone\nalice@{DOMAIN}\nbob@{DOMAIN}\n"
     missing = server.cli("list", "show", f"nobody@{DOMAIN}")
     assert (missing.returncode, missing.stderr) == (1, f"mailguard: no list nobody@{DOMAIN}\n")
     server.cli_ok("contact", "add", f"partner@{DOMAIN}", "someone@partner.example")

@@ -1,0 +1,71 @@
+"""A worker process of ``[server] workers``: ``python -m mailguard.app.worker``.
+
+Started by :class:`mailguard.app.workers.WorkerPool` only, never by hand: it finds its
+listening sockets and its connection to the first process as inherited file
+descriptors, builds the same mail host from the same configuration file (without
+the queue runner, which runs once, in the first process), and serves until it is
+told to stop or the first process goes away.  Its log lines go to standard output
+as ``namespace#level text``, which the first process writes to its own log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+from typing import Any, TextIO
+
+from twisted.logger import formatEvent, globalLogBeginner
+
+
+def _line_observer(out: TextIO) -> Any:
+    def observe(event: dict[str, Any]) -> None:
+        level = event.get("log_level")
+        head = f"{event.get('log_namespace') or 'mailguard'}#{getattr(level, 'name', 'info')}"
+        text = formatEvent(event)
+        failure = event.get("log_failure")
+        if failure is not None:
+            text += "\n" + failure.getTraceback()
+        out.write("".join(f"{head} {line}\n" for line in text.splitlines() or [""]))
+        out.flush()
+    return observe
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mailguard.app.worker")
+    parser.add_argument("--config")
+    parser.add_argument("--listeners", type=int, required=True)
+    args = parser.parse_args(argv)
+    globalLogBeginner.beginLoggingTo([_line_observer(sys.stdout)], redirectStandardIO=False,
+                                     discardBuffer=True)
+    from twisted.internet import reactor
+
+    from mailguard import config
+    from mailguard.app.service import Mailhost
+    from mailguard.app.state import StateClient
+    from mailguard.app.workers import STATE_FD, Handing, listener_fds
+
+    cfg = config.find(args.config)
+
+    def parent_gone() -> None:
+        if reactor.running:                           
+            reactor.stop()                            
+
+    client = StateClient(parent_gone)
+    reactor.adoptStreamConnection(STATE_FD, socket.AF_UNIX, Handing(client))  # type: ignore[attr-defined]
+    os.close(STATE_FD)
+    host = Mailhost(cfg, reactor, worker=(client, listener_fds(args.listeners)))
+    host.privilegedStartService()             # type: ignore[no-untyped-call]
+    host.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", host.stopService)
+    # Ctrl-C under ``twistd -n`` reaches the whole process group: the first process stops
+    # the workers itself (SIGTERM), so a worker ignores SIGINT.
+    reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    reactor.run()                                     
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
