@@ -40,7 +40,7 @@ def test_a_version_1_file_gets_list_sender_policies_and_its_lists_stay_open(tmp_
     exp = store.expand("team@x.example")
     assert exp is not None and exp.senders == "members" and exp.members == {"a@x.example"}
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+        assert db.execute("PRAGMA user_version").fetchone() == (store_mod.SCHEMA_VERSION,)
 
 
 def test_a_newer_file_is_refused(tmp_path: Path) -> None:

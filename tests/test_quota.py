@@ -204,7 +204,7 @@ def test_full_mailbox_is_452_at_rcpt(tmp_path: Path, logs: LogCapture) -> None:
     assert s.cmd(f"RCPT TO:<{ALICE}>") == ["452 4.2.2 Mailbox full"]
     assert s.cmd(f"RCPT TO:<{BOB}>") == ["250 2.1.5 Recipient ok"]
     [line] = logs.matching("rule=mailbox_quota")
-    assert line.endswith(f'rcpt=<{ALICE}> rule=mailbox_quota reply="452 4.2.2 Mailbox full"')
+    assert f'rcpt=<{ALICE}> rule=mailbox_quota reply="452 4.2.2 Mailbox full" id=' in line
 
 
 def test_declared_size_over_quota_is_552_at_rcpt(tmp_path: Path) -> None:
@@ -292,7 +292,7 @@ def test_a_version_1_directory_is_migrated_and_keeps_its_mailboxes(tmp_path: Pat
                          "PRAGMA user_version = 1;")
     store = SQLiteStore(path)
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+        assert db.execute("PRAGMA user_version").fetchone() == (3,)
     assert store.mailboxes() == ["a@x.example"]
     assert store.quotas() == {}
     store.set_quota("a@x.example", 5)
@@ -309,7 +309,7 @@ def test_cli_user_quota(tmp_path: Path, capsys: pytest.CaptureFixture[str], monk
     conf = tmp_path / "mailguard.toml"
     conf.write_text(CONF)
     run: Callable[..., int] = lambda *a: cli.main(["--config", str(conf), *a])
-    monkeypatch.setattr("sys.stdin", io.StringIO("pw\npw\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("long enough\nlong enough\n"))
     assert run("user", "add", ALICE, "--password-stdin") == 0
     assert run("user", "add", BOB, "--password-stdin") == 0
     deliver(tmp_path / "data" / "mail" / "office.example" / "alice", b"x" * 99 + b"\r\n")
@@ -350,7 +350,7 @@ def test_explain_shows_a_full_mailbox(tmp_path: Path, capsys: pytest.CaptureFixt
     conf = tmp_path / "mailguard.toml"
     conf.write_text(CONF)
     run: Callable[..., int] = lambda *a: cli.main(["--config", str(conf), *a])
-    monkeypatch.setattr("sys.stdin", io.StringIO("pw\npw\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("long enough\nlong enough\n"))
     assert run("user", "add", ALICE, "--password-stdin") == 0
     assert run("user", "add", BOB, "--password-stdin") == 0
     assert run("list", "add", "staff@office.example", ALICE, BOB) == 0
@@ -367,6 +367,6 @@ def test_explain_shows_a_full_mailbox(tmp_path: Path, capsys: pytest.CaptureFixt
     assert explained.stdout.splitlines() == [
         f"{ALICE}: 452 4.2.2 Mailbox full (rule: mailbox_quota)",
         f"{BOB}: 250 2.1.5 Recipient ok (rule: inbound) -> mailbox {BOB}",
-        f"staff@office.example: 250 2.1.5 Recipient ok (rule: inbound) -> mailbox {BOB}; "
+        f"staff@office.example: 250 2.1.5 Recipient ok (rule: inbound) [list senders: anyone] -> mailbox {BOB}; "
         f"over quota: {ALICE} (452 4.2.2 Mailbox full)",
     ]
