@@ -62,7 +62,7 @@ def send(server: MailguardServer, rcpt: str, subject: str, lines: int) -> str:
 def test_an_old_directory_is_upgraded_at_start(quota: MailguardServer) -> None:
     """The version-1 file is at the current version once the server has started, its entries kept."""
     with sqlite3.connect(quota.data_dir / "directory.sqlite") as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+        assert db.execute("PRAGMA user_version").fetchone() == (3,)
     assert quota.cli_ok("user", "list").stdout == f"{ALICE}\n{BOB}\n"
 
 
