@@ -15,6 +15,7 @@ from mailguard.app import cli
 from mailguard.core import policy, quota, replies
 from mailguard.core.entries import Expansion
 from mailguard.directory import sqlite as store_mod
+from mailguard.directory import sqlschema
 from mailguard.directory.sqlite import SQLiteStore
 from mailguard.smtp.quota import MailboxQuotas
 from mailguard.storage import maildir
@@ -288,7 +289,7 @@ def test_a_version_1_directory_is_migrated_and_keeps_its_mailboxes(tmp_path: Pat
     """A directory written before quotas (version 1) gets the quota column at start; mailboxes stay."""
     path = tmp_path / "directory.sqlite"
     with sqlite3.connect(path) as db:
-        db.executescript(store_mod._SCHEMA + "INSERT INTO mailboxes VALUES ('a@x.example', 'h', 0);"
+        db.executescript(sqlschema._SCHEMA + "INSERT INTO mailboxes VALUES ('a@x.example', 'h', 0);"
                          "PRAGMA user_version = 1;")
     store = SQLiteStore(path)
     with sqlite3.connect(path) as db:

@@ -39,6 +39,8 @@ from mailguard.config import ldap as ldap_config
 from mailguard.config import log as log_cfg
 from mailguard.config import lookup
 from mailguard.config import metrics as metrics_cfg
+from mailguard.config import server as server_cfg
+from mailguard.config.server import ServerConfig
 from mailguard.config.ldap import LDAPConfig
 
 from mailguard.config.reader import (ConfigError, IPAddress, IPNetwork, Reader, host_port, network as _network,
@@ -49,29 +51,6 @@ __all__ = ["Config", "ConfigError", "IPAddress", "IPNetwork", "Reader", "default
 
 ROUTES = ("inbound", "relay", "reroute")
 SMARTHOST_TLS = ("starttls", "tls", "opportunistic", "none")
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    hostname: str
-    data_dir: Path
-    postmaster: str
-    #: Reactor processes serving the listeners (``[server] workers``; "auto" is the number of cores).
-    workers: int = 1
-
-
-#: The most ``[server] workers`` accepts: more processes than this only cost memory.
-MAX_WORKERS = 64
-
-
-def _workers(srv: Reader) -> int:
-    """``[server] workers``: a count, or ``"auto"`` for the number of cores."""
-    value = srv.get("workers", (int, str))
-    if value == "auto":
-        return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
-    if isinstance(value, str) or isinstance(value, bool):
-        raise srv.fail("workers", f'must be a number of processes or "auto", not {value!r}')
-    return srv.integer("workers", 1, MAX_WORKERS)
 
 
 @dataclass(frozen=True)
@@ -284,11 +263,7 @@ def parse(data: Mapping[str, Any], source: str, base: Path) -> Config:
     r = {s: Reader(source, s, data.get(s, {}), DEFAULTS[s]) for s in DEFAULTS}
 
     srv = r["server"]
-    hostname = srv.string("hostname").strip()
-    if not hostname or any(c.isspace() for c in hostname):
-        raise srv.fail("hostname", f"must be a host name, not {hostname!r}")
-    server = ServerConfig(hostname, _path(base, srv.string("data_dir")), srv.string("postmaster").lower(),
-                          _workers(srv))
+    server = server_cfg.parse(srv, base)
 
     t = r["tls"]
     cert, key = t.string("certificate"), t.string("key")

@@ -48,6 +48,7 @@ from twisted.python.threadpool import ThreadPool
 
 from mailguard.core.address import AddressError, parse_path
 from mailguard.core.entries import SENDER_POLICIES
+from mailguard.directory import sqlschema as schema
 from mailguard.directory.base import DirectoryError, EntryError, Expansion
 
 __all__ = ["SQLiteStore", "SQLiteDirectory", "DirectoryError", "EntryError", "Expansion", "HASHES"]
@@ -59,26 +60,6 @@ HASHES = CryptContext(schemes=["argon2", "bcrypt", "sha512_crypt"], deprecated="
                       argon2__memory_cost=19456, argon2__time_cost=2, argon2__parallelism=1,
                       argon2__type="ID")
 MAX_DEPTH = 8          # alias/list nesting followed before giving up
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS mailboxes (address TEXT PRIMARY KEY, password TEXT NOT NULL, created REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS aliases (alias TEXT PRIMARY KEY, target TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS list_members (list TEXT NOT NULL, member TEXT NOT NULL, PRIMARY KEY (list, member));
-CREATE TABLE IF NOT EXISTS contacts (address TEXT PRIMARY KEY, remote TEXT NOT NULL);
-"""
-
-#: The schema version this code writes (``PRAGMA user_version``); 0 is a file made
-#: before versions were recorded (the same four tables as version 1).
-SCHEMA_VERSION = 3
-#: The SQL that takes a database from version ``n - 1`` to ``n``, applied in order at
-#: start (and by any command that opens the file), each step in one transaction.
-MIGRATIONS: dict[int, str] = {
-    1: "",
-    # Lists' sender policies; existing lists get no row: they go on taking mail from anyone.
-    2: "CREATE TABLE IF NOT EXISTS list_senders (list TEXT PRIMARY KEY, senders TEXT NOT NULL "
-       "CHECK (senders IN ('anyone', 'authenticated', 'members')));",
-    3: "ALTER TABLE mailboxes ADD COLUMN quota INTEGER;",   # per-mailbox quota; NULL = the default
-}
 
 _KIND_QUERY = """
 SELECT 'mailbox' FROM mailboxes WHERE address = ?1
@@ -115,22 +96,11 @@ class SQLiteStore:
 
     def _ensure_schema(self) -> None:
         try:
-            db = self._db()
-            db.executescript(_SCHEMA)
-            self._migrate(db)
+            schema.bring_up_to_date(self._db(), self.path)
         except sqlite3.Error as e:
             self._reset()
             raise DirectoryError(f"{self.path}: {e}") from None
         self.ready = True
-
-    def _migrate(self, db: sqlite3.Connection) -> None:
-        """Bring the file to :data:`SCHEMA_VERSION` through :data:`MIGRATIONS`."""
-        version = int(db.execute("PRAGMA user_version").fetchone()[0])
-        if version > SCHEMA_VERSION:
-            raise DirectoryError(f"{self.path}: schema version {version} is newer than this mailguard's "
-                                 f"({SCHEMA_VERSION}); run the mailguard that wrote it")
-        for step in range(version + 1, SCHEMA_VERSION + 1):
-            db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[step]}\nPRAGMA user_version = {step}; COMMIT;")
 
     # -- connections ---------------------------------------------------------
 

@@ -14,7 +14,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from mailguard.directory.sqlite import SCHEMA_VERSION
+from mailguard.directory.sqlschema import SCHEMA_VERSION
 
 from .conftest import (ALLOWED_HOST, DOMAIN, OFFICE_CONFIG, OFFICE_USERS, ServerFactory, populate_office)
 from .harness import MailguardServer, make_message
