@@ -12,6 +12,7 @@ process, no queue runner.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -74,14 +75,19 @@ class ListenerService(service.Service):
         self.daemon = daemon
         self.port: IListeningPort | None = None
 
+    def serving_factory(self) -> IProtocolFactory:
+        """The factory connections get: for ``ssl:``, TLS around the protocol's."""
+        if not self.description.startswith("ssl:"):
+            return self.factory
+        if self.tls is None:
+            raise RuntimeError("ssl: listener without TLS")
+        return TLSMemoryBIOFactory(self.tls, False, self.factory)
+
     def privilegedStartService(self) -> None:
         service.Service.privilegedStartService(self)
-        desc, factory = self.description, self.factory
+        desc, factory = self.description, self.serving_factory()
         if desc.startswith("ssl:"):
-            if self.tls is None:
-                raise RuntimeError("ssl: listener without TLS")
             desc = checkconfig.under_tls(desc)
-            factory = TLSMemoryBIOFactory(self.tls, False, factory)
         outcome: list[IListeningPort | Failure] = []
         endpoints.serverFromString(self.reactor, desc).listen(factory).addBoth(outcome.append)
         if not outcome:
@@ -110,6 +116,26 @@ class ListenerService(service.Service):
             stopped: Deferred[None] | None = port.stopListening()
             return stopped
         return None
+
+
+class AdoptedListener(ListenerService):
+    """A worker's listener: a socket the first process opened (file descriptor ``fd``), served here too."""
+
+    def __init__(self, reactor: IReactorSocket, fd: int, description: str, factory: IProtocolFactory,
+                 tls: TLSContext | None) -> None:
+        super().__init__(reactor, description, factory, tls)   # type: ignore[arg-type]
+        self.fd = fd
+
+    def privilegedStartService(self) -> None:
+        service.Service.privilegedStartService(self)         # the socket is open already
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        sock = socket.socket(fileno=self.fd)
+        family = sock.family
+        sock.detach()
+        self.port = self.reactor.adoptStreamPort(self.fd, family, self.serving_factory())  # type: ignore[attr-defined]
+        os.close(self.fd)                   # the port holds its own copy
 
 
 def give_away(data_dir: Path, uid: int, gid: int) -> None:
@@ -301,7 +327,6 @@ class Mailhost(service.MultiService):
         """A mail listener: opened here, or in a worker the first process's socket adopted."""
         listener: service.Service
         if self.worker is not None:
-            from mailguard.app.workers import AdoptedListener
             fds, self.worker = self.worker[1], (self.worker[0], self.worker[1][1:])    # in [listen] order
             listener = AdoptedListener(IReactorSocket(self.reactor), fds[0], desc, served, self.tls)
         else:

@@ -23,15 +23,13 @@ from typing import TYPE_CHECKING, Callable
 from twisted.application import service
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IListeningPort, IProcessTransport, IProtocolFactory, IReactorProcess, IReactorSocket, IReactorTime
+from twisted.internet.interfaces import IProcessTransport, IReactorProcess, IReactorSocket, IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.protocols import amp
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from mailguard.app.limits import Limiter
 from mailguard.app.state import Accepted, LoginFailed, PopLogin, StateServer
-from mailguard.app.tls import TLSContext
 
 if TYPE_CHECKING:
     from mailguard.app.service import ListenerService
@@ -49,38 +47,6 @@ MAX_BACKOFF = 30.0
 HEALTHY_AFTER = 10.0
 #: Seconds a stopping worker gets before it is killed.
 STOP_GRACE = 20.0
-
-
-class AdoptedListener(service.Service):
-    """A worker's listener: a socket the first process opened, served here too."""
-
-    def __init__(self, reactor: IReactorSocket, fd: int, description: str, factory: IProtocolFactory,
-                 tls: TLSContext | None) -> None:
-        self.reactor = reactor
-        self.fd = fd
-        self.description = description
-        self.factory = factory
-        self.tls = tls
-        self.port: IListeningPort | None = None
-
-    def startService(self) -> None:
-        service.Service.startService(self)
-        factory = self.factory
-        if self.description.startswith("ssl:"):
-            factory = TLSMemoryBIOFactory(self.tls, False, factory)     # type: ignore[arg-type]
-        sock = socket.socket(fileno=self.fd)
-        family = sock.family
-        sock.detach()
-        self.port = self.reactor.adoptStreamPort(self.fd, family, factory)   # type: ignore[arg-type]
-        os.close(self.fd)                   # the port holds its own copy
-
-    def stopService(self) -> Deferred[None] | None:
-        service.Service.stopService(self)
-        if self.port is not None:
-            port, self.port = self.port, None
-            stopped: Deferred[None] | None = port.stopListening()
-            return stopped
-        return None
 
 
 class Handing(protocol.ServerFactory):
