@@ -72,4 +72,6 @@ def makeService(options: Options) -> service.IService:
     path = logfile.twistd_log_path(lambda name: _twistd_option(options, name))
     if path is not None:
         mailhost.log_observer = logfile.observer(path, cfg.log, reactor)
+    elif logfile.twistd_logs_to_stdout(lambda name: _twistd_option(options, name)):
+        mailhost.log_observer = logfile.stdout_observer(reactor)
     return mailhost

@@ -15,22 +15,20 @@ import os
 import signal
 import socket
 import sys
-from typing import Any, TextIO
+from typing import Any
 
 from twisted.logger import formatEvent, globalLogBeginner
 
 
-def _line_observer(out: TextIO) -> Any:
-    def observe(event: dict[str, Any]) -> None:
-        level = event.get("log_level")
-        head = f"{event.get('log_namespace') or 'mailguard'}#{getattr(level, 'name', 'info')}"
-        text = formatEvent(event)
-        failure = event.get("log_failure")
-        if failure is not None:
-            text += "\n" + failure.getTraceback()
-        out.write("".join(f"{head} {line}\n" for line in text.splitlines() or [""]))
-        out.flush()
-    return observe
+def _worker_line(event: dict[str, Any]) -> str:
+    """``namespace#level text``, one line per line of the event (and of its traceback)."""
+    level = event.get("log_level")
+    head = f"{event.get('log_namespace') or 'mailguard'}#{getattr(level, 'name', 'info')}"
+    text = formatEvent(event)
+    failure = event.get("log_failure")
+    if failure is not None:
+        text += "\n" + failure.getTraceback()
+    return "".join(f"{head} {line}\n" for line in text.splitlines() or [""])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,9 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config")
     parser.add_argument("--listeners", type=int, required=True)
     args = parser.parse_args(argv)
-    globalLogBeginner.beginLoggingTo([_line_observer(sys.stdout)], redirectStandardIO=False,
-                                     discardBuffer=True)
     from twisted.internet import reactor
+
+    from mailguard.app.logwriter import LineWriter
+    globalLogBeginner.beginLoggingTo([LineWriter(sys.stdout, reactor, _worker_line)],
+                                     redirectStandardIO=False, discardBuffer=True)
 
     from mailguard import config
     from mailguard.app.service import Mailhost
