@@ -39,7 +39,7 @@ from twisted.internet import interfaces, protocol
 from zope.interface import implementer
 
 from mailguard.app import maillog
-from mailguard.app.connection import connection, hang_up, hold_reading
+from mailguard.app.connection import connection, hang_up, hold_reading, send
 from mailguard.app.limits import MemoryBudget
 from mailguard.core import replies
 
@@ -121,14 +121,14 @@ class SMTPWire(protocol.Protocol):
     def send_raw(self, text: str) -> None:
         """Write ``text`` unless the session is closed."""
         if self.mode != CLOSED:
-            connection(self.transport).write(text.encode("utf-8", "replace"))
+            send(self.transport, text.encode("utf-8", "replace"))
 
     def reply(self, r: replies.Reply, suffix: str = "") -> None:
         """Send one reply line; 5xx and 421 replies count towards the error limit."""
         if self.mode != CLOSED:
             data = (f"{r} {suffix}\r\n".encode("utf-8", "replace") if suffix
                     else _WIRE_FORMS.get(r) or _wire_form(r))
-            connection(self.transport).write(data)
+            send(self.transport, data)
         if r.code >= 500 or r.code == 421:
             self._errors += 1
             if self._errors > MAX_ERRORS and self.mode != CLOSED:
