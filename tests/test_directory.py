@@ -403,3 +403,51 @@ def test_fail2ban_jail_names_the_configured_ports(tmp_path: Path, capsys: pytest
     out = capsys.readouterr().out
     assert "port     = 25,2526,587,2465,2110,2995\n" in out
     assert "logpath  = /var/log/m.log\n" in out and "filter   = mailguard\n" in out
+
+
+def test_an_unchanged_file_answers_again_without_a_lookup(
+        gal: SQLiteStore, async_gal: tuple[SQLiteDirectory, ThreadReactor]) -> None:
+    """The second RCPT to an address (any case) is answered at once, from the answer kept; unknown too."""
+    d, reactor = async_gal
+    gal.add_mailbox("alice@office.example", "pw")
+    asked: list[str] = []
+    expand = gal.expand
+    gal.expand = lambda address: asked.append(address) or expand(address)  # type: ignore[method-assign]
+    first = reactor.result(d.expand("alice@office.example"))
+    again = d.expand("Alice@Office.example")
+    assert again.called and reactor.result(again) == first == Expansion(mailboxes=("alice@office.example",))
+    assert reactor.result(d.expand("nobody@office.example")) is None
+    assert d.expand("nobody@office.example").called
+    assert asked == ["alice@office.example", "nobody@office.example"]
+
+
+def test_a_change_by_the_cli_is_seen_by_the_next_rcpt(
+        gal: SQLiteStore, async_gal: tuple[SQLiteDirectory, ThreadReactor]) -> None:
+    """Each add, alias, removal or quota made through another connection shows at the next expand."""
+    d, reactor = async_gal
+    cli_store = SQLiteStore(gal.path)
+    try:
+        for n in range(20):                            # back to back: no time passes between them
+            address = f"u{n}@office.example"
+            assert reactor.result(d.expand(address)) is None
+            cli_store.add_mailbox(address, "pw")
+            assert reactor.result(d.expand(address)) == Expansion(mailboxes=(address,))
+            cli_store.add_alias(f"a{n}@office.example", address)
+            assert reactor.result(d.expand(f"a{n}@office.example")) == Expansion(mailboxes=(address,))
+            cli_store.delete_alias(f"a{n}@office.example")
+            cli_store.delete_mailbox(address)
+            assert reactor.result(d.expand(address)) is None
+    finally:
+        cli_store.close()
+
+
+def test_a_failed_lookup_is_not_kept(gal: SQLiteStore, async_gal: tuple[SQLiteDirectory, ThreadReactor]) -> None:
+    """A lookup that failed (a 4xx for the client) is asked again next time, and then answers."""
+    d, reactor = async_gal
+    gal.add_mailbox("alice@office.example", "pw")
+    expand = gal.expand
+    gal.expand = lambda address: (_ for _ in ()).throw(DirectoryError("locked"))  # type: ignore[method-assign]
+    failure = reactor.result(d.expand("alice@office.example"))
+    assert isinstance(failure, Failure) and failure.check(DirectoryError)
+    gal.expand = expand                                # type: ignore[method-assign]
+    assert reactor.result(d.expand("alice@office.example")) == Expansion(mailboxes=("alice@office.example",))

@@ -50,6 +50,7 @@ from mailguard.core.address import AddressError, parse_path
 from mailguard.core.entries import SENDER_POLICIES
 from mailguard.directory import sqlschema as schema
 from mailguard.directory.base import DirectoryError, EntryError, Expansion
+from mailguard.directory.stamped import StampedAnswers
 
 __all__ = ["SQLiteStore", "SQLiteDirectory", "DirectoryError", "EntryError", "Expansion", "HASHES"]
 
@@ -434,6 +435,8 @@ class SQLiteDirectory:
         self.hash_pool = hash_pool
         self._pool: ThreadPool | None = None
         self._own_quotas: dict[str, int] | None = None     # replaced whole by the lookup thread
+        self._answers: StampedAnswers[Expansion | None] = StampedAnswers(
+            (str(store.path), f"{store.path}-wal"))
 
     @property
     def ready(self) -> bool:
@@ -450,7 +453,17 @@ class SQLiteDirectory:
         return self._pool
 
     def expand(self, address: str) -> Deferred[Expansion | None]:
-        return self._run(self._lookups(), self._expand, address)
+        """Answered again without a lookup while the file is unchanged (:mod:`.stamped`)."""
+        key = address.lower()
+        stamp = self._answers.stamp()
+        found, answer = self._answers.get(key, stamp)
+        if found:
+            return succeed(answer)
+
+        def keep(answer: Expansion | None) -> Expansion | None:
+            self._answers.put(key, stamp, answer)
+            return answer
+        return self._run(self._lookups(), self._expand, address).addCallback(keep)
 
     def _expand(self, address: str) -> Expansion | None:
         """On the lookup thread: the expansion, and a fresh copy of the mailboxes' own quotas."""
