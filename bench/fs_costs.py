@@ -11,11 +11,13 @@ wall-clock and kernel CPU (``ru_stime``) milliseconds:
 
 - ``create``: ``open(O_CREAT|O_EXCL)`` + ``close`` of a new empty file;
 - ``write+fsync``: create, write 1 KiB, ``fsync``, close;
-- ``syncfs``: ``syncfs(2)`` after a 1 KiB write (what a group commit of one costs);
+- ``syncfs``: 1 KiB appended to an open file, then ``syncfs(2)``;
 - ``rename``: one file renamed to another folder (maildir ``tmp/`` to ``new/``).
 
 Every message costs mailguard one file creation and Postfix two (queue file, then
-maildir copy), so a machine where creating a file is slow slows both, and Postfix more.
+maildir copy).  On ext4 a new file's inode is allocated near its folder's, so the
+cost of ``create`` depends on where the file system put the folder: run it a few
+times, a fresh scratch folder each time, to see the spread.
 """
 
 from __future__ import annotations
@@ -60,12 +62,12 @@ def measure(parent: str, n: int) -> dict[str, tuple[float, float]]:
             os.fsync(fd)
             os.close(fd)
 
+        log = os.open(os.path.join(root, "c", "log"), flags, 0o600)
+
         def sync_fs(i: int) -> None:
-            fd = os.open(os.path.join(root, "c", str(i)), flags, 0o600)
-            os.write(fd, data)
-            if _LIBC.syncfs(fd) != 0:
+            os.write(log, data)
+            if _LIBC.syncfs(log) != 0:
                 raise OSError(ctypes.get_errno(), "syncfs")
-            os.close(fd)
 
         for i in range(n):
             os.close(os.open(os.path.join(root, "tmp", str(i)), flags, 0o600))
@@ -73,8 +75,11 @@ def measure(parent: str, n: int) -> dict[str, tuple[float, float]]:
         def rename(i: int) -> None:
             os.rename(os.path.join(root, "tmp", str(i)), os.path.join(root, "new", str(i)))
 
-        return {"create": _timed(n, create), "write+fsync": _timed(n, write_fsync),
-                "syncfs": _timed(n, sync_fs), "rename": _timed(n, rename)}
+        try:
+            return {"create": _timed(n, create), "write+fsync": _timed(n, write_fsync),
+                    "syncfs": _timed(n, sync_fs), "rename": _timed(n, rename)}
+        finally:
+            os.close(log)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
