@@ -169,3 +169,59 @@ def test_an_unexpected_error_fails_the_batch_and_the_writer_goes_on(
     gc.stop()
     assert isinstance(second[0], list)
     assert len(files(tmp_path / "a", "new")) == 1
+
+
+def _renaming_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the name of the thread that does each rename into ``new/``."""
+    names: list[str] = []
+    real = safeio.rename
+
+    def rename(src: str, dst: str) -> None:
+        names.append(threading.current_thread().name)
+        real(src, dst)
+
+    monkeypatch.setattr(safeio, "rename", rename)
+    return names
+
+
+def test_a_lone_delivery_is_published_by_the_stager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With nothing else to do, the stager renames and syncs the batch itself: no hand-over
+    to the publisher thread between the client's message and its 250.  The files still
+    land in new/ and tmp/ is left empty."""
+    renamers = _renaming_threads(monkeypatch)
+    reactor = ThreadReactor()
+    gc = GroupCommit(reactor, tmp_path)
+    for _ in range(3):
+        done = results_of(gc.deliver([tmp_path / "a"], MESSAGE))
+        reactor.run_until([done])
+        assert isinstance(done[0], list)
+    gc.stop()
+    assert renamers == ["mailguard-stage"] * 3
+    assert gc.inline == 3
+    assert len(files(tmp_path / "a", "new")) == 3 and files(tmp_path / "a", "tmp") == []
+
+
+def test_under_load_the_publisher_overlaps_the_next_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deliveries waiting while a batch is staged: that batch goes to the publisher thread, so
+    the next batch's first sync runs beside its second."""
+    renamers = _renaming_threads(monkeypatch)
+    reactor = ThreadReactor()
+    gc = GroupCommit(reactor, tmp_path)
+    gate, syncing = threading.Event(), threading.Event()
+    real = safeio.syncfs
+
+    def slow_sync(path: str) -> None:
+        syncing.set()
+        gate.wait(5)
+        real(path)
+
+    monkeypatch.setattr(safeio, "syncfs", slow_sync)
+    ds = [results_of(gc.deliver([tmp_path / "m"], MESSAGE))]
+    assert syncing.wait(5)                # the first batch is being synced: the rest waits
+    ds += [results_of(gc.deliver([tmp_path / "m"], MESSAGE)) for _ in range(19)]
+    gate.set()
+    reactor.run_until(ds)
+    gc.stop()
+    assert all(isinstance(r[0], list) for r in ds)
+    assert renamers[0] == "mailguard-publish"
+    assert len(files(tmp_path / "m", "new")) == 20
