@@ -22,15 +22,22 @@ Series (all prefixed ``mailguard_``):
 The counters are fed from the places that already log, so a decision is counted
 exactly when it is logged.  Scrapes are answered from Twisted's thread pool (the
 queue folder is listed there, not on the reactor thread).
+
+With ``[server] workers`` above 1 every process counts into its own file under
+``data_dir/metrics`` (prometheus_client's multi-process mode, :func:`share`), and
+the first process, which alone serves ``/metrics``, adds them all up: the counters
+are those of the whole server.  A worker that dies leaves its file, so what it
+counted stays in the totals; the first process empties the folder when it starts.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence, cast
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess, values
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.twisted import MetricsResource
 from twisted.internet import protocol
@@ -51,9 +58,14 @@ DECISIONS = Counter("mailguard_smtp_decisions", "SMTP decisions logged, by rule 
                     registry=REGISTRY)
 OUTBOUND = Counter("mailguard_outbound", "Queue runner outcomes per recipient", ["state"], registry=REGISTRY)
 AUTH_FAILURES = Counter("mailguard_auth_failures", "Failed or refused logins", ["service"], registry=REGISTRY)
-STORE_SECONDS = Histogram("mailguard_store_seconds", "Time from the final dot until the message is durable",
-                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
-                          registry=REGISTRY)
+
+
+def _store_seconds() -> Histogram:
+    return Histogram("mailguard_store_seconds", "Time from the final dot until the message is durable",
+                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0), registry=REGISTRY)
+
+
+STORE_SECONDS = _store_seconds()
 
 
 def _decision(rule: str, reply: object) -> None:
@@ -130,6 +142,27 @@ class TimedStore:
 
 
 _queue_collector: QueueCollector | None = None
+_shared: Path | None = None
+
+
+def share(folder: Path, first: bool) -> None:
+    """Count into a file of this process under ``folder``, for the first process to add up.
+
+    Called before anything is counted (a labelled counter makes its value, and so its
+    file, when a label is first used).  ``first``: this is the process that serves
+    ``/metrics`` and starts the others; it empties the folder of a previous run.
+    """
+    global _shared, STORE_SECONDS
+    if first:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        for old in folder.glob("*.db"):
+            old.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)       # inherited by the workers
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    _shared = folder
+    # A metric without labels made its value when it was defined, in memory: make it again.
+    REGISTRY.unregister(STORE_SECONDS)
+    STORE_SECONDS = _store_seconds()
 
 
 def install(queue_dir: Path) -> None:
@@ -147,8 +180,14 @@ def install(queue_dir: Path) -> None:
 
 def site() -> Site:
     """The web site with ``/metrics``."""
+    registry = REGISTRY
+    if _shared is not None:                # every process's counts, added up
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=str(_shared))  # type: ignore[no-untyped-call]
+        if _queue_collector is not None:
+            registry.register(_queue_collector)
     root = Resource()  # type: ignore[no-untyped-call]
-    root.putChild(b"metrics", MetricsResource(registry=REGISTRY))  # type: ignore[no-untyped-call]
+    root.putChild(b"metrics", MetricsResource(registry=registry))  # type: ignore[no-untyped-call]
     web = Site(root)  # type: ignore[no-untyped-call]
     web.noisy = False
     web.log = lambda request: None       # type: ignore[method-assign]   # no access line per scrape

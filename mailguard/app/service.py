@@ -298,6 +298,8 @@ class Mailhost(service.MultiService):
     def _listen(self) -> None:
         listen = self.cfg.listen
         counted = bool(self.cfg.metrics.listen)
+        if counted and self.cfg.server.workers > 1:
+            metrics.share(self.cfg.server.data_dir / "metrics", first=self.worker is None)
         if counted:
             metrics.install(self.cfg.queue_dir)
         ctx = SMTPContext(cfg=self.cfg, directory=self.directory,

@@ -24,8 +24,9 @@ from typing import Iterator
 import pytest
 
 from .conftest import DOMAIN
-from .harness import MailguardServer, child_env, make_message, toml_dumps, twistd_command
+from .harness import MailguardServer, child_env, free_port, make_message, toml_dumps, twistd_command
 from .sinks import wait_until
+from .test_e2e_metrics import delta, scrape
 
 SERVICE_USER = "nobody"
 PRIVILEGED_IP = "127.0.6.1"
@@ -137,3 +138,30 @@ def test_foreground_with_a_taken_port_says_one_line(tmp_path: Path) -> None:
     assert errors[0].endswith(f"mailguard: cannot listen on tcp:{server.smtp_port}:interface=127.0.0.1: "
                               "Address already in use"), errors
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_root_started_workers_count_metrics_as_the_service_user(service_root: Path) -> None:
+    """With ``workers = 2`` and ``[metrics]``, both processes run as the service user and count
+    into files it owns: a message counts once on /metrics, and every file under the data
+    folder, the metrics folder included, is the service user's."""
+    user = pwd.getpwnam(SERVICE_USER)
+    server = RootStartedServer(service_root, user.pw_uid, user.pw_gid)
+    port = free_port()
+    server.config["server"]["workers"] = 2
+    server.config["metrics"] = {"listen": [f"tcp:{port}:interface=127.0.0.1"]}
+    server.config_path.write_text(toml_dumps(server.config), encoding="utf-8")
+    server.add_user(f"alice@{DOMAIN}", "alice's password")
+    server.start()
+    try:
+        wait_until(lambda: server.log_text().count("mailguard starting:") >= 2, 20, "both processes serving")
+        before = scrape(port)
+        with smtplib.SMTP(PRIVILEGED_IP, 25, timeout=30) as c:
+            assert c.sendmail("someone@outside.example", [f"alice@{DOMAIN}"],
+                              make_message("someone@outside.example", f"alice@{DOMAIN}", "workers")) == {}
+        after = scrape(port)
+        assert delta(before, after, "mailguard_connections_total", service="smtp") == 1
+        assert delta(before, after, "mailguard_store_seconds_count") == 1
+        assert list((server.data_dir / "metrics").glob("*.db"))
+        assert owners(server.data_dir) == {(user.pw_uid, user.pw_gid)}
+    finally:
+        server.stop()

@@ -21,7 +21,8 @@ from mailguard import config
 from mailguard.core import replies
 
 from .conftest import DOMAIN, ServerFactory
-from .harness import Dialog, MailguardServer, deep_merge, tcp_end, tls_context, toml_dumps, wait_for
+from .harness import Dialog, MailguardServer, deep_merge, free_port, tcp_end, tls_context, toml_dumps, wait_for
+from .test_e2e_metrics import delta, scrape
 from .test_e2e_systemd import SocketActivated
 
 PASSWORD = "correct horse battery"
@@ -383,3 +384,42 @@ def test_workers_serve_systemd_sockets(tmp_path: Path) -> None:
         assert all(m.encode() in stored for m in marks)
     finally:
         server.stop()
+
+
+def send_via(server: MailguardServer, pid: int, mark: str) -> None:
+    """One message to alice over a connection that process ``pid`` accepted."""
+    sock = connect_via(server, server.smtp_port, pid)
+    d = Dialog(sock)
+    try:
+        assert d.read_reply().code == 220
+        assert d.cmd("EHLO client.example").code == 250
+        assert d.cmd("MAIL FROM:<a@outside.example>").code == 250
+        assert d.cmd(f"RCPT TO:<{addr('alice')}>").code == 250
+        assert d.data(f"Subject: {mark}\r\n\r\n{mark}\r\n".encode()).code == 250
+        d.cmd("QUIT")
+    finally:
+        sock.close()
+
+
+def test_metrics_add_up_every_process(fresh_server_factory: ServerFactory) -> None:
+    """/metrics (served by the first process) counts the connections, decisions and stores of
+    both processes: two messages through each move every counter by four.  Killing the
+    worker keeps what it counted in the totals."""
+    port = free_port()
+    server = fresh_server_factory("metrics2", {"server": {"workers": 2},
+                                               "metrics": {"listen": [f"tcp:{port}:interface=127.0.0.1"]},
+                                               **INBOUND})
+    server.add_user(addr("alice"), PASSWORD)
+    serving(server, 2)
+    assert server.process is not None
+    first, [worker] = server.process.pid, children(server)
+    before = scrape(port)
+    for i, pid in enumerate([first, worker, first, worker]):
+        send_via(server, pid, f"m{i}")
+    after = scrape(port)
+    assert delta(before, after, "mailguard_connections_total", service="smtp") == 4
+    assert delta(before, after, "mailguard_smtp_decisions_total", rule="inbound", result="accepted") == 4
+    assert delta(before, after, "mailguard_store_seconds_count") == 4
+    os.kill(worker, signal.SIGKILL)
+    server.wait_for_log(rf"mailguard worker ended: pid={worker} ", 10)
+    assert delta(before, scrape(port), "mailguard_connections_total", service="smtp") == 4
