@@ -11,7 +11,7 @@ from typing import BinaryIO
 from twisted.python.failure import Failure
 
 from mailguard.app import maillog
-from mailguard.app.connection import connection
+from mailguard.app.connection import send
 from mailguard.core.dotstuff import DotStuffer
 from mailguard.pop3 import stream as stream_mod
 from mailguard.pop3.stream import MessageStream
@@ -84,15 +84,15 @@ class MailboxCommands(POP3Session):
             return
         assert self.mailbox is not None
         size = self.mailbox.message(n).size
-        self._send(b"+OK %d octets" % size)
         if size <= stream_mod.CHUNK:
-            # Most mail: one read, one write, no streaming round trips.
+            # Most mail: one read, one write (the +OK line with it), no streaming round trips.
             with fh:
                 data = fh.read()
             stuffer = DotStuffer()
-            connection(self.transport).write(stuffer.feed(data) + stuffer.finish())
+            send(self.transport, b"+OK %d octets\r\n" % size + stuffer.feed(data) + stuffer.finish())
             self.mailbox.mark_retrieved(n)
             return
+        self._send(b"+OK %d octets" % size)
         mailbox = self.mailbox
         self._stream_message(MessageStream(fh)).addCallback(lambda _: mailbox.mark_retrieved(n))
 

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailguard.app import maillog
-from mailguard.app.connection import connection, hang_up, hold_reading
+from mailguard.app.connection import connection, hang_up, hold_reading, send
 from mailguard.pop3.stream import MessageStream
 from mailguard.storage.maildir import Mailbox
 
@@ -283,7 +283,7 @@ class POP3Session(protocol.Protocol, policies.TimeoutMixin):
     # -- output ----------------------------------------------------------------------
 
     def _send(self, line: bytes) -> None:
-        connection(self.transport).write(line + b"\r\n")
+        send(self.transport, line + b"\r\n")
         if line.startswith(b"-ERR") and not self._gone:
             self._errors += 1
             if self._errors >= self.MAX_ERRORS:
@@ -320,7 +320,7 @@ class POP3Session(protocol.Protocol, policies.TimeoutMixin):
 
     def _multiline(self, first: bytes, lines: list[bytes]) -> None:
         body = b"".join(line + b"\r\n" for line in lines)
-        connection(self.transport).write(first + b"\r\n" + body + b".\r\n")
+        send(self.transport, first + b"\r\n" + body + b".\r\n")
 
     # -- AUTHORIZATION ---------------------------------------------------------------
 

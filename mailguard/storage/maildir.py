@@ -386,7 +386,8 @@ class Mailbox:
 
         :raises KeyError: no such message.  :raises OSError: the file is gone.
         """
-        return open(self.file(number), "rb")
+        msg = self.message(number)
+        return open(os.path.join(self.path, msg.folder, msg.name), "rb")
 
     def top(self, number: int, lines: int) -> bytes:
         """Headers, the blank line, and the first ``lines`` body lines (``TOP``).  Blocking."""
