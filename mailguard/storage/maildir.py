@@ -376,11 +376,6 @@ class Mailbox:
         live = [m.size for m in self.messages if not m.deleted]
         return len(live), sum(live)
 
-    def file(self, number: int) -> Path:
-        """Where message ``number`` is stored."""
-        msg = self.message(number)
-        return Path(os.path.join(self.path, msg.folder, msg.name))
-
     def open_message(self, number: int) -> BinaryIO:
         """The stored (LF) message, opened for reading.
 
