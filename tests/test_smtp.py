@@ -6,7 +6,7 @@ import base64
 from typing import Any, Callable
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from twisted.logger import capturedLogs, formatEvent
 
@@ -414,6 +414,27 @@ def test_bare_cr_or_lf_refused(session_factory: Open, body: str) -> None:
     s.send(body + ".\r\n")
     assert s.lines()[-1] == str(replies.BARE_LINEFEED)
     assert s.host.store.calls == []
+
+
+@settings(max_examples=300)
+@given(st.lists(st.sampled_from(["a", ".", "\r", "\n", "\r\n", "\r\n.", "..", "\r\r\n", "\n\r"]),
+                max_size=30))
+def test_line_ends_and_dots_as_rfc_5321_says(pieces: list[str]) -> None:
+    """Any mix of CR, LF and dots: stored, unstuffed, exactly when every CR and LF is a CRLF;
+    550 5.6.2 otherwise."""
+    body = ("".join(pieces) + "\r\n").encode()
+    assume((b"\r\n" + body + b".\r\n").find(b"\r\n.\r\n") == len(body))    # no early end of data
+    s = Session(host())
+    ehlo(s)
+    transaction(s)
+    s.send(body + b".\r\n")
+    crlf = body.count(b"\r\n")
+    if body.count(b"\r") == crlf == body.count(b"\n"):
+        assert s.lines()[-1].startswith("250 ")
+        assert s.host.store.calls[0].message == (b"\r\n" + body).replace(b"\r\n.", b"\r\n")[2:]
+    else:
+        assert s.lines()[-1] == str(replies.BARE_LINEFEED)
+        assert s.host.store.calls == []
 
 
 SMUGGLED = ("MAIL FROM:<ceo@office.example>\r\nRCPT TO:<alice@office.example>\r\nDATA\r\n"

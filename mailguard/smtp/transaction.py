@@ -53,6 +53,10 @@ from mailguard.smtp.checking import MAIL, RCPT, CheckedSession
 from mailguard.smtp.session import Envelope
 
 _BARE_LF = re.compile(rb"(?<!\r)\n")
+# Searches that start at a literal CR: several times faster than ``bytes.count``/``find``
+# of a CRLF pair on a large message, which is what the DATA checks below would cost.
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_DOT_LINE = re.compile(rb"\r\n\.")
 DATA_GO_AHEAD = "354 End data with <CR><LF>.<CR><LF>\r\n"
 
 
@@ -250,9 +254,10 @@ class MailCommands(CheckedSession):
         if refusal is not None:
             self.reply(refusal)
             return
-        crlf = message.count(b"\r\n")
-        if message.count(b"\r") != crlf or message.count(b"\n") != crlf:
-            if (message.count(b"\r") == crlf and self.cfg.submission.normalize_bare_newlines
+        no_bare_cr = _BARE_CR.search(message) is None
+        # With no bare CR, every CR starts a CRLF; as many LFs as CRs then means no bare LF.
+        if not no_bare_cr or message.count(b"\r") != message.count(b"\n"):
+            if (no_bare_cr and self.cfg.submission.normalize_bare_newlines
                     and policy.relay_permission(self.cfg, self.policy_client())[0]):
                 # A trusted client's bare LF (a scanner, a script): made CRLF, as Postfix's
                 # smtpd_forbid_bare_newline_exclusions = $mynetworks does.  Never for others.
@@ -261,8 +266,9 @@ class MailCommands(CheckedSession):
                 maillog.event("smtp", "bare-linefeed", self.client_ip, sender=env.sender)
                 self.reply(replies.BARE_LINEFEED)
                 return
-        # Remove dot-stuffing (RFC 5321 section 4.5.2).
-        message = (b"\r\n" + message).replace(b"\r\n.", b"\r\n")[2:]
+        # Remove dot-stuffing (RFC 5321 section 4.5.2); the search alone is the cheaper pass.
+        if message.startswith(b".") or _DOT_LINE.search(message) is not None:
+            message = (b"\r\n" + message).replace(b"\r\n.", b"\r\n")[2:]
         if trace.hops(message) > trace.MAX_HOPS:
             maillog.event("smtp", "mail-loop", self.client_ip, sender=env.sender)
             self.reply(replies.TOO_MANY_HOPS)
