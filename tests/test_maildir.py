@@ -11,6 +11,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from delivery_helpers import commit_inline, deliver
 
@@ -70,6 +72,21 @@ def test_message_without_final_newline_gets_one(tmp_path: Path) -> None:
     assert (tmp_path / "box" / "new" / name).read_bytes() == b"Subject: x\n\nno end\n"
     wire = b"Subject: x\r\n\r\nno end\r\n"
     assert name.endswith(",W=%d" % len(wire))
+
+
+@settings(max_examples=300)
+@given(st.lists(st.sampled_from([b"a", b"\r", b"\n", b"\r\n", b"\r\r\n", b"\n\r", b"."]), max_size=30))
+def test_stored_form_of_any_line_ends(pieces: list[bytes]) -> None:
+    """Each CRLF is stored as LF, anything else as it came, with a final LF; W= is the size
+    POP3 sends, every bare LF as CRLF."""
+    message = b"".join(pieces)
+    stored, suffix = maildir.stored_form(message)
+    expected = message.replace(b"\r\n", b"\n")
+    if expected and not expected.endswith(b"\n"):
+        expected += b"\n"
+    assert stored == expected
+    on_the_wire = re.sub(rb"(?<!\r)\n", b"\r\n", expected)
+    assert suffix == f",S={len(expected)},W={len(on_the_wire)}"
 
 
 def test_names_are_unique_across_threads(tmp_path: Path) -> None:

@@ -87,9 +87,15 @@ def _unique() -> str:
     return f"{sec}.M{usec:06d}P{os.getpid()}Q{next(_counter)}.{_HOST}"
 
 
+_BARE_CR = re.compile(rb"\r(?!\n)")
+
+
 def _lf_form(message: bytes) -> tuple[bytes, int]:
     """The stored (LF) form of a CRLF message and the octet count of its CRLF form."""
-    lf = message.replace(b"\r\n", b"\n")
+    if _BARE_CR.search(message) is None:
+        lf = message.translate(None, b"\r")     # every CR ends a line: a third of replace's time
+    else:
+        lf = message.replace(b"\r\n", b"\n")
     if lf and not lf.endswith(b"\n"):
         lf += b"\n"
     return lf, wire_size(lf)
@@ -97,7 +103,8 @@ def _lf_form(message: bytes) -> tuple[bytes, int]:
 
 def wire_size(stored: bytes) -> int:
     """Octets of ``stored`` once every bare LF is sent as CRLF (what RETR sends before stuffing)."""
-    return len(stored) + stored.count(b"\n") - stored.count(b"\r\n")
+    crlf = stored.count(b"\r\n") if b"\r" in stored else 0       # a stored message seldom has a CR
+    return len(stored) + stored.count(b"\n") - crlf
 
 
 def _create(maildir: Path) -> None:
