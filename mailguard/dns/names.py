@@ -5,6 +5,7 @@ This module imports nothing from Twisted.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 
@@ -17,8 +18,12 @@ def _reversed_labels(ip: str) -> str:
     return pointer.rsplit(".", 2)[0]       # drop in-addr.arpa / ip6.arpa
 
 
+@functools.lru_cache(maxsize=4096)
 def reverse_name(ip: str) -> str:
     """The PTR name of an address: ``1.2.0.192.in-addr.arpa`` or ``….ip6.arpa``.
+
+    Remembered for the last few thousand addresses (every connection asks, and clients
+    come back).
 
     :raises ValueError: not an IP address.
     """

@@ -9,7 +9,9 @@ what the commands share: the HELO name, the SMTP AUTH identity and the current
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import interfaces, protocol
@@ -47,6 +49,12 @@ class Envelope:
     usage: dict[str, Usage] = field(default_factory=dict)   # mailboxes with a quota, as measured at RCPT
 
 
+
+@functools.lru_cache(maxsize=8)
+def _spool_of(data_dir: Path) -> Path:
+    """Where a session spools a large message: one join per configuration, not per connection."""
+    return data_dir / "spool"
+
 class Session(SMTPWire):
     """The state of one SMTP session.  ``kind`` is ``smtp``, ``submission`` or ``submissions``."""
 
@@ -57,7 +65,7 @@ class Session(SMTPWire):
         self.kind = kind
         self.clock = ctx.clock
         self.max_message_size = ctx.cfg.limits.max_message_size
-        self.spool_dir = ctx.cfg.server.data_dir / "spool"
+        self.spool_dir = _spool_of(ctx.cfg.server.data_dir)
         self.memory = ctx.memory
         self.helo: str | None = None
         self.esmtp = False
