@@ -14,7 +14,9 @@ configured by ``bench/setup_postfix.sh``) on loopback, with one mailbox
 alternating A B, B A, A B, ... (each server's run i is adjacent in time to the
 other's run i; the "pairwise ratio" is the median of those per-pair ratios).  A run ends when ``smtp-source`` has its last 250 *and* the
 maildir's ``new/`` holds every message (counted on disk); "on disk msg/s" uses that
-time.  Server CPU is that of the server's process tree, from /proc.
+time.  Server CPU is that of the server's process tree, from /proc.  The first run
+waits until files a previous benchmark deleted are 36 s old (``servers.settle``: on
+ext4 without a journal they slow down every file creation until then).
 
 Relay rejection: ``--relay-clients`` concurrent clients each open connections that
 send EHLO, then MAIL FROM and ``--relay-rcpts`` RCPTs to remote addresses pipelined
@@ -41,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from proccpu import cpu_machine, cpu_tree  # noqa: E402
-from servers import ADDRESS, SMTP_SOURCE, Mailguard, Postfix, count_files  # noqa: E402
+from servers import ADDRESS, SMTP_SOURCE, Mailguard, Postfix, count_files, settle  # noqa: E402
 
 CASES = {  # label: (sessions, payload bytes, messages per run)
     "s20_1k": (20, 1024, 3000),
@@ -211,6 +213,7 @@ def main() -> int:
     try:
         for s in servers:
             s.start()
+        settle()
         for label in a.cases.split(","):
             sessions, size, messages = CASES[label]
             messages = a.messages or messages
