@@ -87,13 +87,16 @@ def settle() -> None:
 
 
 def clear_maildir(maildir: Path) -> None:
+    removed = 0
     for sub in ("new", "cur", "tmp"):
         d = maildir / sub
         if d.is_dir():
             with os.scandir(d) as it:
                 for e in it:
                     os.unlink(e.path)
-    deleted_files()
+                    removed += 1
+    if removed:
+        deleted_files()
 
 
 def child_env() -> dict[str, str]:
