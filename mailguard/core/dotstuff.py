@@ -10,6 +10,19 @@ This module imports nothing from Twisted.
 
 from __future__ import annotations
 
+import re
+
+_BARE_CR = re.compile(rb"\r(?!\n)")
+
+
+def has_bare_cr(data: bytes) -> bool:
+    """Does ``data`` hold a CR that does not start a CRLF?
+
+    A search that starts at a literal CR: on a large message several times faster
+    than counting its CRLF pairs.
+    """
+    return _BARE_CR.search(data) is not None
+
 
 class DotStuffer:
     """Turn a message, fed in chunks of any size, into its wire form.

@@ -49,11 +49,11 @@ class Envelope:
     usage: dict[str, Usage] = field(default_factory=dict)   # mailboxes with a quota, as measured at RCPT
 
 
-
 @functools.lru_cache(maxsize=8)
 def _spool_of(data_dir: Path) -> Path:
     """Where a session spools a large message: one join per configuration, not per connection."""
     return data_dir / "spool"
+
 
 class Session(SMTPWire):
     """The state of one SMTP session.  ``kind`` is ``smtp``, ``submission`` or ``submissions``."""

@@ -42,6 +42,7 @@ from mailguard.app.connection import connection
 from mailguard.core import policy, quota, replies
 from mailguard.core.address import Address, AddressError, parse_mail_arg, parse_path
 from mailguard.core.checks import Refusal
+from mailguard.core.dotstuff import has_bare_cr
 from mailguard.core.entries import Expansion
 from mailguard.directory.base import DirectoryError
 from mailguard.directory.facts import gather
@@ -53,9 +54,7 @@ from mailguard.smtp.checking import MAIL, RCPT, CheckedSession
 from mailguard.smtp.session import Envelope
 
 _BARE_LF = re.compile(rb"(?<!\r)\n")
-# Searches that start at a literal CR: several times faster than ``bytes.count``/``find``
-# of a CRLF pair on a large message, which is what the DATA checks below would cost.
-_BARE_CR = re.compile(rb"\r(?!\n)")
+# A search that starts at a literal CR: cheaper than ``bytes.find`` of the pattern.
 _DOT_LINE = re.compile(rb"\r\n\.")
 DATA_GO_AHEAD = "354 End data with <CR><LF>.<CR><LF>\r\n"
 
@@ -254,7 +253,7 @@ class MailCommands(CheckedSession):
         if refusal is not None:
             self.reply(refusal)
             return
-        no_bare_cr = _BARE_CR.search(message) is None
+        no_bare_cr = not has_bare_cr(message)
         # With no bare CR, every CR starts a CRLF; as many LFs as CRs then means no bare LF.
         if not no_bare_cr or message.count(b"\r") != message.count(b"\n"):
             if (no_bare_cr and self.cfg.submission.normalize_bare_newlines

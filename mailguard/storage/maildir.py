@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Sequence
 
+from mailguard.core.dotstuff import has_bare_cr
 from mailguard.storage import safeio
 from mailguard.storage.poplock import LockTable as LockTable, MailboxLocked as MailboxLocked  # their old home
 
@@ -87,12 +88,9 @@ def _unique() -> str:
     return f"{sec}.M{usec:06d}P{os.getpid()}Q{next(_counter)}.{_HOST}"
 
 
-_BARE_CR = re.compile(rb"\r(?!\n)")
-
-
 def _lf_form(message: bytes) -> tuple[bytes, int]:
     """The stored (LF) form of a CRLF message and the octet count of its CRLF form."""
-    if _BARE_CR.search(message) is None:
+    if not has_bare_cr(message):
         lf = message.translate(None, b"\r")     # every CR ends a line: a third of replace's time
     else:
         lf = message.replace(b"\r\n", b"\n")
